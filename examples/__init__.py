@@ -1,0 +1,1 @@
+"""Demo models, configs and a client for the gateway."""

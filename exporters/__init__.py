@@ -1,0 +1,1 @@
+"""Exporters: metric readers and prediction-record exporters, found through entry points."""

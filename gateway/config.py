@@ -1,0 +1,339 @@
+"""The gateway's goal state: a YAML file shaped like Ray Serve's config, validated by pydantic.
+
+One `GatewayConfig` is built at start-up (or by `gateway deploy`) and passed down; nothing
+deeper in the code reads the environment for settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, the key path and why."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoggingConfig(_Model):
+    """Logging settings; set on the gateway, an application or a deployment (the narrower wins)."""
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] | None = None
+    """Minimum level of records that are emitted."""
+    encoding: Literal["TEXT", "JSON"] | None = None
+    """TEXT for people, JSON (one object per line) for Loki or ELK."""
+    logs_dir: str | None = None
+    """Directory of the per-component log files."""
+    disable_access_log: bool | None = None
+    """Drop the one-line-per-call access log."""
+    stream_replica_logs: bool | None = None
+    """Also copy replica logs to the console of a foreground `gateway run`."""
+    max_bytes: int | None = Field(default=None, ge=0)
+    """Rotate a log file past this size (0: never); default from RAY_ROTATION_MAX_BYTES."""
+    backup_count: int | None = Field(default=None, ge=0)
+    """Rotated files kept; default from RAY_ROTATION_BACKUP_COUNT."""
+
+    def merged_over(self, base: LoggingConfig | None) -> LoggingConfig:
+        """This config's set fields laid over `base` (deployment over application over gateway)."""
+        if base is None:
+            return self
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class FieldMapping(_Model):
+    """Which fields of a custom proto's request and response become features, label and score."""
+
+    features: list[str] = Field(default_factory=list)
+    """Dotted paths of request fields used as features."""
+    prediction_label: str | None = None
+    """Dotted path of the response field holding the predicted label."""
+    prediction_score: str | None = None
+    """Dotted path of the response field holding the prediction score."""
+    request_type: str | None = None
+    """Full protobuf name of the request message (default: the method's input type)."""
+    response_type: str | None = None
+    """Full protobuf name of the response message (default: the method's output type)."""
+
+
+class PredictionRecordsConfig(_Model):
+    """Per-application prediction records, decoded off the call path and sent to exporters."""
+
+    enabled: bool = False
+    sample_rate: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Fraction of calls that become records."""
+    exporters: list[str] = Field(default_factory=lambda: ["default"])
+    """Names of record exporters ("default": Arize when keys are set, JSONL otherwise)."""
+    model_name: str | None = None
+    """Model name sent with each record (default: the request's own, then the application)."""
+    model_version: str | None = None
+    model_type: str = "SCORE_CATEGORICAL"
+    """An `arize.ml.types.ModelTypes` name."""
+    environment: str = "PRODUCTION"
+    """An `arize.ml.types.Environments` name."""
+    methods: list[str] | None = None
+    """Full method names that produce records (default: every method)."""
+    field_mapping: FieldMapping | None = None
+    """For protos other than the Open Inference Protocol."""
+    mapper: str | None = None
+    """`module:function` that turns a decoded call into records."""
+    max_payload_bytes: int = Field(default=1 << 20, ge=0)
+    """Payloads larger than this are not captured (the record says so)."""
+
+
+class DeploymentConfig(_Model):
+    """One deployment: local replicas started by the gateway, or external `targets`."""
+
+    name: str = Field(min_length=1)
+    import_path: str | None = None
+    """`module:Class` of a servicer subclassing a generated `...Servicer` (local replicas)."""
+    targets: list[str] | None = None
+    """Addresses (`host:port`) of replicas that someone else runs (external replicas)."""
+    num_replicas: int = Field(default=1, ge=0)
+    max_ongoing_requests: int = Field(default=5, ge=1)
+    """Calls in flight per replica before calls queue."""
+    max_queued_requests: int = Field(default=100, ge=0)
+    """Calls waiting for a replica before RESOURCE_EXHAUSTED."""
+    user_config: dict[str, Any] | None = None
+    """Passed to the servicer's `reconfigure(user_config)` on start and on change."""
+    health_check_period_s: float = Field(default=2.0, gt=0)
+    health_check_timeout_s: float = Field(default=2.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=5.0, ge=0)
+    """Time a stopping replica gets to finish its calls."""
+    logging_config: LoggingConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DeploymentConfig:
+        if (self.import_path is None) == (self.targets is None):
+            raise ValueError("set exactly one of 'import_path' (local) or 'targets' (external)")
+        if self.import_path is not None and ":" not in self.import_path:
+            raise ValueError(f"import_path {self.import_path!r} must look like 'module:Class'")
+        if self.targets is not None and not self.targets:
+            raise ValueError("'targets' must list at least one address")
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.import_path is not None
+
+
+class ApplicationConfig(_Model):
+    """An application: the unit clients address with the `application` metadata key."""
+
+    name: str = Field(min_length=1)
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    ingress: str | None = None
+    """Deployment that receives the application's calls (default: the first)."""
+    logging_config: LoggingConfig | None = None
+    prediction_records: PredictionRecordsConfig = Field(default_factory=PredictionRecordsConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> ApplicationConfig:
+        names = [d.name for d in self.deployments]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate deployment names: {sorted(dup)}")
+        if self.ingress is not None and self.ingress not in names:
+            raise ValueError(f"ingress {self.ingress!r} is not one of the deployments {names}")
+        return self
+
+    @property
+    def ingress_deployment(self) -> DeploymentConfig:
+        name = self.ingress or self.deployments[0].name
+        return next(d for d in self.deployments if d.name == name)
+
+
+class ProxyConfig(_Model):
+    """The client-facing gRPC listener."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9000, ge=0, le=65535)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest message accepted from clients or replicas; larger ones get RESOURCE_EXHAUSTED."""
+    request_timeout_s: float | None = Field(default=None, gt=0)
+    """Deadline applied when the client sets none (None: no deadline)."""
+    retries: int = Field(default=2, ge=0)
+    """Other replicas tried when a replica cannot be reached before it received anything."""
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
+    """Time calls in flight get to finish when the gateway drains."""
+
+
+class AdminConfig(_Model):
+    """The admin gRPC service behind `gateway status/config/deploy/shutdown`."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=9001, ge=0, le=65535)
+    token: SecretStr | None = None
+    """When set, admin calls must send `authorization: Bearer <token>`."""
+
+
+class PrometheusConfig(_Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class OTLPConfig(_Model):
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4317"
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    interval_s: float = Field(default=10.0, gt=0)
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    """Off: no instruments are recorded at all (for measuring what telemetry costs)."""
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    otlp: OTLPConfig = Field(default_factory=OTLPConfig)
+    latency_buckets_ms: list[float] = Field(
+        default_factory=lambda: [
+            0.1, 0.25, 0.5, 0.75, 1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500,
+            1000, 2000, 5000, 10000, 60000, 120000, 300000, 600000,
+        ]
+    )
+    """Histogram boundaries in ms; finer than Ray's so a sub-millisecond hop is visible."""
+
+
+class ArizeConfig(_Model):
+    api_key: SecretStr | None = None
+    """Default: the ARIZE_API_KEY environment variable."""
+    space_id: SecretStr | None = None
+    """Default: the ARIZE_SPACE_ID environment variable."""
+    api_scheme: str | None = None
+    api_host: str | None = None
+    api_port: int | None = None
+    timeout_s: float = Field(default=10.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+
+
+class RecordExporterConfig(_Model):
+    """A named record exporter: a built-in entry point name or `module:Class`."""
+
+    name: str
+    type: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    queue_size: int = Field(default=10000, ge=1)
+
+
+class RecordsConfig(_Model):
+    exporters: list[RecordExporterConfig] = Field(default_factory=list)
+    arize: ArizeConfig = Field(default_factory=ArizeConfig)
+    jsonl_path: str | None = None
+    """Default: `<logs_dir>/records.jsonl`."""
+
+
+class GatewayConfig(_Model):
+    """The whole goal state."""
+
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
+    records: RecordsConfig = Field(default_factory=RecordsConfig)
+    proto_modules: list[str] = Field(default_factory=list)
+    """Extra generated `_pb2` modules whose methods the gateway should know by name."""
+    applications: list[ApplicationConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_apps(self) -> GatewayConfig:
+        names = [a.name for a in self.applications]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate application names: {sorted(dup)}")
+        return self
+
+    def application(self, name: str) -> ApplicationConfig | None:
+        return next((a for a in self.applications if a.name == name), None)
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as plain data with every secret replaced by '**********'."""
+        return _redact(self.model_dump(mode="python"))
+
+
+def _redact(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "**********"
+    if isinstance(value, dict):
+        return {k: _redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    return value
+
+
+def _expand(value: Any, path: str, env: dict[str, str]) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string of the parsed YAML tree."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in env:
+                return env[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{path or '<root>'}: environment variable ${{{var}}} is not set")
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None) -> (
+    GatewayConfig
+):
+    """Validate already-parsed YAML data; errors name `source` and each bad key path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    try:
+        data = _expand(data, "", dict(os.environ) if env is None else env)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {_loc(tuple(err['loc']))}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
+    """Read, expand and validate a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
+    return parse_config(data, str(p), env)

@@ -1,0 +1,82 @@
+"""The one place where the gateway's own failures become gRPC status codes.
+
+Replica statuses are passed through untouched; only what the gateway itself decides
+(routing, queueing, reachability) is named here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+
+
+class GatewayError(Exception):
+    """A failure made by the gateway, carried to the client as `code` and `details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _names(apps: Iterable[str]) -> str:
+    listed = sorted(apps)
+    return ", ".join(repr(a) for a in listed) if listed else "none"
+
+
+def application_missing(available: Iterable[str]) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        "Application metadata not set: send metadata 'application' with one of: "
+        f"{_names(available)}",
+    )
+
+
+def application_unknown(name: str, available: Iterable[str]) -> GatewayError:
+    # The client's value is echoed in details only; it never becomes a metric label.
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    return GatewayError(
+        grpc.StatusCode.NOT_FOUND,
+        f"Application {shown!r} not found. Available applications: {_names(available)}",
+    )
+
+
+def no_healthy_replica(app: str, deployment: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"No healthy replica of deployment {deployment!r} in application {app!r}",
+    )
+
+
+def replica_unreachable(app: str, deployment: str, attempts: int, why: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"Could not reach a replica of deployment {deployment!r} in application {app!r} "
+        f"after {attempts} attempt(s): {why}",
+    )
+
+
+def queue_full(app: str, deployment: str, bound: int) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"Deployment {deployment!r} in application {app!r} is saturated: "
+        f"{bound} calls already queued (max_queued_requests)",
+    )
+
+
+def deadline_in_queue(app: str, deployment: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        f"Deadline exceeded while waiting for a replica of {deployment!r} in {app!r}",
+    )
+
+
+def draining() -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE, "Gateway is draining and accepts no new calls"
+    )
+
+
+def bad_metadata(key: str, why: str) -> GatewayError:
+    return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata {key!r}: {why}")

@@ -1,0 +1,67 @@
+"""What the gateway knows about methods: RPC shape and whether the name is known.
+
+Known names come from the generated modules it loads (its own protos and `proto_modules`),
+so that a method name a client makes up is recorded as `other` and never grows label sets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from google.protobuf.descriptor import FileDescriptor
+
+BUILTIN_PROTO_MODULES = (
+    "gateway.pb.grpc_predict_v2_pb2",
+    "gateway.pb.text_model_pb2",
+    "gateway.pb.ray_serve_pb2",
+)
+
+OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    path: str
+    """`/package.Service/Method`, as on the wire."""
+    client_streaming: bool
+    server_streaming: bool
+    input_type: str
+    output_type: str
+
+
+class MethodTable:
+    """Method path -> shape, for every service of the loaded generated modules."""
+
+    def __init__(self, modules: tuple[str, ...] | list[str] = BUILTIN_PROTO_MODULES) -> None:
+        self._methods: dict[str, MethodInfo] = {}
+        for name in modules:
+            self.add_module(importlib.import_module(name))
+
+    def add_module(self, module: ModuleType) -> None:
+        fd = getattr(module, "DESCRIPTOR", None)
+        if isinstance(fd, FileDescriptor):
+            self.add_file(fd)
+
+    def add_file(self, fd: FileDescriptor) -> None:
+        for service in fd.services_by_name.values():
+            for m in service.methods:
+                path = f"/{service.full_name}/{m.name}"
+                self._methods[path] = MethodInfo(
+                    path=path,
+                    client_streaming=m.client_streaming,
+                    server_streaming=m.server_streaming,
+                    input_type=m.input_type.full_name,
+                    output_type=m.output_type.full_name,
+                )
+
+    def get(self, path: str) -> MethodInfo | None:
+        return self._methods.get(path)
+
+    def label(self, path: str) -> str:
+        """The metric label for a method: its path when known, `other` otherwise."""
+        return path if path in self._methods else OTHER
+
+    def services(self) -> list[str]:
+        return sorted({p.split("/")[1] for p in self._methods})

@@ -1,0 +1,178 @@
+"""The process that hosts one local replica: the user's servicer on an ephemeral port.
+
+Started by the gateway as `python -m gateway.replica_runtime`; reports its port (or the
+constructor's exception) on a pipe, serves `grpc.health.v1` and the internal control service,
+and stops gracefully on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import os
+import signal
+import sys
+import traceback
+from types import ModuleType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.replicas import channel_options
+
+
+class ReplicaStartError(Exception):
+    """The servicer could not be imported, built or registered."""
+
+
+def load_servicer_class(import_path: str) -> type:
+    module_name, _, attr = import_path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ReplicaStartError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+    obj = getattr(module, attr, None)
+    if not isinstance(obj, type):
+        raise ReplicaStartError(f"{import_path!r} does not name a class")
+    return obj
+
+
+def find_registrars(cls: type) -> list[tuple[Any, Any]]:
+    """(add_X_to_server, service descriptor) for every generated `XServicer` base of `cls`."""
+    found = []
+    for base in cls.__mro__:
+        name = base.__name__
+        module = sys.modules.get(base.__module__)
+        if not name.endswith("Servicer") or module is None:
+            continue
+        if not base.__module__.endswith("_pb2_grpc"):
+            continue
+        add = getattr(module, f"add_{name}_to_server", None)
+        if add is None:
+            continue
+        found.append((add, _service_descriptor(module, name[: -len("Servicer")])))
+    if not found:
+        raise ReplicaStartError(
+            f"{cls.__module__}.{cls.__name__} does not subclass a generated '...Servicer' class"
+        )
+    return found
+
+
+def _service_descriptor(grpc_module: ModuleType, service: str) -> Any:
+    pb2 = sys.modules.get(grpc_module.__name__.removesuffix("_grpc"))
+    if pb2 is None:
+        return None
+    return pb2.DESCRIPTOR.services_by_name.get(service)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class _Control(replica_control_pb2_grpc.ReplicaControlServicer):
+    def __init__(self, servicer: Any) -> None:
+        self._servicer = servicer
+
+    async def Reconfigure(  # noqa: N802 - generated name
+        self, request: replica_control_pb2.ReconfigureRequest, context: Any
+    ) -> replica_control_pb2.ReconfigureResponse:
+        reconfigure = getattr(self._servicer, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                await _maybe_await(reconfigure(json.loads(request.user_config_json or "null")))
+            except Exception as e:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"reconfigure failed: {type(e).__name__}: {e}",
+                )
+        return replica_control_pb2.ReconfigureResponse()
+
+    async def CollectMetrics(  # noqa: N802 - generated name
+        self, request: replica_control_pb2.CollectMetricsRequest, context: Any
+    ) -> replica_control_pb2.CollectMetricsResponse:
+        from gateway import replica_metrics
+
+        return replica_metrics.collect()
+
+
+def _report(fd: int, payload: dict[str, Any]) -> None:
+    if fd < 0:
+        print(json.dumps(payload), flush=True)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(payload))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    user_config = json.loads(args.user_config) if args.user_config else None
+    try:
+        cls = load_servicer_class(args.import_path)
+        registrars = find_registrars(cls)
+        servicer = cls()
+        reconfigure = getattr(servicer, "reconfigure", None)
+        if user_config is not None and reconfigure is not None:
+            await _maybe_await(reconfigure(user_config))
+    except Exception as e:
+        msg = str(e) if isinstance(e, ReplicaStartError) else f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+        _report(args.report_fd, {"error": msg})
+        return 1
+
+    server = grpc.aio.server(options=channel_options(args.max_message_bytes))
+    names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+    for add, descriptor in registrars:
+        add(servicer, server)
+        if descriptor is not None:
+            names.append(descriptor.full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer), server)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{args.host}:0")
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    _report(args.report_fd, {"port": port, "pid": os.getpid()})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # The gateway closing our stdin (it died without a goodbye) also means stop: no orphans.
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(_parent_gone(args))]
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    for w in waiters:
+        w.cancel()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(args.grace)
+    return 0
+
+
+async def _parent_gone(args: argparse.Namespace) -> None:
+    parent = args.parent_pid
+    while True:
+        await asyncio.sleep(0.5)
+        if parent and os.getppid() != parent:
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gateway.replica_runtime")
+    p.add_argument("--import-path", required=True)
+    p.add_argument("--user-config", default="")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--report-fd", type=int, default=-1)
+    p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--grace", type=float, default=5.0)
+    p.add_argument("--parent-pid", type=int, default=0)
+    args = p.parse_args(argv)
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

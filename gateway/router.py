@@ -1,0 +1,139 @@
+"""Replica choice for one deployment: power of two choices on in-flight calls.
+
+A replica takes at most `max_ongoing_requests` calls at once; when every replica is full, calls
+wait in a bounded FIFO queue and the first one is handed the replica that frees up first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import deque
+
+from gateway import errors
+from gateway.replicas import Replica
+
+
+class Router:
+    __slots__ = (
+        "application",
+        "deployment",
+        "max_ongoing",
+        "max_queued",
+        "replicas",
+        "routed_total",
+        "_rng",
+        "_waiters",
+    )
+
+    def __init__(
+        self, application: str, deployment: str, max_ongoing: int, max_queued: int
+    ) -> None:
+        self.application = application
+        self.deployment = deployment
+        self.max_ongoing = max_ongoing
+        self.max_queued = max_queued
+        self.replicas: list[Replica] = []
+        """Every replica of the deployment; only routable ones get calls."""
+        self.routed_total = 0
+        self._rng = random.Random()
+        self._waiters: deque[asyncio.Future[Replica]] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def set_replicas(self, replicas: list[Replica]) -> None:
+        self.replicas = list(replicas)
+        self.wake()
+
+    def _pick(self) -> Replica | None:
+        reps = self.replicas
+        n = len(reps)
+        if n == 1:
+            r = reps[0]
+            return r if r.routable and r.in_flight < self.max_ongoing else None
+        if n == 0:
+            return None
+        a, b = self._rng.sample(reps, 2)
+        if a.routable and b.routable:
+            best = a if a.in_flight <= b.in_flight else b
+        else:
+            best = a if a.routable else b
+        if best.routable and best.in_flight < self.max_ongoing:
+            return best
+        # Both sampled replicas are full or down: take the least loaded one with room.
+        free = [r for r in reps if r.routable and r.in_flight < self.max_ongoing]
+        return min(free, key=lambda r: r.in_flight) if free else None
+
+    def has_routable(self) -> bool:
+        return any(r.routable for r in self.replicas)
+
+    async def acquire(self, timeout: float | None, exclude: Replica | None = None) -> Replica:
+        """A replica with room, counted as in flight; raises a `GatewayError` otherwise."""
+        r = self._pick()
+        if r is not None and r is not exclude:
+            r.in_flight += 1
+            self.routed_total += 1
+            return r
+        if not self.has_routable():
+            raise errors.no_healthy_replica(self.application, self.deployment)
+        if r is exclude and r is not None:
+            # A retry: prefer any other replica with room, else queue.
+            others = [
+                x for x in self.replicas
+                if x is not exclude and x.routable and x.in_flight < self.max_ongoing
+            ]
+            if others:
+                pick = min(others, key=lambda x: x.in_flight)
+                pick.in_flight += 1
+                self.routed_total += 1
+                return pick
+        if len(self._waiters) >= self.max_queued:
+            raise errors.queue_full(self.application, self.deployment, self.max_queued)
+        fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            if timeout is None:
+                rep = await fut
+            else:
+                rep = await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except (asyncio.CancelledError, TimeoutError):
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Handed a replica just as we gave up: give it back.
+                self.release(fut.result())
+            else:
+                fut.cancel()
+                try:
+                    self._waiters.remove(fut)
+                except ValueError:
+                    pass
+            raise
+        self.routed_total += 1
+        return rep
+
+    def release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        if self._waiters:
+            self.wake()
+
+    def wake(self) -> None:
+        """Hand replicas with room to waiting calls, oldest first."""
+        while self._waiters:
+            fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            r = self._pick()
+            if r is None:
+                if not self.has_routable():
+                    # Nothing will free up: fail the waiters rather than let them hang.
+                    err = errors.no_healthy_replica(self.application, self.deployment)
+                    while self._waiters:
+                        w = self._waiters.popleft()
+                        if not w.done():
+                            w.set_exception(err)
+                return
+            self._waiters.popleft()
+            r.in_flight += 1
+            fut.set_result(r)

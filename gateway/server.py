@@ -1,0 +1,156 @@
+"""The gateway process: listener, controller and the services the gateway answers itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.config import GatewayConfig
+from gateway.controller import Controller
+from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
+from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
+from gateway.proxy import AppRoute, Proxy
+from gateway.replicas import channel_options
+
+log = logging.getLogger("gateway.server")
+
+
+class ProxyState:
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    DRAINED = "DRAINED"
+
+
+class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
+    """Ray Serve's own API, so Ray tooling and probes keep working."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    async def ListApplications(  # noqa: N802 - generated name
+        self, request: ray_serve_pb2.ListApplicationsRequest, context: Any
+    ) -> ray_serve_pb2.ListApplicationsResponse:
+        return ray_serve_pb2.ListApplicationsResponse(
+            application_names=list(self._gw.controller.apps)
+        )
+
+    async def Healthz(  # noqa: N802 - generated name
+        self, request: ray_serve_pb2.HealthzRequest, context: Any
+    ) -> ray_serve_pb2.HealthzResponse:
+        if self._gw.state in (ProxyState.DRAINING, ProxyState.DRAINED):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "This node is being drained.")
+        return ray_serve_pb2.HealthzResponse(message="success")
+
+
+class Gateway:
+    """`start()`, `stop()`, or `async with Gateway(config) as gw:`."""
+
+    def __init__(self, config: GatewayConfig, logs_dir: Path | None = None) -> None:
+        self.config = config
+        self.logs_dir = logs_dir
+        self.state = ProxyState.STARTING
+        self.started_at = time.time()
+        self.methods = MethodTable([*BUILTIN_PROTO_MODULES, *config.proto_modules])
+        self.proxy = Proxy(
+            self.methods,
+            retries=config.proxy.retries,
+            request_timeout_s=config.proxy.request_timeout_s,
+        )
+        self.controller = Controller(config, logs_dir=logs_dir)
+        self.controller.on_routes_changed = self._publish_routes
+        self.proxy.on_unreachable = self.controller.suspect
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.proxy.host}:{self.port}"
+
+    def _publish_routes(self) -> None:
+        routes = {
+            name: AppRoute(name, app.ingress.router) for name, app in self.controller.apps.items()
+        }
+        self.proxy.set_routes(routes)
+
+    async def start(self, ready_timeout: float = 60.0) -> None:
+        cfg = self.config
+        server = grpc.aio.server(options=channel_options(cfg.proxy.max_message_bytes))
+        ray_serve_pb2_grpc.add_RayServeAPIServiceServicer_to_server(RayServeAPI(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [
+            reflection.SERVICE_NAME,
+            health.SERVICE_NAME,
+            *self.methods.services(),
+        ]
+        reflection.enable_server_reflection(names, server)
+        # Last: the catch-all forwarder; registered services above match first.
+        server.add_generic_rpc_handlers((self.proxy,))
+        try:
+            self.port = server.add_insecure_port(f"{cfg.proxy.host}:{cfg.proxy.port}")
+        except RuntimeError as e:
+            raise OSError(
+                f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
+            ) from None
+        self.server = server
+        await self.controller.apply(cfg)
+        await server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        ready = await self.controller.wait_ready(ready_timeout)
+        self.state = ProxyState.HEALTHY
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if not ready:
+            log.warning("not every application is running yet; serving what is")
+        log.info("gateway listening on %s", self.address)
+
+    async def apply(self, config: GatewayConfig) -> None:
+        """Apply a new goal state to the running gateway."""
+        self.config = config
+        for module in config.proto_modules:
+            import importlib
+
+            self.methods.add_module(importlib.import_module(module))
+        await self.controller.apply(config)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new calls, let calls in flight finish within `grace`, stop replicas."""
+        if self.state == ProxyState.DRAINED:
+            return
+        grace = self.config.proxy.graceful_shutdown_timeout_s if grace is None else grace
+        self.state = ProxyState.DRAINING
+        self.proxy.draining = True
+        await self.health.enter_graceful_shutdown()
+        end = time.monotonic() + grace
+        while self.proxy.ongoing > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self.server is not None:
+            await self.server.stop(max(0.0, end - time.monotonic()))
+        self.state = ProxyState.DRAINED
+        await self.controller.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
