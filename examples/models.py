@@ -32,7 +32,10 @@ BIAS = (0.26, 0.6, -1.36)
 
 
 def classify(row: tuple[float, ...]) -> tuple[str, float]:
-    logits = [sum(w * x for w, x in zip(ws, row, strict=True)) + b for ws, b in zip(WEIGHTS, BIAS, strict=True)]
+    logits = [
+        sum(w * x for w, x in zip(ws, row, strict=True)) + b
+        for ws, b in zip(WEIGHTS, BIAS, strict=True)
+    ]
     top = max(logits)
     exps = [math.exp(v - top) for v in logits]
     probs = [e / sum(exps) for e in exps]
@@ -56,30 +59,46 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         self.threshold = float((user_config or {}).get("threshold", 0.0))
 
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:  # noqa: N802
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=request.name == self.name)
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:  # noqa: N802
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="grpc-gateway-demo", version="0.1.0")
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:  # noqa: N802
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
         if request.name != self.name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.name!r}")
         t = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=self.name, versions=[self.version], platform="python",
+            name=self.name,
+            versions=[self.version],
+            platform="python",
             inputs=[t(name="features", datatype="FP32", shape=[-1, 4])],
-            outputs=[t(name="label", datatype="BYTES", shape=[-1]),
-                     t(name="score", datatype="FP32", shape=[-1])],
+            outputs=[
+                t(name="label", datatype="BYTES", shape=[-1]),
+                t(name="score", datatype="FP32", shape=[-1]),
+            ],
         )
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
         if request.model_name and request.model_name != self.name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}")
         rows = await self._rows(request, context)
@@ -93,12 +112,22 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
         n = len(rows)
         out = pb.ModelInferResponse.InferOutputTensor
         return pb.ModelInferResponse(
-            model_name=self.name, model_version=self.version, id=request.id,
+            model_name=self.name,
+            model_version=self.version,
+            id=request.id,
             outputs=[
-                out(name="label", datatype="BYTES", shape=[n],
-                    contents=pb.InferTensorContents(bytes_contents=labels)),
-                out(name="score", datatype="FP32", shape=[n],
-                    contents=pb.InferTensorContents(fp32_contents=scores)),
+                out(
+                    name="label",
+                    datatype="BYTES",
+                    shape=[n],
+                    contents=pb.InferTensorContents(bytes_contents=labels),
+                ),
+                out(
+                    name="score",
+                    datatype="FP32",
+                    shape=[n],
+                    contents=pb.InferTensorContents(fp32_contents=scores),
+                ),
             ],
         )
 
@@ -125,7 +154,7 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
             flat = tuple(tensor.contents.fp32_contents)
             if len(flat) != n * 4:
                 return await bad(f"'features' holds {len(flat)} values, want {n * 4}")  # type: ignore[no-any-return]
-        return [flat[i * 4:(i + 1) * 4] for i in range(n)]
+        return [flat[i * 4 : (i + 1) * 4] for i in range(n)]
 
 
 class TextModel(text_model_pb2_grpc.TextModelServicer):
@@ -139,17 +168,24 @@ class TextModel(text_model_pb2_grpc.TextModelServicer):
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         self.prefix = str((user_config or {}).get("prefix", ""))
 
-    def _answer(self, req: text_model_pb2.PredictRequest, context: Any, index: int = 0) -> text_model_pb2.PredictResponse:
+    def _answer(
+        self, req: text_model_pb2.PredictRequest, context: Any, index: int = 0
+    ) -> text_model_pb2.PredictResponse:
         text = req.text.lower()
         positive = sum(text.count(w) for w in ("good", "great", "love"))
         negative = sum(text.count(w) for w in ("bad", "awful", "hate"))
-        label = "positive" if positive > negative else "negative" if negative > positive else "neutral"
+        label = (
+            "positive" if positive > negative else "negative" if negative > positive else "neutral"
+        )
         score = 0.5 + 0.5 * math.tanh(positive - negative)
         seen = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         seen["cancelled_seen"] = str(TextModel.cancelled)
         remaining = context.time_remaining()
         return text_model_pb2.PredictResponse(
-            label=self.prefix + label, score=score, replica=_replica_name(), seen_metadata=seen,
+            label=self.prefix + label,
+            score=score,
+            replica=_replica_name(),
+            seen_metadata=seen,
             deadline_remaining_s=remaining if remaining is not None and remaining < 1e8 else -1.0,
             index=index,
         )
@@ -166,17 +202,23 @@ class TextModel(text_model_pb2_grpc.TextModelServicer):
             context.set_trailing_metadata((("x-fail-reason", "requested"),))
             await context.abort(code, f"failing as asked: {code.name}")
 
-    async def Predict(self, request: text_model_pb2.PredictRequest, context: Any) -> text_model_pb2.PredictResponse:  # noqa: N802
+    async def Predict(
+        self, request: text_model_pb2.PredictRequest, context: Any
+    ) -> text_model_pb2.PredictResponse:
         await self._hooks(request, context)
         return self._answer(request, context)
 
-    async def PredictStream(self, request: text_model_pb2.PredictRequest, context: Any) -> AsyncIterator[text_model_pb2.PredictResponse]:  # noqa: N802
+    async def PredictStream(
+        self, request: text_model_pb2.PredictRequest, context: Any
+    ) -> AsyncIterator[text_model_pb2.PredictResponse]:
         for i in range(max(request.repeat, 1)):
             if i == 1:
                 await self._hooks(request, context)
             yield self._answer(request, context, i)
 
-    async def PredictBatch(self, request_iterator: AsyncIterator[text_model_pb2.PredictRequest], context: Any) -> text_model_pb2.PredictResponse:  # noqa: N802
+    async def PredictBatch(
+        self, request_iterator: AsyncIterator[text_model_pb2.PredictRequest], context: Any
+    ) -> text_model_pb2.PredictResponse:
         texts = []
         async for req in request_iterator:
             await self._hooks(req, context)
@@ -185,7 +227,9 @@ class TextModel(text_model_pb2_grpc.TextModelServicer):
         resp.index = len(texts)
         return resp
 
-    async def Chat(self, request_iterator: AsyncIterator[text_model_pb2.PredictRequest], context: Any) -> AsyncIterator[text_model_pb2.PredictResponse]:  # noqa: N802
+    async def Chat(
+        self, request_iterator: AsyncIterator[text_model_pb2.PredictRequest], context: Any
+    ) -> AsyncIterator[text_model_pb2.PredictResponse]:
         i = 0
         async for req in request_iterator:
             await self._hooks(req, context)

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s - %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s - %(message)s"
+    )
     args = build_parser().parse_args(argv)
     rc: int = args.func(args)
     return rc

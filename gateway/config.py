@@ -258,7 +258,8 @@ class GatewayConfig(_Model):
 
     def redacted(self) -> dict[str, Any]:
         """The config as plain data with every secret replaced by '**********'."""
-        return _redact(self.model_dump(mode="python"))
+        out: dict[str, Any] = _redact(self.model_dump(mode="python"))
+        return out
 
 
 def _redact(value: Any) -> Any:

@@ -166,6 +166,7 @@ class Controller:
         self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
         """Receives each line a local replica prints (set by the logging setup)."""
         self._closing = False
+        self._pumps: set[asyncio.Future[None]] = set()
 
     # -- goal state ----------------------------------------------------------------------
 
@@ -192,11 +193,10 @@ class Controller:
     ) -> None:
         wanted = {d.name: d for d in cfg.deployments}
         for name in [n for n in state.deployments if n not in wanted]:
-            dep = state.deployments.pop(name)
-            await self._scale(dep, 0)
+            await self._scale(state.deployments.pop(name), 0)
         max_bytes = self.config.proxy.max_message_bytes
         for name, dcfg in wanted.items():
-            dep = state.deployments.get(name)
+            dep: DeploymentState | None = state.deployments.get(name)
             if dep is not None and (
                 dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets
             ):
@@ -333,7 +333,8 @@ class Controller:
                 return True, ""  # an external server without the health service, but up
             return False, f"health check failed: {e.code().name}: {e.details()}"
         if resp.status != health_pb2.HealthCheckResponse.SERVING:
-            return False, f"health check: {health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)}"
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            return False, f"health check: {status}"
         return True, ""
 
     def suspect(self, replica: Replica) -> None:
@@ -389,7 +390,7 @@ class Controller:
                 assert proc is not None
                 watcher = asyncio.ensure_future(proc.wait())
                 health = asyncio.ensure_future(
-                    self._health_loop(dep, slot, lambda: proc.returncode is None)
+                    self._health_loop(dep, slot, _alive(proc))
                 )
                 try:
                     await asyncio.wait({watcher, health}, return_when=asyncio.FIRST_COMPLETED)
@@ -421,7 +422,7 @@ class Controller:
             return None
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         safe = slot.replica_id.replace("#", "_").replace("/", "_")
-        return open(self.logs_dir / f"replica_{safe}.out", "ab")  # noqa: SIM115
+        return open(self.logs_dir / f"replica_{safe}.out", "ab")
 
     async def _spawn(self, dep: DeploymentState, slot: ReplicaSlot) -> bool:
         """Start the replica process; True once it listens, False (with a message) if not."""
@@ -458,7 +459,7 @@ class Controller:
         slot.starts += 1
         slot.healthy = False
         assert proc.stdout is not None
-        asyncio.ensure_future(self._pump_output(slot, proc.stdout))
+        self._pumps.add(asyncio.ensure_future(self._pump_output(slot, proc.stdout)))
         reader = asyncio.get_running_loop().run_in_executor(None, _read_all, r)
         try:
             report = await asyncio.wait_for(asyncio.shield(reader), STARTUP_TIMEOUT_S)
@@ -502,6 +503,7 @@ class Controller:
         finally:
             if f is not None:
                 f.close()
+            self._pumps.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _kill(self, slot: ReplicaSlot, grace: float = 5.0) -> None:
         proc = slot.process
@@ -576,6 +578,10 @@ class Controller:
                 return False
             await asyncio.sleep(0.05)
         return False
+
+
+def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:
+    return lambda: proc.returncode is None
 
 
 def _read_all(fd: int) -> dict[str, Any]:

@@ -89,7 +89,7 @@ class AppRoute:
         """Set by the record pipeline: decides per method whether to keep the payloads."""
 
 
-class Proxy(grpc.GenericRpcHandler):
+class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Routes by the `application` metadata key and forwards all four RPC shapes."""
 
     def __init__(
@@ -108,7 +108,7 @@ class Proxy(grpc.GenericRpcHandler):
         self.draining = False
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._handlers: dict[str, Any] = {}
 
     # -- routing table -------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class Proxy(grpc.GenericRpcHandler):
 
     # -- grpc.GenericRpcHandler ----------------------------------------------------------
 
-    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         path: str = handler_call_details.method  # type: ignore[attr-defined]
         h = self._handlers.get(path)
         if h is not None:
@@ -130,7 +130,7 @@ class Proxy(grpc.GenericRpcHandler):
             self._handlers[path] = h
         return h
 
-    def _make_handler(self, path: str, info: MethodInfo | None) -> grpc.RpcMethodHandler:
+    def _make_handler(self, path: str, info: MethodInfo | None) -> Any:
         label = path if info is not None else OTHER
         if info is None or (info.client_streaming and info.server_streaming):
             # Unknown shape: a bidi stream carries any of the four shapes on the wire.

@@ -79,7 +79,7 @@ class _Control(replica_control_pb2_grpc.ReplicaControlServicer):
     def __init__(self, servicer: Any) -> None:
         self._servicer = servicer
 
-    async def Reconfigure(  # noqa: N802 - generated name
+    async def Reconfigure(
         self, request: replica_control_pb2.ReconfigureRequest, context: Any
     ) -> replica_control_pb2.ReconfigureResponse:
         reconfigure = getattr(self._servicer, "reconfigure", None)
@@ -93,7 +93,7 @@ class _Control(replica_control_pb2_grpc.ReplicaControlServicer):
                 )
         return replica_control_pb2.ReconfigureResponse()
 
-    async def CollectMetrics(  # noqa: N802 - generated name
+    async def CollectMetrics(
         self, request: replica_control_pb2.CollectMetricsRequest, context: Any
     ) -> replica_control_pb2.CollectMetricsResponse:
         from gateway import replica_metrics
@@ -130,7 +130,7 @@ async def serve(args: argparse.Namespace) -> int:
         add(servicer, server)
         if descriptor is not None:
             names.append(descriptor.full_name)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer), server)
     reflection.enable_server_reflection(names, server)

@@ -48,6 +48,7 @@ class Replica:
     """A routable replica. `in_flight` is owned by the router; the state by the controller."""
 
     __slots__ = (
+        "_callables",
         "address",
         "application",
         "channel",
@@ -59,7 +60,6 @@ class Replica:
         "replica_id",
         "started_at",
         "state",
-        "_callables",
     )
 
     def __init__(
@@ -76,7 +76,9 @@ class Replica:
         self.replica_id = replica_id
         self.address = address
         self.is_local = is_local
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.channel = grpc.aio.insecure_channel(
+            address, options=channel_options(max_message_bytes)
+        )
         self.in_flight = 0
         self.state = ReplicaState.STARTING
         self.message = ""
@@ -104,7 +106,9 @@ class Replica:
         await self.channel.close(grace=None)
 
     def __repr__(self) -> str:
-        return f"Replica({self.replica_id} @ {self.address} {self.state} in_flight={self.in_flight})"
+        return (
+            f"Replica({self.replica_id} @ {self.address} {self.state} in_flight={self.in_flight})"
+        )
 
 
 UNARY_UNARY, UNARY_STREAM, STREAM_UNARY, STREAM_STREAM = range(4)

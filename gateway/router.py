@@ -16,14 +16,14 @@ from gateway.replicas import Replica
 
 class Router:
     __slots__ = (
+        "_rng",
+        "_waiters",
         "application",
         "deployment",
         "max_ongoing",
         "max_queued",
         "replicas",
         "routed_total",
-        "_rng",
-        "_waiters",
     )
 
     def __init__(

@@ -37,14 +37,14 @@ class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
 
-    async def ListApplications(  # noqa: N802 - generated name
+    async def ListApplications(
         self, request: ray_serve_pb2.ListApplicationsRequest, context: Any
     ) -> ray_serve_pb2.ListApplicationsResponse:
         return ray_serve_pb2.ListApplicationsResponse(
             application_names=list(self._gw.controller.apps)
         )
 
-    async def Healthz(  # noqa: N802 - generated name
+    async def Healthz(
         self, request: ray_serve_pb2.HealthzRequest, context: Any
     ) -> ray_serve_pb2.HealthzResponse:
         if self._gw.state in (ProxyState.DRAINING, ProxyState.DRAINED):
@@ -69,7 +69,7 @@ class Gateway:
         self.controller = Controller(config, logs_dir=logs_dir)
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()

@@ -1,0 +1,125 @@
+"""`gateway run` as a real process: serves, stops on Ctrl-C or SIGTERM, leaves no orphans."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from gateway.pb import text_model_pb2, text_model_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIG = """
+proxy: {host: 127.0.0.1, port: 0}
+admin: {port: 0}
+metrics: {prometheus: {port: 0}}
+logging_config: {logs_dir: LOGS}
+applications:
+  - name: text
+    deployments:
+      - {name: TextModel, import_path: "examples.models:TextModel", num_replicas: 2}
+"""
+
+
+def start(tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        m = re.search(r"serving gRPC on (\S+)", line)
+        if m:
+            return proc, m.group(1)
+    proc.kill()
+    raise AssertionError("gateway did not start")
+
+
+def replica_pids(proc: subprocess.Popen[str]) -> list[int]:
+    return [
+        c.pid for c in psutil.Process(proc.pid).children(recursive=True)
+        if "gateway.replica_runtime" in " ".join(c.cmdline())
+    ]
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if psutil.pid_exists(p) and
+                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.fixture
+def gateway_proc(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc, addr = start(tmp_path)
+    try:
+        yield proc, addr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def call(addr: str) -> str:
+    with grpc.insecure_channel(addr) as ch:
+        r = text_model_pb2_grpc.TextModelStub(ch).Predict(
+            text_model_pb2.PredictRequest(text="good"), timeout=10
+        )
+    return str(r.label)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_serves_and_stops_cleanly(
+    gateway_proc: tuple[subprocess.Popen[str], str], sig: signal.Signals
+) -> None:
+    proc, addr = gateway_proc
+    assert call(addr) == "positive"
+    pids = replica_pids(proc)
+    assert len(pids) == 2
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    assert wait_gone(pids, 10) == []
+
+
+def test_replicas_exit_when_gateway_is_killed(
+    gateway_proc: tuple[subprocess.Popen[str], str],
+) -> None:
+    proc, _ = gateway_proc
+    pids = replica_pids(proc)
+    assert len(pids) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert wait_gone(pids, 10) == [], "replica processes outlived the gateway"
+
+
+def test_bad_config_exits_with_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("applications: [{name: a, deployments: [{name: D, num_replicas: -1}]}]\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "applications[0].deployments[0].num_replicas" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,155 @@
+"""Config files: validation errors name the file, the key path and what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env=env or {})
+    msg = str(e.value)
+    assert msg.startswith(str(path))
+    return msg
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(REPO / "examples" / "serve_config.yaml", env={})
+    assert (cfg.proxy.host, cfg.proxy.port) == ("127.0.0.1", 9000)
+    iris = cfg.application("classifier")
+    assert iris is not None
+    dep = iris.ingress_deployment
+    assert (dep.name, dep.num_replicas, dep.max_ongoing_requests) == ("Iris", 2, 5)
+    assert dep.user_config == {"threshold": 0.5}
+
+
+def test_issue_example_shape_with_external_targets(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+proxy: {host: 127.0.0.1, port: 9000}
+applications:
+  - name: classifier
+    deployments:
+      - name: Iris
+        import_path: examples.models:Iris
+        num_replicas: 2
+        max_ongoing_requests: 5
+        user_config: {threshold: 0.5}
+  - name: external
+    deployments:
+      - name: Remote
+        targets: ["127.0.0.1:50051"]
+"""), env={})
+    ext = cfg.application("external")
+    assert ext is not None and ext.ingress_deployment.targets == ["127.0.0.1:50051"]
+    assert not ext.ingress_deployment.is_local
+
+
+def test_invalid_yaml_names_line(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "proxy:\n  port: [1,\n")
+    assert "invalid YAML" in msg and "line" in msg
+
+
+def test_wrong_type_names_key_path(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, """
+applications:
+  - name: a
+    deployments:
+      - name: D
+        import_path: m:C
+        num_replicas: many
+""")
+    assert "applications[0].deployments[0].num_replicas" in msg
+    assert "integer" in msg
+
+
+def test_unknown_key_and_missing_kind(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, """
+proxy: {prot: 9000}
+applications:
+  - name: a
+    deployments: [{name: D}]
+""")
+    assert "proxy.prot: unknown key" in msg
+    assert "applications[0].deployments[0]: set exactly one of 'import_path'" in msg
+
+
+def test_duplicates_and_bad_values(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, """
+proxy: {port: 70000}
+applications:
+  - {name: a, deployments: [{name: D, targets: ["127.0.0.1:1"]}]}
+  - {name: a, deployments: [{name: D, import_path: "nocolon"}]}
+""")
+    assert "proxy.port" in msg
+    assert "import_path 'nocolon' must look like 'module:Class'" in msg
+
+
+def test_duplicate_application_names(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, """
+applications:
+  - {name: a, deployments: [{name: D, targets: ["127.0.0.1:1"]}]}
+  - {name: a, deployments: [{name: D, targets: ["127.0.0.1:2"]}]}
+""")
+    assert "duplicate application names: ['a']" in msg
+
+
+def test_env_expansion_and_missing_variable(tmp_path: Path) -> None:
+    text = """
+records:
+  arize: {api_key: "${ARIZE_API_KEY}", space_id: "${SPACE:-default-space}"}
+applications:
+  - {name: a, deployments: [{name: D, targets: ["127.0.0.1:${PORT}"]}]}
+"""
+    cfg = load_config(write(tmp_path, text), env={"ARIZE_API_KEY": "k-123", "PORT": "5005"})
+    assert cfg.records.arize.api_key is not None
+    assert cfg.records.arize.api_key.get_secret_value() == "k-123"
+    assert cfg.records.arize.space_id is not None
+    assert cfg.records.arize.space_id.get_secret_value() == "default-space"
+    assert cfg.applications[0].deployments[0].targets == ["127.0.0.1:5005"]
+    # Secrets stay out of dumps.
+    assert "k-123" not in str(cfg.redacted()) and "k-123" not in repr(cfg)
+
+    msg = error_of(tmp_path, text, env={"ARIZE_API_KEY": "k"})
+    assert "applications[0].deployments[0].targets[0]" in msg
+    assert "${PORT} is not set" in msg
+
+
+def test_top_level_must_be_mapping() -> None:
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        parse_config(["a"], "x.yaml")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_cli_check_reports_errors_with_exit_code(tmp_path: Path) -> None:
+    bad = write(tmp_path, "applications: [{name: a, deployments: []}]\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", str(bad)],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "applications[0].deployments" in out.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", str(REPO / "examples/serve_config.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "OK" in ok.stdout
