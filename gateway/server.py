@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway import telemetry
 from gateway.config import GatewayConfig
 from gateway.controller import Controller
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
@@ -69,6 +70,10 @@ class Gateway:
         self.controller = Controller(config, logs_dir=logs_dir)
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
+        # Before the controller starts anything, so every replica event is seen.
+        self.telemetry = telemetry.attach(self)
+        self.metrics_port: int | None = None
+        """Bound port of the Prometheus endpoint (None when it is off)."""
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -104,6 +109,9 @@ class Gateway:
                 f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
             ) from None
         self.server = server
+        if self.telemetry is not None:
+            await self.telemetry.start()
+            self.metrics_port = self.telemetry.prometheus_port
         await self.controller.apply(cfg)
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -138,6 +146,8 @@ class Gateway:
             await self.server.stop(max(0.0, end - time.monotonic()))
         self.state = ProxyState.DRAINED
         await self.controller.close()
+        if self.telemetry is not None:
+            await self.telemetry.stop()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
