@@ -77,7 +77,9 @@ A66_SIZE_BOUNDS = (
 )
 
 OK = grpc.StatusCode.OK
-CANCELLED = grpc.StatusCode.CANCELLED
+_NOT_REPLICA_ERRORS = frozenset(
+    {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
 
 REPLICA_FETCH_TIMEOUT_S = 2.0
 """How long a scrape waits for the local replicas' own (custom) metrics."""
@@ -204,9 +206,9 @@ class _Series:
         self.rcvd_min = float("inf")
         self.rcvd_max = 0
         self.replica_error = (
-            self.reached_replica and code is not OK and code is not CANCELLED and not gateway_error
+            self.reached_replica and not gateway_error and code not in _NOT_REPLICA_ERRORS
         )
-        """A non-OK status the replica itself returned (client cancellations excluded)."""
+        """A failure of the replica: not a client's cancel or a deadline that ran out."""
 
 
 class _Hist:
@@ -241,7 +243,7 @@ def _hist_metric(
         HistogramDataPoint(
             attributes=dict(labels), start_time_unix_nano=h.start_ns, time_unix_nano=now,
             count=h.count, sum=h.sum, bucket_counts=list(h.buckets),
-            explicit_bounds=list(bounds), min=h.min if h.count else 0.0, max=h.max,
+            explicit_bounds=[float(b) for b in bounds], min=h.min if h.count else 0.0, max=h.max,
         )
         for labels, h in groups.items()
     ]
