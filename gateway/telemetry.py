@@ -3,8 +3,9 @@
 Names and labels follow Ray Serve 2.60 (so Ray dashboards and alerts keep working), beside the
 standard gRPC metrics of gRFC A66. Cost is the design constraint: the observer runs once per
 call, so it only bumps plain Python numbers in one per-route record (a dict lookup, a few int
-increments and four `bisect`s: under 1 us measured, against ~44 us for the same catalogue
-recorded through SDK synchronous instruments). Everything else happens when a reader collects:
+increments and four `bisect`s: ~0.8 us in a tight loop, ~5 us in situ under load, against
+~44 us for the same catalogue recorded through SDK synchronous instruments). Everything else
+happens when a reader collects:
 
 - counters are SDK observable counters reading those numbers (an SDK `counter.add` costs ~6 us);
 - gauges are SDK observable gauges reading live state (ongoing calls, queues, replicas, memory);
@@ -291,7 +292,7 @@ class Telemetry:
     # -- the hot path ----------------------------------------------------------------------
 
     def observe(self, rec: CallRecord) -> None:
-        """Count one finished call (the proxy's observer; under 1 us)."""
+        """Count one finished call (the proxy's observer; a few us)."""
         code = rec.code
         key = (rec.application, rec.deployment, rec.replica, rec.method_label, code,
                rec.gateway_error)
@@ -334,8 +335,12 @@ class Telemetry:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for e in self.exporters:
-            await e.start()
+        try:
+            for e in self.exporters:
+                await e.start()
+        except BaseException:
+            await self.stop()  # e.g. the metrics port is taken: no pusher thread left behind
+            raise
 
     async def stop(self) -> None:
         for e in self.exporters:
