@@ -1,0 +1,263 @@
+"""The admin gRPC service (`gateway.admin.v1.GatewayAdmin`) and its client.
+
+Behind `gateway status / config / deploy / shutdown`. It listens on loopback by default; since
+`Deploy` and `Shutdown` change what runs, it can require `authorization: Bearer <token>`.
+The token is never logged or echoed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import yaml
+
+from gateway.config import ConfigError, GatewayConfig, parse_config
+from gateway.pb import admin_pb2, admin_pb2_grpc
+from gateway.status import GatewayStatus, build_status, from_proto, to_proto
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger("gateway.admin")
+
+SERVICE = "gateway.admin.v1.GatewayAdmin"
+_LISTENER_SECTIONS = ("proxy", "admin", "metrics")
+
+
+# -- server ------------------------------------------------------------------------------
+
+
+class _TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Refuses every admin call whose `authorization` is not `Bearer <token>`."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        got = b""
+        for key, value in handler_call_details.invocation_metadata or ():  # type: ignore[attr-defined]
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+        if hmac.compare_digest(got, self._expected):
+            return await continuation(handler_call_details)
+        why = "missing" if not got else "invalid"
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"admin token {why}: send metadata 'authorization: Bearer <token>'",
+            )
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class AdminService(admin_pb2_grpc.GatewayAdminServicer):
+    def __init__(self, gw: Gateway) -> None:
+        self._gw = gw
+        self._deploy_lock = asyncio.Lock()
+        self._shutdown: asyncio.Task[None] | None = None
+
+    async def GetStatus(
+        self, request: admin_pb2.GetStatusRequest, context: Any
+    ) -> admin_pb2.GetStatusResponse:
+        return to_proto(build_status(self._gw))
+
+    async def GetConfig(
+        self, request: admin_pb2.GetConfigRequest, context: Any
+    ) -> admin_pb2.GetConfigResponse:
+        text = yaml.safe_dump(self._gw.config.redacted(), sort_keys=False)
+        return admin_pb2.GetConfigResponse(config_yaml=text)
+
+    async def Deploy(
+        self, request: admin_pb2.DeployRequest, context: Any
+    ) -> admin_pb2.DeployResponse:
+        gw = self._gw
+        if gw.state in ("DRAINING", "DRAINED"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the gateway is {gw.state} and takes no new config")
+        source = request.source or "<deploy>"
+        try:
+            data = yaml.safe_load(request.config_yaml)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{source}: invalid YAML{where}: {problem}")
+        try:
+            config = parse_config(data, source)
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        async with self._deploy_lock:
+            changed = [s for s in _LISTENER_SECTIONS
+                         if getattr(config, s) != getattr(gw.config, s)]
+            log.info("deploying a new config from %s: applications %s", source,
+                     [a.name for a in config.applications])
+            try:
+                await gw.apply(config)
+            except Exception as e:
+                log.exception("deploy failed")
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"deploy failed: {type(e).__name__}: {e}")
+        names = ", ".join(a.name for a in config.applications) or "none"
+        msg = f"deployed; applications: {names}"
+        if changed:
+            msg += (f"; changes to {', '.join(changed)} take effect when the gateway "
+                    "restarts")
+        return admin_pb2.DeployResponse(message=msg)
+
+    async def Shutdown(
+        self, request: admin_pb2.ShutdownRequest, context: Any
+    ) -> admin_pb2.ShutdownResponse:
+        gw = self._gw
+        grace = gw.config.proxy.graceful_shutdown_timeout_s
+        ongoing = gw.proxy.ongoing
+        if self._shutdown is None:
+            log.info("shutdown requested through the admin service")
+            # The admin server is the last thing the gateway stops, so this answer gets out.
+            self._shutdown = asyncio.get_running_loop().create_task(self._gw.stop())
+        return admin_pb2.ShutdownResponse(
+            message=f"draining: {ongoing} call(s) in flight get up to {grace:g}s to finish"
+        )
+
+    async def LogActuals(
+        self, request: admin_pb2.LogActualsRequest, context: Any
+    ) -> admin_pb2.LogActualsResponse:
+        # Hook: the record pipeline (gateway/records.py) exposes
+        # `gw.records.log_actuals(application, actuals) -> (accepted, rejected, message)`.
+        records = getattr(self._gw, "records", None)
+        handler = getattr(records, "log_actuals", None)
+        if handler is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "actuals need the prediction record pipeline, which this gateway does not run",
+            )
+            raise AssertionError("abort raises")
+        result = handler(request.application, list(request.actuals))
+        if inspect.isawaitable(result):
+            result = await result
+        accepted, rejected, message = result
+        return admin_pb2.LogActualsResponse(accepted=accepted, rejected=rejected,
+                                            message=message)
+
+
+class AdminServer:
+    """The admin service on its own grpc.aio server (loopback by default)."""
+
+    def __init__(self, gw: Gateway, config: GatewayConfig) -> None:
+        self._gw = gw
+        self._cfg = config.admin
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        cfg = self._cfg
+        # The token is fixed at start-up: a deploy cannot silently switch authentication off.
+        token = cfg.token.get_secret_value() if cfg.token is not None else None
+        interceptors = [_TokenInterceptor(token)] if token else []
+        server = grpc.aio.server(interceptors=interceptors)
+        admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
+        try:
+            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        except RuntimeError as e:
+            raise OSError(f"admin service cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+        await server.start()
+        self.server = server
+        log.info("admin service listening on %s:%d", cfg.host, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+
+
+# -- client ------------------------------------------------------------------------------
+
+
+class AdminError(Exception):
+    """An admin call failed; the message says why, in words for the operator."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AdminUnreachable(AdminError):
+    """Nothing answers at the address (not running, wrong port, or it just stopped)."""
+
+
+class AdminAuthError(AdminError):
+    """The admin service refused the token (missing or wrong)."""
+
+
+class AdminClient:
+    """A blocking client: `with AdminClient(address, token) as c: c.status()`."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(address)
+        self._stub = admin_pb2_grpc.GatewayAdminStub(self._channel)
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        fn = getattr(self._stub, method)
+        try:
+            return fn(request, metadata=self._metadata, timeout=timeout or self.timeout,
+                      wait_for_ready=False)
+        except grpc.RpcError as e:
+            code: grpc.StatusCode = e.code()  # type: ignore[attr-defined]
+            details: str = e.details() or ""  # type: ignore[attr-defined]
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise AdminUnreachable(
+                    f"cannot reach the gateway admin service at {self.address}: {details}",
+                    code) from None
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise AdminUnreachable(
+                    f"the gateway admin service at {self.address} did not answer within "
+                    f"{timeout or self.timeout:g}s", code) from None
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                raise AdminAuthError(
+                    f"the gateway at {self.address} refused the admin token: {details}",
+                    code) from None
+            if code is grpc.StatusCode.INVALID_ARGUMENT:
+                raise AdminError(details, code) from None
+            raise AdminError(f"{code.name}: {details}", code) from None
+
+    def status(self) -> GatewayStatus:
+        return from_proto(self._call("GetStatus", admin_pb2.GetStatusRequest()))
+
+    def config_yaml(self) -> str:
+        resp = self._call("GetConfig", admin_pb2.GetConfigRequest())
+        return str(resp.config_yaml)
+
+    def deploy(self, config_yaml: str, source: str = "", timeout: float = 300.0) -> str:
+        req = admin_pb2.DeployRequest(config_yaml=config_yaml, source=source)
+        return str(self._call("Deploy", req, timeout).message)
+
+    def shutdown(self) -> str:
+        return str(self._call("Shutdown", admin_pb2.ShutdownRequest()).message)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
