@@ -355,3 +355,19 @@ def test_access_log_formats_off_the_calling_thread() -> None:
     assert [r.getMessage() for r in handled] == [f"item {i}" for i in range(50)]
     assert access.dropped == 30 and access.written == 50
     assert set(threads) == {"gateway-access-log"}
+
+
+def test_promtail_example_reads_fields_our_json_lines_have() -> None:
+    import yaml
+
+    from tests.ops_support import REPO
+
+    cfg = yaml.safe_load((REPO / "examples" / "promtail-config.yaml").read_text())
+    stages = cfg["scrape_configs"][0]["pipeline_stages"]
+    expressions = next(s["json"]["expressions"] for s in stages if "json" in s)
+    line = json.loads(JsonFormatter().format(_record("x")))
+    assert set(expressions.values()) <= set(line)
+    labels = next(s["labels"] for s in stages if "labels" in s)
+    assert "request_id" not in labels  # unbounded: a filter, never a label
+    ts = next(s["timestamp"] for s in stages if "timestamp" in s)
+    datetime.datetime.fromisoformat(line[expressions[ts["source"]]])
