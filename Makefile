@@ -16,7 +16,7 @@ all: test
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,arize]'
+	$(PY) -m pip install --quiet -e '.[dev,arize,memray]'
 	touch $(STAMP)
 
 venv: $(STAMP)

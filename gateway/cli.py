@@ -5,15 +5,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_DENIED = 4
+DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9001"
+TOKEN_ENV = "GATEWAY_ADMIN_TOKEN"
 
 
 def _logs_dir(config: GatewayConfig) -> Path:
@@ -23,7 +29,7 @@ def _logs_dir(config: GatewayConfig) -> Path:
 async def _run(config: GatewayConfig) -> int:
     from gateway.server import Gateway
 
-    gw = Gateway(config, logs_dir=_logs_dir(config))
+    gw = Gateway(config, logs_dir=_logs_dir(config), console_logs=True)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # The one place signals are handled: SIGINT (Ctrl-C) and SIGTERM both drain and stop.
@@ -36,6 +42,7 @@ async def _run(config: GatewayConfig) -> int:
         await gw.stop(0)
         return EXIT_FAILED
     print(f"gateway: serving gRPC on {gw.address}", flush=True)
+    print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}", flush=True)
     for name, app in gw.controller.apps.items():
         print(f"gateway: application {name!r}: {app.status}", flush=True)
     stopper = asyncio.ensure_future(stop.wait())
@@ -58,7 +65,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"proxy": config.proxy.model_copy(update={"port": args.port})}
         )
-    return asyncio.run(_run(config))
+    from gateway.logs import memory_profiler
+
+    # GATEWAY_ENABLE_MEMORY_PROFILING=1: a memray tracker for this process (replicas run
+    # their own); read here, at start-up.
+    with memory_profiler(_logs_dir(config), "gateway", os.environ):
+        return asyncio.run(_run(config))
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -72,6 +84,57 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _admin(args: argparse.Namespace, action: str) -> int:
+    """Run one admin call; unreachable, refused and invalid each get a message and exit code."""
+    from gateway.admin import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    try:
+        with AdminClient(args.address, token or None, timeout=args.timeout) as client:
+            if action == "status":
+                print(client.status().to_yaml(verbose=args.verbose), end="")
+            elif action == "config":
+                print(client.config_yaml(), end="")
+            elif action == "deploy":
+                try:
+                    text = Path(args.config).read_text()
+                except OSError as e:
+                    print(f"gateway: cannot read {args.config}: {e.strerror}", file=sys.stderr)
+                    return EXIT_USAGE
+                print(client.deploy(text, source=str(args.config)))
+            elif action == "shutdown":
+                print(client.shutdown())
+    except AdminUnreachable as e:
+        print(f"gateway: {e}\n(is the gateway running? use --address host:port)",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except AdminAuthError as e:
+        print(f"gateway: {e}\n(pass the admin token with --token or ${TOKEN_ENV})",
+              file=sys.stderr)
+        return EXIT_DENIED
+    except AdminError as e:
+        import grpc
+
+        if e.code is grpc.StatusCode.INVALID_ARGUMENT:
+            print(f"gateway: invalid config:\n{e}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"gateway: {action} failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _admin_parser(sub: Any, name: str, help: str, action: str) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, help=help)
+    p.add_argument("--address", "-a", default=DEFAULT_ADMIN_ADDRESS,
+                   help=f"admin service of the gateway (default {DEFAULT_ADMIN_ADDRESS})")
+    p.add_argument("--token", default=None,
+                   help=f"admin token (default: ${TOKEN_ENV}); sent as 'Bearer <token>'")
+    p.add_argument("--timeout", type=float, default=10.0 if action != "deploy" else 300.0,
+                   help="seconds to wait for the answer")
+    p.set_defaults(func=lambda a: _admin(a, action))
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gateway", description="gRPC observability gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file")
     check.add_argument("config")
     check.set_defaults(func=cmd_check)
+    status = _admin_parser(sub, "status", "print the running gateway's status (YAML)", "status")
+    status.add_argument("--verbose", "-v", action="store_true",
+                        help="also list each replica and the proxy address")
+    _admin_parser(sub, "config", "print the config the gateway last received (redacted)",
+                  "config")
+    deploy = _admin_parser(sub, "deploy", "apply a config file to the running gateway",
+                           "deploy")
+    deploy.add_argument("config", help="YAML config file")
+    _admin_parser(sub, "shutdown", "drain and stop the running gateway", "shutdown")
     return p
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,6 +72,8 @@ class ReplicaSlot:
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     stopping: bool = False
+    user_config: Any = None
+    """The user_config this replica's process last received (at start or reconfigure)."""
 
     @property
     def pid(self) -> int | None:
@@ -106,7 +108,10 @@ class DeploymentState:
             return DeploymentStatus.HEALTHY
         if want == 0:
             return DeploymentStatus.HEALTHY
-        if any(s.state is ReplicaState.UNHEALTHY for s in slots):
+        # A replica being restarted after a failure (its message says which) still counts as
+        # unhealthy: otherwise the status flickers to UPDATING on every retry.
+        if any(s.state is ReplicaState.UNHEALTHY
+               or (s.state is ReplicaState.RECOVERING and s.message) for s in slots):
             return DeploymentStatus.UNHEALTHY
         return DeploymentStatus.UPDATING
 
@@ -165,6 +170,8 @@ class Controller:
         self.on_routes_changed: Callable[[], None] | None = None
         self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
         """Receives each line a local replica prints (set by the logging setup)."""
+        self.replica_env: Callable[[DeploymentState, ReplicaSlot], dict[str, str]] | None = None
+        """Extra environment for a replica process (its logging settings; gateway/logs.py)."""
         self._closing = False
         self._pumps: set[asyncio.Future[None]] = set()
 
@@ -264,7 +271,9 @@ class Controller:
         for slot in list(dep.slots):
             rep = slot.replica
             if rep is None or slot.state is not ReplicaState.RUNNING:
-                continue  # a replica still starting picks the new user_config up on start
+                continue  # one still starting is reconfigured once healthy (_set_health)
+            if slot.user_config == dep.config.user_config:
+                continue
             slot.state = ReplicaState.UPDATING
             self._emit("updating", slot)
             try:
@@ -274,6 +283,7 @@ class Controller:
                 )
                 slot.message = ""
                 slot.state = ReplicaState.RUNNING
+                slot.user_config = dep.config.user_config
             except grpc.aio.AioRpcError as e:
                 slot.message = f"reconfigure failed: {e.details()}"
                 slot.state = ReplicaState.UNHEALTHY
@@ -305,6 +315,11 @@ class Controller:
                     slot.replica.state = ReplicaState.RUNNING
                 log.info("replica %s is healthy", slot.replica_id)
                 self._emit("healthy", slot)
+                if slot.user_config != dep.config.user_config:
+                    # Started before the latest deploy changed user_config: catch up.
+                    task = asyncio.ensure_future(self._reconfigure(dep))
+                    self._pumps.add(task)
+                    task.add_done_callback(self._pumps.discard)
                 dep.router.wake()
         else:
             slot.failures += 1
@@ -417,13 +432,6 @@ class Controller:
         while not slot.stopping and not self._closing:
             await asyncio.sleep(0.05)
 
-    def _log_file(self, slot: ReplicaSlot) -> IO[bytes] | None:
-        if self.logs_dir is None:
-            return None
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        safe = slot.replica_id.replace("#", "_").replace("/", "_")
-        return open(self.logs_dir / f"replica_{safe}.out", "ab")
-
     async def _spawn(self, dep: DeploymentState, slot: ReplicaSlot) -> bool:
         """Start the replica process; True once it listens, False (with a message) if not."""
         cfg = dep.config
@@ -436,6 +444,8 @@ class Controller:
             GATEWAY_REPLICA_ID=slot.replica_id,
             PYTHONUNBUFFERED="1",
         )
+        if self.replica_env is not None:
+            env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
         args = [
@@ -448,6 +458,7 @@ class Controller:
         ]
         if cfg.user_config is not None:
             args += ["--user-config", json.dumps(cfg.user_config)]
+        slot.user_config = cfg.user_config
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -487,22 +498,18 @@ class Controller:
         return True
 
     async def _pump_output(self, slot: ReplicaSlot, stream: asyncio.StreamReader) -> None:
-        f = self._log_file(slot)
+        # The replica writes its own log file (gateway/logs.py); what reaches this pipe is
+        # its console stream or output that bypassed its logging.
         try:
             while True:
                 line = await stream.readline()
                 if not line:
                     return
-                if f is not None:
-                    f.write(line)
-                    f.flush()
                 if self.replica_output is not None:
                     self.replica_output(slot, line)
         except (asyncio.CancelledError, ValueError):
             pass
         finally:
-            if f is not None:
-                f.close()
             self._pumps.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _kill(self, slot: ReplicaSlot, grace: float = 5.0) -> None:

@@ -12,10 +12,10 @@ import asyncio
 import importlib
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
-import traceback
 from types import ModuleType
 from typing import Any
 
@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.logs import ReplicaLogging, memory_profiler
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
 from gateway.replicas import channel_options
 
@@ -109,7 +110,7 @@ def _report(fd: int, payload: dict[str, Any]) -> None:
         f.write(json.dumps(payload))
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None) -> int:
     user_config = json.loads(args.user_config) if args.user_config else None
     try:
         cls = load_servicer_class(args.import_path)
@@ -120,11 +121,13 @@ async def serve(args: argparse.Namespace) -> int:
             await _maybe_await(reconfigure(user_config))
     except Exception as e:
         msg = str(e) if isinstance(e, ReplicaStartError) else f"{type(e).__name__}: {e}"
-        traceback.print_exc()
+        logging.getLogger("gateway.replica").exception("replica failed to start: %s", msg)
         _report(args.report_fd, {"error": msg})
         return 1
 
-    server = grpc.aio.server(options=channel_options(args.max_message_bytes))
+    interceptors = [logs.interceptor()] if logs is not None else []
+    server = grpc.aio.server(options=channel_options(args.max_message_bytes),
+                             interceptors=interceptors)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for add, descriptor in registrars:
         add(servicer, server)
@@ -143,6 +146,10 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.parent_pid:
+        # Ctrl-C reaches the whole process group; the gateway drains first, then stops us.
+        loop.remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The gateway closing our stdin (it died without a goodbye) also means stop: no orphans.
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(_parent_gone(args))]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -171,7 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=5.0)
     p.add_argument("--parent-pid", type=int, default=0)
     args = p.parse_args(argv)
-    return asyncio.run(serve(args))
+    # Settings come from the gateway through the environment, read once here at start-up.
+    logs = ReplicaLogging.from_env(os.environ)
+    if logs is None:
+        return asyncio.run(serve(args))
+    logs.start()
+    try:
+        with memory_profiler(logs.settings.logs_dir, f"replica_{logs.replica_id}", os.environ):
+            return asyncio.run(serve(args, logs))
+    finally:
+        logs.stop()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway import telemetry
+from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
 from gateway.controller import Controller
+from gateway.logs import GatewayLogging
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.proxy import AppRoute, Proxy
@@ -56,7 +58,9 @@ class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
 class Gateway:
     """`start()`, `stop()`, or `async with Gateway(config) as gw:`."""
 
-    def __init__(self, config: GatewayConfig, logs_dir: Path | None = None) -> None:
+    def __init__(
+        self, config: GatewayConfig, logs_dir: Path | None = None, console_logs: bool = False
+    ) -> None:
         self.config = config
         self.logs_dir = logs_dir
         self.state = ProxyState.STARTING
@@ -78,6 +82,12 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
+        self.logging = GatewayLogging(config, logs_dir, console=console_logs)
+        """Log files, access log and replica logs (gateway/logs.py)."""
+        self.admin = AdminServer(self, config)
+        self.admin_port = 0
+        """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""
+        self._stopping: asyncio.Future[None] | None = None
 
     @property
     def address(self) -> str:
@@ -91,6 +101,7 @@ class Gateway:
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         cfg = self.config
+        self.logging.start(self)
         server = grpc.aio.server(options=channel_options(cfg.proxy.max_message_bytes))
         ray_serve_pb2_grpc.add_RayServeAPIServiceServicer_to_server(RayServeAPI(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -109,6 +120,8 @@ class Gateway:
                 f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
             ) from None
         self.server = server
+        # Up before the replicas, so `gateway status` can show a gateway that is STARTING.
+        self.admin_port = await self.admin.start()
         if self.telemetry is not None:
             await self.telemetry.start()
             self.metrics_port = self.telemetry.prometheus_port
@@ -132,22 +145,36 @@ class Gateway:
         await self.controller.apply(config)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: refuse new calls, let calls in flight finish within `grace`, stop replicas."""
+        """Drain: refuse new calls, let calls in flight finish within `grace`, stop replicas.
+
+        Safe to call again (SIGTERM during an admin `Shutdown`): later calls wait for the first.
+        """
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
         if self.state == ProxyState.DRAINED:
             return
         grace = self.config.proxy.graceful_shutdown_timeout_s if grace is None else grace
         self.state = ProxyState.DRAINING
         self.proxy.draining = True
+        log.info("draining: %d call(s) in flight get up to %gs", self.proxy.ongoing, grace)
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
         while self.proxy.ongoing > 0 and time.monotonic() < end:
             await asyncio.sleep(0.01)
+        if self.proxy.ongoing:
+            log.warning("drained with %d call(s) still in flight after %gs",
+                        self.proxy.ongoing, grace)
         if self.server is not None:
             await self.server.stop(max(0.0, end - time.monotonic()))
         self.state = ProxyState.DRAINED
         await self.controller.close()
         if self.telemetry is not None:
             await self.telemetry.stop()
+        await self.admin.stop()
+        self.logging.stop()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
