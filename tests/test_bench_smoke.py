@@ -1,0 +1,126 @@
+"""`make bench` cannot rot: the smoke run measures every cell, and its gRPC-OK check bites.
+
+No thresholds here (performance is judged by `make bench`, not by tests); these tests check that
+the harness produces numbers for each cell and that every counted call was a real gRPC OK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+import pytest
+
+from bench import run as bench_run
+from bench.frames import write_echo_frame
+from gateway.pb import bench_pb2, bench_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("h2load") is None,
+                                reason="h2load (Debian nghttp2-client) is not installed")
+
+
+def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [js] = tmp_path.glob("*-smoke.json")
+    [md] = tmp_path.glob("*-smoke.md")
+    result = json.loads(js.read_text())
+    has_nginx = bench_run.nginx_binary() is not None
+    assert result["nginx"] is has_nginx
+    if not has_nginx:
+        assert any("nginx not found" in n for n in result["notes"])
+    expected = {(k, t, c) for k in bench_run.KINDS for t in bench_run.TARGETS
+                for c in (1, 16, 64) if t != "nginx" or has_nginx}
+    cells = {(c["kind"], c["target"], c["concurrency"]): c for c in result["cells"]}
+    assert set(cells) == expected
+    for key, c in cells.items():
+        assert c["grpc_ok"], (key, c["problems"])
+        assert c["problems"] == []
+        assert c["calls"] > 0 and c["calls_per_s"] > 0, key
+        assert 0 < c["p50_ms"] <= c["p99_ms"], key
+        assert c["latency_samples"] == c["calls"], key
+        assert c["replica_cpu_us_per_call"] >= 0, key
+        if key[1] == "direct":
+            assert c["proxy_cpu_us_per_call"] is None
+            assert c["calls_per_s_vs_direct"] == 1.0
+        else:
+            assert c["proxy_cpu_us_per_call"] is not None and c["proxy_cpu_us_per_call"] >= 0
+            assert c["calls_per_s_vs_direct"] > 0
+        # The call-by-call checks that ran (not only HTTP 200).
+        assert any("replica served exactly" in x for x in c["checks"]), key
+        assert any("echo message" in x for x in c["checks"]), key
+        if key[1] in ("gateway", "gateway+records"):
+            assert any("gateway metrics" in x for x in c["checks"]), key
+        if key[1] == "nginx":
+            assert any("grpc-status 0" in x for x in c["checks"]), key
+    mem = result["memory"]["points"]
+    assert [p["calls"] >= want for p, want in zip(mem, (1_000, 2_500), strict=True)] == [True] * 2
+    assert all(p["rss_mb"] > 0 for p in mem)
+    features = result["features"]
+    assert features["gateway"]["metrics"] == "on"
+    assert features["gateway-telemetry-off"]["metrics"] == "off"
+    assert features["gateway-telemetry-off"]["access_log"].startswith("off")
+    assert "prediction_records" in features["gateway+records"]
+    table = md.read_text()
+    assert table in proc.stdout
+    assert "| gateway | 16 |" in table and "Issue 6 targets" in table
+    # Everything the harness started is gone.
+    for name, pid in result["processes"].items():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", name
+
+
+class _Failing(bench_pb2_grpc.EchoServicer):
+    """Answers HTTP 200 with grpc-status UNAVAILABLE: what h2load alone would count as success."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def Echo(self, request: bench_pb2.EchoMessage, context: Any) -> bench_pb2.EchoMessage:
+        with self.lock:
+            self.calls += 1
+        context.abort(grpc.StatusCode.UNAVAILABLE, "replica says no")
+        raise AssertionError("unreachable")
+
+    def Stats(self, request: bench_pb2.StatsRequest, context: Any) -> bench_pb2.StatsReply:
+        return bench_pb2.StatsReply(calls=self.calls)
+
+
+@pytest.fixture
+def failing_server() -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    bench_pb2_grpc.add_EchoServicer_to_server(_Failing(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+def test_http_200_with_grpc_error_is_not_counted_ok(failing_server: str, tmp_path: Path) -> None:
+    frame, message = write_echo_frame(tmp_path / "echo.frame")
+    target = bench_run.Target("external", "direct", failing_server, failing_server, os.getpid(),
+                              lambda: [])
+    clients = bench_run.Clients()
+    try:
+        cell = bench_run.run_cell(target, 4, bench_run.SMOKE, frame, message, clients, tmp_path)
+    finally:
+        clients.close()
+    assert cell["grpc_ok"] is False
+    problems = " | ".join(cell["problems"])
+    assert "UNAVAILABLE" in problems  # the Python client read the trailers
+    assert "response DATA 0 B" in problems  # every h2load "success" was trailers-only
