@@ -315,7 +315,7 @@ def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
            "-H", "content-type: application/grpc", "-H", "te: trailers",
            "-H", f"application: {app}", f"--log-file={log}"]
     if duration_s is not None:
-        cmd += ["-D", str(duration_s)]
+        cmd += ["-D", f"{round(duration_s * 1000)}ms"]
         timeout = duration_s + 30
     else:
         assert calls is not None
