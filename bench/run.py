@@ -193,8 +193,9 @@ def gateway_config_data(variant: str, tmp: Path, external: str) -> dict[str, Any
     return data
 
 
-def start_gateway(variant: str, tmp: Path, external: str, env: dict[str, str]) -> GatewayProc:
-    d = tmp / variant.replace("+", "-")
+def start_gateway(variant: str, tmp: Path, external: str, env: dict[str, str],
+                  subdir: str | None = None) -> GatewayProc:
+    d = tmp / (subdir or variant.replace("+", "-"))
     d.mkdir()
     data = gateway_config_data(variant, d, external)
     path = d / "config.yaml"
@@ -431,6 +432,23 @@ def access_log_lines(logs_dir: Path) -> int:
     return n
 
 
+_NON_OK = re.compile(r"\b(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|"
+                     r"RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|UNIMPLEMENTED|INTERNAL|"
+                     r"UNAVAILABLE|DATA_LOSS|WARNING|ERROR)\b")
+
+
+def log_size(logs_dir: Path) -> int:
+    p = logs_dir / "gateway.log"
+    return p.stat().st_size if p.exists() else 0
+
+
+def gateway_error_lines(logs_dir: Path, offset: int, limit: int = 3) -> list[str]:
+    """A few warning/error lines the gateway logged since `offset` (to say why a cell failed)."""
+    lines, _ = read_new_lines(logs_dir / "gateway.log", offset)
+    bad = [ln.strip() for ln in lines if _NON_OK.search(ln)]
+    return [ln[:300] for ln in bad[:limit]]
+
+
 def records_written(path: Path | None) -> int:
     """Prediction records in the JSONL file (and any JSONL file beside it)."""
     if path is None:
@@ -448,6 +466,7 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
     app = t.kind
     problems: list[str] = []
     checks: list[str] = []
+    log_off = log_size(t.gateway.logs_dir) if t.gateway is not None else 0
     bad = clients.verify(t.address, app, message, s.verify_calls)
     if bad:
         problems.append(bad)
@@ -506,6 +525,9 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
             problems.append(f"nginx log: {ok_lines} of {len(lines)} lines '200 0', {n} calls")
         else:
             checks.append(f"nginx access log: {n} x grpc-status 0 in trailers")
+    if problems and t.gateway is not None:
+        problems += [f"gateway log: {ln}" for ln in gateway_error_lines(t.gateway.logs_dir,
+                                                                        log_off)]
     lat = res.latencies_us
     proxy_cpu = (cpu_p1 - cpu_p0) / n * 1e6 if proxy_pids else None
     return {
@@ -675,8 +697,11 @@ def _scrape_ok(port: int) -> bool:
         return False
 
 
-def measure_memory(gw: GatewayProc, s: Settings, frame: Path, work: Path) -> dict[str, Any]:
-    """Resident memory of the gateway process after 50k and 250k calls (all counted)."""
+def measure_memory(gw: GatewayProc, s: Settings, frame: Path, message: bytes, work: Path) -> (
+    dict[str, Any]
+):
+    """Resident memory of a fresh gateway process after 50k and 250k calls at concurrency 16
+    (calls to the local replica; the figures are taken once its access log has drained)."""
     points: list[dict[str, Any]] = []
     proc = psutil.Process(gw.child.pid)
     for target in s.memory_points:
@@ -684,8 +709,10 @@ def measure_memory(gw: GatewayProc, s: Settings, frame: Path, work: Path) -> dic
         if more > 0:
             r = h2load(gw.address, 16, frame, "local", work, calls=more)
             gw.calls["local"] += r.succeeded
-            if r.succeeded != more:
-                return {"points": points, "note": f"memory run: {r.succeeded}/{more} succeeded"}
+            if r.succeeded != more or r.data_bytes != more * (5 + len(message)):
+                return {"points": points, "pid": gw.child.pid,
+                        "note": f"memory run: {r.succeeded}/{more} succeeded, "
+                                f"{r.data_bytes} B of echo messages"}
         time.sleep(0.5)  # let the access log writer drain
         points.append({"calls": sum(gw.calls.values()),
                        "rss_mb": round(proc.memory_info().rss / 2**20, 2)})
@@ -768,8 +795,11 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         children.append(ext)
         ext_addr = "127.0.0.1:" + ext.wait_for(r"listening (\d+)").group(1)
         gws = {v: start_gateway(v, tmp, ext_addr, env) for v in GATEWAY_VARIANTS}
-        children.extend(g.child for g in gws.values())
-        for g in gws.values():
+        # A fresh default gateway that serves only the memory run, so its first figure is
+        # taken at 50k calls and not after whatever the cells sent.
+        mem_gw = start_gateway("gateway", tmp, ext_addr, env, subdir="gateway-memory")
+        children.extend([*(g.child for g in gws.values()), mem_gw.child])
+        for g in [*gws.values(), mem_gw]:
             wait_gateway(g)
         default = gws["gateway"]
         upstreams = {"local": default.local_replica_address, "external": ext_addr}
@@ -828,7 +858,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     print(f"  {kind:8} {t.name:22} c={conc:<3} {cell['calls_per_s']:8.0f} calls/s"
                           f"  p50 {cell['p50_ms']:.3f} ms  ok={cell['grpc_ok']}",
                           file=sys.stderr, flush=True)
-        memory = measure_memory(default, s, frame, work)
+        memory = measure_memory(mem_gw, s, frame, message, work)
         features = {v: gateway_features(g) for v, g in gws.items()}
         clients.close()
     add_ratios(cells)
@@ -844,7 +874,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         "features": features,
         "gateway_configs": {v: g.config for v, g in gws.items()},
         "nginx": nginx is not None,
-        "processes": {c.name: c.pid for c in children},
+        "processes": {f"{c.name} ({c.pid})": c.pid for c in children},
     }
     if keep:
         result["work_dir"] = str(tmp)

@@ -68,6 +68,7 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
             assert any("grpc-status 0" in x for x in c["checks"]), key
     mem = result["memory"]["points"]
     assert [p["calls"] >= want for p, want in zip(mem, (1_000, 2_500), strict=True)] == [True] * 2
+    assert mem[0]["calls"] == 1_000  # a fresh gateway: the first figure is at exactly 1k
     assert all(p["rss_mb"] > 0 for p in mem)
     features = result["features"]
     assert features["gateway"]["metrics"] == "on"
