@@ -9,7 +9,7 @@ PB_STAMP := $(PB_DIR)/.generated
 CONFIG ?= examples/serve_config.yaml
 PYTEST_ARGS ?=
 
-.PHONY: all venv protos run test lint typecheck bench bench-smoke clean
+.PHONY: all venv protos run test lint typecheck bench bench-smoke bench-profile clean
 
 all: test
 
@@ -45,6 +45,10 @@ bench: $(PB_STAMP)
 
 bench-smoke: $(PB_STAMP)
 	$(PY) -m bench.run --smoke
+
+bench-profile: $(PB_STAMP)
+	$(PY) -m pip install --quiet py-spy
+	$(PY) -m bench.profile
 
 clean:
 	rm -rf $(VENV) $(PB_DIR)/*_pb2*.py $(PB_DIR)/*_pb2*.pyi $(PB_STAMP) build *.egg-info
