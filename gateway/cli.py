@@ -104,6 +104,8 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 print(client.deploy(text, source=str(args.config)))
             elif action == "shutdown":
                 print(client.shutdown())
+            elif action == "actuals":
+                return _send_actuals(client, args)
     except AdminUnreachable as e:
         print(f"gateway: {e}\n(is the gateway running? use --address host:port)",
               file=sys.stderr)
@@ -121,6 +123,31 @@ def _admin(args: argparse.Namespace, action: str) -> int:
         print(f"gateway: {action} failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _send_actuals(client: Any, args: argparse.Namespace) -> int:
+    """`gateway actuals`: a CSV of `prediction_id,actual` to the LogActuals RPC, in chunks."""
+    from gateway.pb import admin_pb2
+    from gateway.records import ActualsFileError, read_actuals_csv
+
+    try:
+        rows = read_actuals_csv(args.file)
+    except ActualsFileError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    accepted = rejected = 0
+    messages = []
+    for i in range(0, len(rows), 1000):
+        req = admin_pb2.LogActualsRequest(
+            application=args.application,
+            actuals=[admin_pb2.Actual(**r) for r in rows[i : i + 1000]])
+        resp = client._call("LogActuals", req)
+        accepted += resp.accepted
+        rejected += resp.rejected
+        messages.append(resp.message)
+    print(f"{args.file}: {accepted} actual(s) accepted, {rejected} rejected"
+          + (f" ({messages[-1]})" if messages else ""))
+    return EXIT_OK if rejected == 0 else EXIT_FAILED
 
 
 def _admin_parser(sub: Any, name: str, help: str, action: str) -> argparse.ArgumentParser:
@@ -154,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                            "deploy")
     deploy.add_argument("config", help="YAML config file")
     _admin_parser(sub, "shutdown", "drain and stop the running gateway", "shutdown")
+    actuals = _admin_parser(sub, "actuals", "send delayed actuals (a CSV of prediction_id,actual)"
+                            " to join earlier prediction records", "actuals")
+    actuals.add_argument("--application", required=True,
+                         help="application whose prediction records the actuals join")
+    actuals.add_argument("file", help="CSV file: prediction_id,actual (header line optional)")
     return p
 
 

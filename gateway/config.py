@@ -63,6 +63,9 @@ class FieldMapping(_Model):
     """Full protobuf name of the request message (default: the method's input type)."""
     response_type: str | None = None
     """Full protobuf name of the response message (default: the method's output type)."""
+    column_names: dict[str, list[str]] = Field(default_factory=dict)
+    """Open Inference Protocol: feature names for the columns of an input tensor (tensor name ->
+    one name per column; default `<tensor>_<column>`)."""
 
 
 class PredictionRecordsConfig(_Model):
@@ -76,10 +79,12 @@ class PredictionRecordsConfig(_Model):
     model_name: str | None = None
     """Model name sent with each record (default: the request's own, then the application)."""
     model_version: str | None = None
-    model_type: str = "SCORE_CATEGORICAL"
-    """An `arize.ml.types.ModelTypes` name."""
-    environment: str = "PRODUCTION"
-    """An `arize.ml.types.Environments` name."""
+    model_type: Literal[
+        "SCORE_CATEGORICAL", "BINARY_CLASSIFICATION", "NUMERIC", "REGRESSION"
+    ] = "SCORE_CATEGORICAL"
+    """An `arize.ml.types.ModelTypes` name: categorical (label and score) or numeric (score)."""
+    environment: Literal["PRODUCTION"] = "PRODUCTION"
+    """An `arize.ml.types.Environments` name (live traffic is production)."""
     methods: list[str] | None = None
     """Full method names that produce records (default: every method)."""
     field_mapping: FieldMapping | None = None
@@ -214,7 +219,13 @@ class ArizeConfig(_Model):
     api_host: str | None = None
     api_port: int | None = None
     timeout_s: float = Field(default=10.0, gt=0)
+    """Per request; the SDK has none of its own."""
     max_retries: int = Field(default=5, ge=0)
+    """Retries of connection errors, 429 and 5xx (other 4xx are never retried)."""
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    max_workers: int = Field(default=4, ge=1)
+    """Concurrent HTTP requests of the SDK."""
 
 
 class RecordExporterConfig(_Model):
@@ -228,9 +239,26 @@ class RecordExporterConfig(_Model):
 
 class RecordsConfig(_Model):
     exporters: list[RecordExporterConfig] = Field(default_factory=list)
+    """Extra named exporters; `arize`, `jsonl` and `default` exist without being listed."""
     arize: ArizeConfig = Field(default_factory=ArizeConfig)
     jsonl_path: str | None = None
     """Default: `<logs_dir>/records.jsonl`."""
+    queue_size: int = Field(default=10000, ge=1)
+    """Sampled calls waiting to be decoded; past it calls are dropped (and counted)."""
+    batch_size: int = Field(default=100, ge=1)
+    """Records handed to an exporter at once."""
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    """Longest a record waits for its batch to fill."""
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    """Time the exporters get to send what is queued when the gateway stops."""
+
+    @model_validator(mode="after")
+    def _unique_exporters(self) -> RecordsConfig:
+        names = [e.name for e in self.exporters]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate record exporter names: {sorted(dup)}")
+        return self
 
 
 class GatewayConfig(_Model):
@@ -251,6 +279,12 @@ class GatewayConfig(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate application names: {sorted(dup)}")
+        known = {"default", "arize", "jsonl", *(e.name for e in self.records.exporters)}
+        for app in self.applications:
+            unknown = [n for n in app.prediction_records.exporters if n not in known]
+            if unknown:
+                raise ValueError(f"application {app.name!r}: prediction_records.exporters "
+                                 f"{unknown} are not defined; known: {sorted(known)}")
         return self
 
     def application(self, name: str) -> ApplicationConfig | None:
@@ -292,6 +326,20 @@ def _expand(value: Any, path: str, env: dict[str, str]) -> Any:
     return value
 
 
+def _arize_keys_from_env(config: GatewayConfig, env: dict[str, str]) -> GatewayConfig:
+    """ARIZE_API_KEY / ARIZE_SPACE_ID fill the Arize keys the file leaves unset (read here,
+    once; they stay secrets: redacted in every dump)."""
+    arize = config.records.arize
+    update: dict[str, Any] = {}
+    for field, var in (("api_key", "ARIZE_API_KEY"), ("space_id", "ARIZE_SPACE_ID")):
+        if getattr(arize, field) is None and env.get(var):
+            update[field] = SecretStr(env[var])
+    if not update:
+        return config
+    records = config.records.model_copy(update={"arize": arize.model_copy(update=update)})
+    return config.model_copy(update={"records": records})
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -312,7 +360,9 @@ def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     try:
-        return GatewayConfig.model_validate(data)
+        return _arize_keys_from_env(
+            GatewayConfig.model_validate(data), dict(os.environ) if env is None else env
+        )
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import telemetry
+from gateway import records, telemetry
 from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
 from gateway.controller import Controller
@@ -76,6 +76,8 @@ class Gateway:
         self.proxy.on_unreachable = self.controller.suspect
         # Before the controller starts anything, so every replica event is seen.
         self.telemetry = telemetry.attach(self)
+        self.records = records.attach(self)
+        """Prediction records: sampled calls decoded off the call path, sent to exporters."""
         self.metrics_port: int | None = None
         """Bound port of the Prometheus endpoint (None when it is off)."""
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -97,6 +99,7 @@ class Gateway:
         routes = {
             name: AppRoute(name, app.ingress.router) for name, app in self.controller.apps.items()
         }
+        self.records.bind_routes(routes)
         self.proxy.set_routes(routes)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
@@ -125,6 +128,8 @@ class Gateway:
         if self.telemetry is not None:
             await self.telemetry.start()
             self.metrics_port = self.telemetry.prometheus_port
+        # Off the loop: building an exporter may import its SDK (arize: about a second).
+        await asyncio.get_running_loop().run_in_executor(None, self.records.start)
         await self.controller.apply(cfg)
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -142,6 +147,7 @@ class Gateway:
             import importlib
 
             self.methods.add_module(importlib.import_module(module))
+        self.records.apply(config)
         await self.controller.apply(config)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -170,6 +176,8 @@ class Gateway:
         if self.server is not None:
             await self.server.stop(max(0.0, end - time.monotonic()))
         self.state = ProxyState.DRAINED
+        # Every call has ended (and been observed): send the queued records, within a bound.
+        await asyncio.get_running_loop().run_in_executor(None, self.records.shutdown)
         await self.controller.close()
         if self.telemetry is not None:
             await self.telemetry.stop()
