@@ -186,13 +186,17 @@ class ArizeExporter(RecordExporter):
             )
         except Exception as e:
             raise ValueError(f"cannot set up the Arize client: {self.scrub(str(e))}") from None
+        # Where records really go (the SDK also honours ARIZE_API_SCHEME/HOST/PORT).
+        url = getattr(getattr(self._client, "sdk_config", None), "records_url", None)
+        if isinstance(url, str):
+            self.endpoint = url.removesuffix("/v1/log")
 
     # -- helpers ------------------------------------------------------------------------------
 
     def scrub(self, text: str) -> str:
         """`text` with the key and the space id masked (for anything logged or returned)."""
         for secret in (self._key, self._space):
-            if secret:
+            if len(secret) >= 6:  # shorter ones are no real keys and would mangle the text
                 text = text.replace(secret, "***")
         return text
 

@@ -457,15 +457,11 @@ class RecordPipeline:
         return plans
 
     def apply(self, config: GatewayConfig) -> None:
-        """A new goal state: per-application settings change now; exporters are kept (new
-        exporter names are started; changed exporter settings need a restart)."""
+        """A new goal state: per-application settings change now; exporters are kept (one
+        named for the first time is built by the worker on its first record; changed exporter
+        settings need a restart)."""
         self.config = config
-        plans = self._build_plans(config)
-        if self._started:
-            for plan in plans.values():
-                for name in plan.exporters:
-                    self._worker(name)
-        self._plans = plans
+        self._plans = self._build_plans(config)
         self.bind_routes(self._routes)
 
     def bind_routes(self, routes: Mapping[str, AppRoute]) -> None:
@@ -557,10 +553,14 @@ class RecordPipeline:
             return w
 
     def _jsonl_fallback(self) -> ExporterWorker:
+        existing = self.workers.get("jsonl")
+        if existing is not None:
+            self.workers["arize"] = existing
+            return existing
         exporter, queue_size = self._build("jsonl")
         rc = self.config.records
         w = ExporterWorker("jsonl", exporter, queue_size, rc.batch_size, rc.flush_interval_s)
-        self.stats["arize"] = self.stats["jsonl"] = w.stats
+        self.stats["jsonl"] = w.stats
         self.workers["arize"] = self.workers["jsonl"] = w
         w.start()
         return w
