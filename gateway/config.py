@@ -170,6 +170,9 @@ class ProxyConfig(_Model):
     """Other replicas tried when a replica cannot be reached before it received anything."""
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
     """Time calls in flight get to finish when the gateway drains."""
+    local_transport: Literal["mux", "grpc"] = "mux"
+    """How unary calls reach local replicas: multiplexed over an open stream (cheaper), or one
+    gRPC call each. External replicas always get plain gRPC calls."""
 
 
 class AdminConfig(_Model):

@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
+from gateway.methods import fetch_reflection
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
 from gateway.replicas import Replica, ReplicaState, replica_tag
 from gateway.router import Router
@@ -89,6 +90,8 @@ class DeploymentState:
                              config.max_queued_requests)
         self.slots: list[ReplicaSlot] = []
         self.ever_healthy = False
+        self.reflected = False
+        self.reflect_done = False
 
     @property
     def name(self) -> str:
@@ -168,6 +171,8 @@ class Controller:
         self.logs_dir = logs_dir
         self.listeners: list[ReplicaEvent] = []
         self.on_routes_changed: Callable[[], None] | None = None
+        self.on_descriptors: Callable[[list[Any]], None] | None = None
+        """Receives the file descriptors replicas publish through reflection."""
         self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
         """Receives each line a local replica prints (set by the logging setup)."""
         self.replica_env: Callable[[DeploymentState, ReplicaSlot], dict[str, str]] | None = None
@@ -232,7 +237,7 @@ class Controller:
             for target in cfg.targets:
                 slot = ReplicaSlot(dep.app, cfg.name, replica_tag(dep.app, cfg.name), target=target)
                 dep.slots.append(slot)
-                slot.task = asyncio.ensure_future(self._run_external(dep, slot))
+                slot.task = _supervised(self._run_external(dep, slot))
         else:
             for _ in range(cfg.num_replicas):
                 self._add_local(dep)
@@ -240,7 +245,7 @@ class Controller:
     def _add_local(self, dep: DeploymentState) -> ReplicaSlot:
         slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name))
         dep.slots.append(slot)
-        slot.task = asyncio.ensure_future(self._run_local(dep, slot))
+        slot.task = _supervised(self._run_local(dep, slot))
         return slot
 
     async def _scale(self, dep: DeploymentState, n: int) -> None:
@@ -314,12 +319,13 @@ class Controller:
                 if slot.replica is not None:
                     slot.replica.state = ReplicaState.RUNNING
                 log.info("replica %s is healthy", slot.replica_id)
+                if not dep.reflected and slot.replica is not None:
+                    dep.reflected = True
+                    self._background(self._reflect(dep, slot.replica))
                 self._emit("healthy", slot)
                 if slot.user_config != dep.config.user_config:
                     # Started before the latest deploy changed user_config: catch up.
-                    task = asyncio.ensure_future(self._reconfigure(dep))
-                    self._pumps.add(task)
-                    task.add_done_callback(self._pumps.discard)
+                    self._background(self._reconfigure(dep))
                 dep.router.wake()
         else:
             slot.failures += 1
@@ -351,6 +357,22 @@ class Controller:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             return False, f"health check: {status}"
         return True, ""
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._pumps.add(task)
+        task.add_done_callback(self._pumps.discard)
+
+    async def _reflect(self, dep: DeploymentState, replica: Replica) -> None:
+        """Learn the replica's methods (names and shapes) through server reflection."""
+        try:
+            files = await fetch_reflection(replica.channel)
+            if files and self.on_descriptors is not None:
+                self.on_descriptors(files)
+            if files and dep.config.is_local:
+                dep.router.methods_known = True
+        finally:
+            dep.reflect_done = True
 
     def suspect(self, replica: Replica) -> None:
         """The proxy could not reach `replica`: stop routing to it and check it now."""
@@ -491,7 +513,8 @@ class Controller:
             self._emit("unhealthy", slot)
             return False
         slot.replica = Replica(dep.app, dep.name, slot.replica_id, f"127.0.0.1:{report['port']}",
-                               dep.max_message_bytes, is_local=True)
+                               dep.max_message_bytes, is_local=True,
+                               mux=self.config.proxy.local_transport == "mux")
         slot.replica.pid = proc.pid
         self._emit("started", slot)
         dep.publish()
@@ -536,6 +559,9 @@ class Controller:
             deadline = time.monotonic() + dep.config.graceful_shutdown_timeout_s
             while rep.in_flight > 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
+            # Close our streams first: an open mux stream would hold the replica's own
+            # graceful stop for its whole grace period.
+            await rep.close()
         await self._kill(slot, dep.config.graceful_shutdown_timeout_s)
         if slot.task is not None:
             slot.task.cancel()
@@ -577,7 +603,11 @@ class Controller:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             statuses = [a.status for a in self.apps.values()]
-            if all(s == ApplicationStatus.RUNNING for s in statuses):
+            learned = all(
+                d.reflect_done for a in self.apps.values() for d in a.deployments.values()
+                if d.status == DeploymentStatus.HEALTHY and d.slots
+            )
+            if learned and all(s == ApplicationStatus.RUNNING for s in statuses):
                 return True
             if any(s in (ApplicationStatus.DEPLOY_FAILED,) for s in statuses) and all(
                 s != ApplicationStatus.DEPLOYING for s in statuses
@@ -585,6 +615,18 @@ class Controller:
                 return False
             await asyncio.sleep(0.05)
         return False
+
+
+def _supervised(coro: Any) -> asyncio.Task[None]:
+    """A replica task whose unexpected death is logged, not silently dropped."""
+    task: asyncio.Task[None] = asyncio.ensure_future(coro)
+
+    def report(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            log.error("replica task failed", exc_info=t.exception())
+
+    task.add_done_callback(report)
+    return task
 
 
 def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:

@@ -18,6 +18,7 @@ class GatewayError(Exception):
         super().__init__(details)
         self.code = code
         self.details = details
+        self.request_id = ""
 
 
 def _names(apps: Iterable[str]) -> str:
@@ -80,3 +81,11 @@ def draining() -> GatewayError:
 
 def bad_metadata(key: str, why: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata {key!r}: {why}")
+
+
+def method_not_found(path: str, app: str) -> GatewayError:
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    return GatewayError(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"Method not found: {shown!r} is not served by application {app!r}",
+    )

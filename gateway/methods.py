@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from google.protobuf.descriptor import FileDescriptor
 
@@ -65,3 +66,59 @@ class MethodTable:
 
     def services(self) -> list[str]:
         return sorted({p.split("/")[1] for p in self._methods})
+
+
+async def fetch_reflection(channel: Any, timeout: float = 5.0) -> list[FileDescriptor]:
+    """The file descriptors of every service a server lists through server reflection.
+
+    Empty when the server does not serve reflection (then its methods stay unknown).
+    """
+    import grpc
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    protos: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    async def ask(*requests: Any) -> list[Any]:
+        async def gen() -> Any:
+            for r in requests:
+                yield r
+
+        return [r async for r in stub.ServerReflectionInfo(gen(), timeout=timeout)]
+
+    try:
+        (listing,) = await ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+        services = [
+            s.name for s in listing.list_services_response.service
+            if not s.name.startswith(("grpc.", "gateway.internal."))
+        ]
+        if not services:
+            return []
+        answers = await ask(
+            *(reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in services)
+        )
+    except grpc.aio.AioRpcError:
+        return []
+    for answer in answers:
+        for raw in answer.file_descriptor_response.file_descriptor_proto:
+            fdp = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            protos.setdefault(fdp.name, fdp)
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+    # Dependencies first: add whatever has all its imports in the pool, until nothing changes.
+    while len(added) < len(protos):
+        progress = False
+        for name, fdp in protos.items():
+            if name not in added and all(d in added for d in fdp.dependency if d in protos):
+                pool.Add(fdp)
+                added.add(name)
+                progress = True
+        if not progress:
+            break
+    files = []
+    for name in added:
+        fd = pool.FindFileByName(name)
+        if fd.services_by_name:
+            files.append(fd)
+    return files

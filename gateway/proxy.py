@@ -21,6 +21,7 @@ import grpc
 from gateway import errors
 from gateway.errors import GatewayError
 from gateway.methods import OTHER, MethodInfo, MethodTable
+from gateway.mux import MuxRpcError
 from gateway.replicas import (
     STREAM_STREAM,
     STREAM_UNARY,
@@ -158,8 +159,6 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _prepare(self, ctx: Any) -> tuple[AppRoute, str, list[tuple[str, Any]]]:
         """Route, request id and the metadata to forward."""
-        if self.draining:
-            raise errors.draining()
         app: str | None = None
         rid: str | None = None
         fwd: list[tuple[str, Any]] = []
@@ -178,15 +177,29 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         elif len(rid) > MAX_REQUEST_ID_LEN:
             raise errors.bad_metadata("x-request-id", f"longer than {MAX_REQUEST_ID_LEN} chars")
         fwd.append(("x-request-id", rid))
-        if app is None:
+        err: GatewayError | None = None
+        if self.draining:
+            err = errors.draining()
+        elif app is None:
             route = self.default_route
             if route is None:
-                raise errors.application_missing(self.routes)
+                err = errors.application_missing(self.routes)
         else:
             route = self.routes.get(app)  # type: ignore[assignment]
             if route is None:
-                raise errors.application_unknown(app, self.routes)
-        return route, rid, fwd
+                err = errors.application_unknown(app, self.routes)
+        if err is not None:
+            err.request_id = rid  # so the refusal is logged and answered with its request id
+            raise err
+        return route, rid, fwd  # type: ignore[return-value]
+
+    @staticmethod
+    def _cancel_code(ctx: Any) -> grpc.StatusCode:
+        """grpc cancels the handler both when the client cancels and when its deadline ends."""
+        remaining = ctx.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
+        return CANCELLED
 
     def _timeout(self, ctx: Any) -> float | None:
         remaining: float | None = ctx.time_remaining()
@@ -205,7 +218,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def _retriable(self, e: grpc.aio.AioRpcError, replica: Replica) -> bool:
         """A connection failure before the replica received anything (not the replica's own
         UNAVAILABLE): no headers came back and the channel is not connected."""
-        if e.code() is not UNAVAILABLE or e.initial_metadata():
+        if e.code() is not UNAVAILABLE:
+            return False
+        if isinstance(e, MuxRpcError):
+            return not e.sent
+        if e.initial_metadata():
             return False
         state = replica.channel.get_state(try_to_connect=False)
         return bool(state is not grpc.ChannelConnectivity.READY)
@@ -243,8 +260,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             while True:
                 replica = await router.acquire(timeout, exclude=replica)
                 rep_id = replica.replica_id
-                call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
+                call = None
                 try:
+                    call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
                     response = await call
                     ctx.set_trailing_metadata(self._trailers(await call.trailing_metadata(), rid))
                     return response
@@ -266,17 +284,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                         raise errors.replica_unreachable(app, dep, attempt + 1, details) from None
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
                 except asyncio.CancelledError:
-                    call.cancel()
-                    code = CANCELLED
+                    if call is not None:
+                        call.cancel()
+                    code = self._cancel_code(ctx)
                     raise
                 finally:
                     router.release(replica)
         except GatewayError as e:
             code, details, gw_err = e.code, e.details, True
+            rid = rid or e.request_id
             trailers = self._trailers((), rid) if rid else ()
             await ctx.abort(e.code, e.details, trailers)
         except asyncio.CancelledError:
-            code = CANCELLED
+            code = self._cancel_code(ctx)
             raise
         finally:
             self.ongoing -= 1
@@ -306,8 +326,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         try:
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
-            timeout = self._timeout(ctx)
             router = route.router
+            if label is OTHER and router.methods_known:
+                # Answered here: a replica rejecting a call it cannot parse races with the
+                # request stream we would open to it, and grpc then reports INTERNAL.
+                raise errors.method_not_found(path, app)
+            timeout = self._timeout(ctx)
             replica: Replica | None = None
             attempt = 0
             while True:
@@ -339,16 +363,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
                 except (asyncio.CancelledError, GeneratorExit):
                     call.cancel()
-                    code = CANCELLED
+                    code = self._cancel_code(ctx)
                     raise
                 finally:
                     router.release(replica)
         except GatewayError as e:
             code, details, gw_err = e.code, e.details, True
+            rid = rid or e.request_id
             trailers = self._trailers((), rid) if rid else ()
             await ctx.abort(e.code, e.details, trailers)
         except asyncio.CancelledError:
-            code = CANCELLED
+            code = self._cancel_code(ctx)
             raise
         finally:
             self.ongoing -= 1

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.logs import ReplicaLogging, memory_profiler
+from gateway.mux import MuxServer, capture_unary_handlers
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
 from gateway.replicas import channel_options
 
@@ -77,8 +78,12 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class _Control(replica_control_pb2_grpc.ReplicaControlServicer):
-    def __init__(self, servicer: Any) -> None:
+    def __init__(self, servicer: Any, mux: MuxServer) -> None:
         self._servicer = servicer
+        self._mux = mux
+
+    async def Mux(self, request_iterator: Any, context: Any) -> None:
+        await self._mux.serve(request_iterator, context)
 
     async def Reconfigure(
         self, request: replica_control_pb2.ReconfigureRequest, context: Any
@@ -135,7 +140,12 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None) ->
             names.append(descriptor.full_name)
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer), server)
+    handlers = capture_unary_handlers([add for add, _ in registrars], servicer)
+    if logs is not None:
+        handlers = logs.wrap_unary_handlers(handlers)
+    mux = MuxServer(handlers, args.max_message_bytes,
+                    on_call=logs.mux_on_call if logs is not None and logs.access else None)
+    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer, mux), server)
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()

@@ -7,11 +7,14 @@ replica (a plain gRPC channel today) stays behind one interface.
 from __future__ import annotations
 
 import enum
+import functools
 import secrets
 import time
 from typing import Any
 
 import grpc
+
+from gateway.mux import MuxChannel
 
 
 class ReplicaState(enum.StrEnum):
@@ -49,6 +52,7 @@ class Replica:
 
     __slots__ = (
         "_callables",
+        "_mux",
         "address",
         "application",
         "channel",
@@ -70,6 +74,7 @@ class Replica:
         address: str,
         max_message_bytes: int,
         is_local: bool,
+        mux: bool = False,
     ) -> None:
         self.application = application
         self.deployment = deployment
@@ -85,6 +90,8 @@ class Replica:
         self.pid: int | None = None
         self.started_at = time.time()
         self._callables: dict[tuple[str, int], Any] = {}
+        # Local replicas run our runtime, which speaks the mux protocol (see gateway/mux.py).
+        self._mux = MuxChannel(self.channel) if mux else None
 
     @property
     def routable(self) -> bool:
@@ -95,14 +102,19 @@ class Replica:
         key = (path, shape)
         mc = self._callables.get(key)
         if mc is None:
-            # No serializers: request and response bytes pass through untouched.
-            mc = getattr(self.channel, _SHAPES[shape])(path)
+            if shape == 0 and self._mux is not None:
+                mc = functools.partial(self._mux.unary, path)
+            else:
+                # No serializers: request and response bytes pass through untouched.
+                mc = getattr(self.channel, _SHAPES[shape])(path)
             if len(self._callables) < 4096:
                 self._callables[key] = mc
         return mc
 
     async def close(self) -> None:
         self._callables.clear()
+        if self._mux is not None:
+            await self._mux.close()
         await self.channel.close(grace=None)
 
     def __repr__(self) -> str:

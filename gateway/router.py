@@ -22,6 +22,7 @@ class Router:
         "deployment",
         "max_ongoing",
         "max_queued",
+        "methods_known",
         "replicas",
         "routed_total",
     )
@@ -36,6 +37,8 @@ class Router:
         self.replicas: list[Replica] = []
         """Every replica of the deployment; only routable ones get calls."""
         self.routed_total = 0
+        self.methods_known = False
+        """True once every method the replicas serve is known (local replicas, by reflection)."""
         self._rng = random.Random()
         self._waiters: deque[asyncio.Future[Replica]] = deque()
 

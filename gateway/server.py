@@ -74,6 +74,7 @@ class Gateway:
         self.controller = Controller(config, logs_dir=logs_dir)
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
+        self.controller.on_descriptors = self._learn_methods
         # Before the controller starts anything, so every replica event is seen.
         self.telemetry = telemetry.attach(self)
         self.records = records.attach(self)
@@ -94,6 +95,11 @@ class Gateway:
     @property
     def address(self) -> str:
         return f"{self.config.proxy.host}:{self.port}"
+
+    def _learn_methods(self, files: list[Any]) -> None:
+        for fd in files:
+            self.methods.add_file(fd)
+        self.records.learn_files(files)
 
     def _publish_routes(self) -> None:
         routes = {

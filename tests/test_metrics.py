@@ -364,11 +364,6 @@ async def test_deadline_exceeded(start_gateway: Any) -> None:
             assert lat is not None and 250 < lat < 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy.py records a client deadline that runs out as CANCELLED (grpc cancels the "
-    "handler); it should record DEADLINE_EXCEEDED, as the client sees",
-)
 async def test_client_deadline_is_recorded_as_deadline_exceeded(start_gateway: Any) -> None:
     async with external_replica() as (_, port):
         app = {"name": "ext", "deployments": [{"name": "E", "targets": [f"127.0.0.1:{port}"]}]}
