@@ -12,7 +12,7 @@ call path: the call only appends to a bounded buffer that a background thread dr
 
 from __future__ import annotations
 
-import collections
+import asyncio
 import contextlib
 import contextvars
 import datetime
@@ -280,10 +280,13 @@ def file_handler(path: Path, settings: LogSettings) -> logging.Handler:
 
 
 class AccessLog:
-    """Per-call access lines, written by a background thread.
+    """Per-call access lines, written in batches on the event loop.
 
-    The call path only appends the item to a bounded deque (thread-safe for one append); when
-    the writer falls behind, items are dropped and counted, never waited for.
+    The call path only appends the item to a bounded list; a timer on the same loop formats
+    what gathered every `interval_s` and writes it with one write per handler. A writer
+    thread was tried first: contending for the GIL with the loop and grpc's poller thread,
+    it cost ~90 us of gateway CPU per call, against ~15 us for formatting the line itself.
+    When the list is full, items are dropped and counted, never waited for.
     """
 
     def __init__(
@@ -299,39 +302,99 @@ class AccessLog:
         self.interval_s = interval_s
         self.dropped = 0
         self.written = 0
-        self._buf: collections.deque[Any] = collections.deque()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="gateway-access-log", daemon=True)
-        self._thread.start()
+        self._buf: list[Any] = []
+        self._scheduled = False
 
     def __call__(self, item: Any) -> None:
         buf = self._buf
-        if len(buf) < self.max_pending:
-            buf.append(item)
-        else:
+        if len(buf) >= self.max_pending:
             self.dropped += 1
+            return
+        buf.append(item)
+        if not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop here: written by flush() or close()
+            self._scheduled = True
+            loop.call_later(self.interval_s, self._on_timer)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._drain()
-        self._drain()
+    def _on_timer(self) -> None:
+        self._scheduled = False
+        self.flush()
 
-    def _drain(self) -> None:
-        buf = self._buf
-        while buf:
-            item = buf.popleft()
+    def flush(self) -> None:
+        """Format and write everything pending."""
+        items, self._buf = self._buf, []
+        records = []
+        for item in items:
             try:
                 record = self.to_record(item)
-                if record is not None:
-                    self.logger.handle(record)
-                    self.written += 1
-            except Exception:  # a bad item must not kill the writer
+            except Exception:  # a bad item must not stop the others
                 log.exception("access log entry could not be written")
+                continue
+            if record is not None:
+                records.append(record)
+        if records:
+            emit_batch(self.logger, records)
+            self.written += len(records)
 
     def close(self) -> None:
-        """Write what is pending and stop the thread."""
-        self._stop.set()
-        self._thread.join(timeout=5)
+        """Write what is pending."""
+        self.flush()
+
+
+def _write_rotating(h: logging.handlers.RotatingFileHandler, lines: list[str]) -> None:
+    """Write `lines`, rolling over before a line would take the file past `maxBytes`."""
+    stream: Any = h.stream
+    stream.seek(0, 2)
+    size = stream.tell()
+    chunk: list[str] = []
+    for line in lines:
+        if size > 0 and size + len(line) >= h.maxBytes:
+            stream.write("".join(chunk))
+            chunk = []
+            h.doRollover()
+            stream = h.stream
+            size = 0
+        chunk.append(line)
+        size += len(line)
+    stream.write("".join(chunk))
+
+
+def emit_batch(logger: logging.Logger, records: list[logging.LogRecord]) -> None:
+    """What `logger.handle` does for each record, with one write and flush per stream handler
+    instead of one per record (and one rollover check per batch)."""
+    records = [r for r in records if logger.filter(r)]
+    node: logging.Logger | None = logger
+    while node is not None:
+        for h in node.handlers:
+            batch = [r for r in records if r.levelno >= h.level and h.filter(r)]
+            if not batch:
+                continue
+            if not isinstance(h, logging.StreamHandler):
+                for r in batch:
+                    h.handle(r)
+                continue
+            try:
+                lines = [h.format(r) + h.terminator for r in batch]
+            except Exception:
+                log.exception("access log lines could not be formatted")
+                continue
+            h.acquire()
+            try:
+                if isinstance(h, logging.FileHandler) and h.stream is None:
+                    h.stream = h._open()
+                if isinstance(h, logging.handlers.RotatingFileHandler) and h.maxBytes > 0:
+                    _write_rotating(h, lines)
+                else:
+                    h.stream.write("".join(lines))  # type: ignore[union-attr]
+                h.flush()
+            except Exception:
+                h.handleError(batch[0])
+            finally:
+                h.release()
+        node = node.parent if node.propagate else None
 
 
 def access_record(
