@@ -72,6 +72,16 @@ class Router:
     def has_routable(self) -> bool:
         return any(r.routable for r in self.replicas)
 
+    def take(self) -> Replica | None:
+        """A replica with room right now (counted as in flight), or None."""
+        if self._waiters:
+            return None  # first come, first served: the queue goes first
+        r = self._pick()
+        if r is not None:
+            r.in_flight += 1
+            self.routed_total += 1
+        return r
+
     async def acquire(self, timeout: float | None, exclude: Replica | None = None) -> Replica:
         """A replica with room, counted as in flight; raises a `GatewayError` otherwise."""
         r = self._pick()
