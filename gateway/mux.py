@@ -79,10 +79,6 @@ class MuxCall:
 
     def __await__(self) -> Generator[Any, None, bytes]:
         try:
-            # The caller writes pending frames itself when no write is in flight: no writer
-            # task to wake, one task switch less per call.
-            if not self._chan.writing:
-                yield from self._chan.flush().__await__()
             frame = yield from self._future.__await__()
         except asyncio.CancelledError:
             self.cancel()
@@ -127,7 +123,7 @@ class MuxChannel:
         self._pending: list[pb.MuxFrame] = []
         self.writing = False
         self._stream: Any = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def _ensure_stream(self) -> None:
@@ -135,7 +131,9 @@ class MuxChannel:
             return
         self._stream = self.channel.stream_stream(MUX_METHOD)()  # type: ignore[call-arg]
         stream = self._stream
-        self._tasks = [asyncio.ensure_future(self._reader(stream))]
+        reader = asyncio.ensure_future(self._reader(stream))
+        self._tasks.add(reader)
+        reader.add_done_callback(self._tasks.discard)
 
     def unary(self, path: str, request: bytes, metadata: Any, timeout: float | None) -> MuxCall:
         if self._closed:
@@ -157,6 +155,8 @@ class MuxChannel:
         if timeout is not None:
             call._timer = self.loop.call_later(timeout, call._expire)
         self._pending.append(frame)
+        if not self.writing:
+            self._start_flush()
         return call
 
     def forget(self, call: MuxCall, send_cancel: bool) -> bool:
@@ -166,20 +166,24 @@ class MuxChannel:
         if send_cancel and call.sent:
             self._pending.append(pb.MuxFrame(call_id=call.call_id, kind=CANCEL))
             if not self.writing:
-                self._background_flush()
+                self._start_flush()
         return True
 
-    def _background_flush(self) -> None:
+    def _start_flush(self) -> None:
+        # Writes run in a task of their own, never in a caller's: a caller cancelled in the
+        # middle of a stream write would cancel the write and with it the whole stream.
+        # Frames queued while it writes go out with its next write (batching under load).
+        self.writing = True
         task = asyncio.ensure_future(self.flush())
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Write every pending frame, batched; only one flush writes at a time."""
+        """Write every pending frame, batched; only one flush runs at a time."""
         stream = self._stream
-        if self.writing or stream is None:
+        if stream is None:
+            self.writing = False
             return
-        self.writing = True
         try:
             while self._pending:
                 frames = self._pending[:MAX_BATCH_FRAMES]
@@ -220,7 +224,7 @@ class MuxChannel:
         """The stream ended: fail every call on it; the next call opens a new stream."""
         why = err.details() if isinstance(err, grpc.aio.AioRpcError) else "stream ended"
         self._stream = None
-        for t in self._tasks:
+        for t in list(self._tasks):
             if t is not asyncio.current_task():
                 t.cancel()
         calls, self._calls = self._calls, {}
@@ -239,7 +243,7 @@ class MuxChannel:
         if self._stream is not None:
             self._stream.cancel()
         self._broken(None)
-        for t in self._tasks:
+        for t in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
 

@@ -383,3 +383,25 @@ async def test_broken_constructor_marks_deployment_unhealthy(start_gateway: Any)
         # The other application is unaffected.
         r = await text_stub(ch).Predict(PredictRequest(text="good"), metadata=md("text"))
         assert r.label == "positive"
+
+
+async def test_cancelled_calls_do_not_disturb_calls_beside_them(start_gateway: Any) -> None:
+    """Clients cancelling calls (a load generator stopping) must not fail the others, which
+    share the replica's stream when local_transport is mux."""
+    apps = [app("text", max_ongoing_requests=64)]
+    async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        for round_ in range(30):
+            calls = [stub.Predict(PredictRequest(text="good"), metadata=md()) for _ in range(40)]
+            # Cancel while the gateway is forwarding: at varied points of the calls' lives.
+            await asyncio.sleep(0.0005 * (round_ % 10))
+            for c in calls[::3]:
+                c.cancel()
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            for i, r in enumerate(results):
+                if i % 3 == 0:
+                    assert isinstance(r, asyncio.CancelledError) or r.label == "positive"
+                else:
+                    assert not isinstance(r, BaseException), r
+                    assert r.label == "positive"
+        assert gw.proxy.ongoing == 0
