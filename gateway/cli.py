@@ -43,6 +43,9 @@ async def _run(config: GatewayConfig) -> int:
         return EXIT_FAILED
     print(f"gateway: serving gRPC on {gw.address}", flush=True)
     print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}", flush=True)
+    if gw.metrics_port:
+        prom = config.metrics.prometheus
+        print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)
     for name, app in gw.controller.apps.items():
         print(f"gateway: application {name!r}: {app.status}", flush=True)
     stopper = asyncio.ensure_future(stop.wait())
