@@ -184,7 +184,11 @@ def gateway_config_data(variant: str, tmp: Path, external: str) -> dict[str, Any
     }
     if variant == "gateway+records":
         for app in apps:
-            app["prediction_records"] = {"enabled": True, "sample_rate": 1.0}
+            # Echo is not the Open Inference Protocol: map its fields, or nothing is recorded.
+            app["prediction_records"] = {
+                "enabled": True, "sample_rate": 1.0, "model_name": "echo",
+                "field_mapping": {"features": ["payload"], "prediction_label": "payload"},
+            }
         data["records"] = {"jsonl_path": str(tmp / "records.jsonl")}
     elif variant == "gateway-telemetry-off":
         data["metrics"]["enabled"] = False
