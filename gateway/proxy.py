@@ -77,6 +77,24 @@ class CallRecord:
 Observer = Callable[[CallRecord], None]
 
 
+class _Counted:
+    """A client's request stream passed upstream as it is, counting the bytes that went by."""
+
+    __slots__ = ("_it", "size")
+
+    def __init__(self, it: AsyncIterator[bytes]) -> None:
+        self._it = it
+        self.size = 0
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await self._it.__anext__()
+        self.size += len(message)
+        return message
+
+
 class AppRoute:
     """Everything the proxy needs for one application, built when the config is applied."""
 
@@ -244,7 +262,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         gw_err = False
         response: bytes | None = None
         captured = False
-        req_size = len(request) if shape == UNARY_UNARY else 0
+        if shape == UNARY_UNARY:
+            req_size = len(request)
+        else:
+            request = counted = _Counted(request)
+            req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
@@ -298,6 +320,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise
         finally:
             self.ongoing -= 1
+            if shape != UNARY_UNARY:
+                req_size = counted.size
             self._finish(
                 CallRecord(
                     app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
@@ -320,7 +344,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         details = ""
         gw_err = False
         sent = 0
-        req_size = len(request) if shape == UNARY_STREAM else 0
+        if shape == UNARY_STREAM:
+            req_size = len(request)
+        else:
+            request = counted = _Counted(request)
+            req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
@@ -375,6 +403,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise
         finally:
             self.ongoing -= 1
+            if shape != UNARY_STREAM:
+                req_size = counted.size
             self._finish(
                 CallRecord(
                     app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,

@@ -375,3 +375,28 @@ async def test_client_deadline_is_recorded_as_deadline_exceeded(start_gateway: A
                 gw, lambda s: bool(s.where("ray_serve_num_grpc_requests_total",
                                            application="ext")), timeout=5)
             assert requests_(s, "ext", "DEADLINE_EXCEEDED") == 1
+
+
+async def test_streamed_message_sizes_are_counted(start_gateway: Any) -> None:
+    """gRFC A66 sizes cover every message of client-streaming and bidi calls too."""
+    msgs = [PredictRequest(text="good " * n) for n in (1, 5, 20)]
+    rcvd = sum(m.ByteSize() for m in msgs)
+
+    async def reqs() -> Any:
+        for m in msgs:
+            yield m
+
+    async with start_gateway([TEXT_APP]) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        batch = await stub.PredictBatch(reqs(), metadata=md())
+        chat = [r async for r in stub.Chat(reqs(), metadata=md())]
+        for method, sent in (("/demo.text.TextModel/PredictBatch", batch.ByteSize()),
+                             ("/demo.text.TextModel/Chat", sum(r.ByteSize() for r in chat))):
+            a66 = {"grpc_method": method, "grpc_status": "OK"}
+            s = await scrape_until(gw, lambda s, a=a66: s.get(
+                "grpc_server_call_rcvd_total_compressed_message_size_bytes_count", **a) == 1)
+            got = s.get("grpc_server_call_rcvd_total_compressed_message_size_bytes_sum", **a66)
+            assert got == rcvd
+            sent_sum = s.get("grpc_server_call_sent_total_compressed_message_size_bytes_sum",
+                             **a66)
+            assert sent_sum == sent
