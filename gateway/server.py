@@ -109,9 +109,20 @@ class Gateway:
         self.proxy.set_routes(routes)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
+        """Start everything; if any part fails (a port in use), stop what did start."""
+        try:
+            await self._start(ready_timeout)
+        except BaseException:
+            # A grpc.aio server left behind is freed after its loop has closed, and grpc's
+            # shutdown then hangs joining its poller thread (seen in the test suite).
+            await self.stop(0)
+            raise
+
+    async def _start(self, ready_timeout: float) -> None:
         cfg = self.config
         self.logging.start(self)
         server = grpc.aio.server(options=channel_options(cfg.proxy.max_message_bytes))
+        self.server = server
         ray_serve_pb2_grpc.add_RayServeAPIServiceServicer_to_server(RayServeAPI(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [

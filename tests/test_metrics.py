@@ -400,3 +400,26 @@ async def test_streamed_message_sizes_are_counted(start_gateway: Any) -> None:
             sent_sum = s.get("grpc_server_call_sent_total_compressed_message_size_bytes_sum",
                              **a66)
             assert sent_sum == sent
+
+
+async def test_failed_start_stops_what_had_started(tmp_path: Any) -> None:
+    """A start that fails half-way (metrics port taken) stops the parts already up; a grpc.aio
+    server left behind hung grpc's shutdown in a later test."""
+    from tests.conftest import gateway_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = gateway_config([TEXT_APP], tmp_path, metrics={"prometheus": {"port": port}})
+        gw = Gateway(cfg, logs_dir=tmp_path / "logs")
+        with pytest.raises(OSError, match="cannot serve metrics"):
+            await gw.start()
+    assert gw.state == "DRAINED"
+    assert gw.admin_port == 0 or not _port_open(gw.admin_port)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
