@@ -35,10 +35,17 @@ class GatewayProcess:
     """`gateway run CONFIG` as a child process; its console is read by a thread (so the pipe
     never fills) and kept in `lines`."""
 
-    def __init__(self, config_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        cwd: Path = REPO,
+    ) -> None:
+        argv = command or [sys.executable, "-m", "gateway.cli"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "run", str(config_path)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            [*argv, "run", str(config_path)],
+            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
