@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -59,20 +58,23 @@ async def access_lines(gw: Any, rid: str, timeout: float = 10.0) -> list[dict[st
 @contextlib.asynccontextmanager
 async def external_processes(log: Path, *names: str) -> AsyncIterator[list[tuple[Any, int]]]:
     """External replicas, each its own process (`tests.dataplane_models`), killed by pid."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.dataplane_models", n, str(log)],
-                              cwd=REPO, stdout=subprocess.PIPE, text=True) for n in names]
+    procs = []
     try:
+        for n in names:
+            procs.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.dataplane_models", n, str(log), cwd=REPO,
+                stdout=asyncio.subprocess.PIPE))
         out = []
         for p in procs:
             assert p.stdout is not None
-            line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), 20)
+            line = await asyncio.wait_for(p.stdout.readline(), 20)
             out.append((p, int(line)))
         yield out
     finally:
         for p in procs:
-            if p.poll() is None:
+            if p.returncode is None:
                 os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)
+            await asyncio.wait_for(p.wait(), 10)
 
 
 async def test_call_that_reached_a_dying_replica_is_not_run_again(
