@@ -357,7 +357,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as e:  # a gateway bug: answered and recorded as what it is
+        except Exception as e:
+            if code is not OK:
+                raise  # the status was decided; only sending it failed (the client is gone)
+            # A gateway bug: answered and recorded as what it is.
             log.exception("call %s failed in the gateway", path)
             err = errors.internal(e)
             code, details, gw_err = err.code, err.details, True
@@ -448,7 +451,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as e:  # a gateway bug: answered and recorded as what it is
+        except Exception as e:
+            if code is not OK:
+                raise  # the status was decided; only sending it failed (the client is gone)
+            # A gateway bug: answered and recorded as what it is.
             log.exception("call %s failed in the gateway", path)
             err = errors.internal(e)
             code, details, gw_err = err.code, err.details, True
