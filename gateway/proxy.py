@@ -213,9 +213,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         fwd.append(("x-request-id", rid))
         err: GatewayError | None = None
         route: AppRoute | None = None
-        if self.draining:
-            err = errors.draining()
-        elif app is None:
+        if app is None:
             route = self.default_route
             if route is None:
                 err = errors.application_missing(self.routes)
@@ -223,6 +221,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             route = self.routes.get(app)
             if route is None:
                 err = errors.application_unknown(app, self.routes)
+        if self.draining:
+            err = errors.draining()
         err = err or bad
         if err is not None:
             err.request_id = rid  # so the refusal is logged and answered with its request id

@@ -59,6 +59,9 @@ async def test_messages_near_the_limit_fail_no_other_call(start_gateway: Any) ->
                                  timeout=10)
         assert len(big.label) == LIMIT - 40
         assert [await outcome(c) for c in innocents] == ["OK", "OK"]
+        big = await stub.Predict(PredictRequest(repeat=LIMIT - 40), metadata=md("echo"),
+                                 timeout=10)
+        assert len(big.label) == LIMIT - 40
         # Many concurrent requests, then responses, each 60% of the limit: never one message.
         reqs = [stub.Predict(PredictRequest(text="r" * (LIMIT * 6 // 10)), metadata=md("echo"),
                              timeout=10) for _ in range(12)]
