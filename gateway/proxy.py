@@ -325,7 +325,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     timeout = self._left(deadline, app, dep)
                     call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
                     response = await call
-                    await self._send_initial(ctx, await call.initial_metadata())
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await self._send_initial(ctx, initial)
                     ctx.set_trailing_metadata(self._trailers(await call.trailing_metadata(), rid))
                     return response
                 except grpc.aio.AioRpcError as e:
@@ -338,7 +340,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     code, details = e.code(), e.details() or ""
                     if attempt and unsent:
                         raise errors.replica_unreachable(app, dep, attempt + 1, details) from None
-                    await self._send_initial(ctx, e.initial_metadata() or ())
+                    if e.initial_metadata():
+                        await self._send_initial(ctx, e.initial_metadata())
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
                 except asyncio.CancelledError:
                     if call is not None:
@@ -416,7 +419,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 try:
                     timeout = self._left(deadline, app, dep)
                     call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
-                    await self._send_initial(ctx, await call.initial_metadata())
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await self._send_initial(ctx, initial)
                     async for msg in call:
                         got_any = True
                         sent += len(msg)
