@@ -19,6 +19,9 @@ class GatewayError(Exception):
         self.code = code
         self.details = details
         self.request_id = ""
+        # What was known when the call was refused, so it is still counted and logged by it.
+        self.application = ""
+        self.deployment = ""
 
 
 def _names(apps: Iterable[str]) -> str:
@@ -81,6 +84,27 @@ def draining() -> GatewayError:
 
 def bad_metadata(key: str, why: str) -> GatewayError:
     return GatewayError(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata {key!r}: {why}")
+
+
+def bad_request_id(key: str, value: str, max_len: int) -> GatewayError:
+    # The value itself is not echoed: it may hold control characters.
+    if len(value) > max_len:
+        why = f"longer than {max_len} chars ({len(value)})"
+    else:
+        pos = next(
+            (i for i, c in enumerate(value) if not (c.isascii() and c.isprintable()) or c == " "),
+            0,
+        )
+        why = f"character {pos + 1} is not printable ASCII (or is a space)"
+    return bad_metadata(
+        key, f"{why}; a request id is 1-{max_len} printable ASCII characters without spaces"
+    )
+
+
+def internal(exc: BaseException) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.INTERNAL, f"Gateway internal error: {type(exc).__name__}: {exc}"
+    )
 
 
 def method_not_found(path: str, app: str) -> GatewayError:

@@ -757,6 +757,25 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         if not h.response_streaming:
             inner = h.stream_unary if h.request_streaming else h.unary_unary
+            make = (grpc.stream_unary_rpc_method_handler if h.request_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+
+            if not inspect.iscoroutinefunction(inner):
+                # A plain method stays plain, so grpc runs it on an executor thread with the
+                # sync context (where abort() raises), as it would without this wrapper.
+                def unary_sync(request: Any, context: Any) -> Any:
+                    token, rid, t0 = begin(context)
+                    exc: BaseException | None = None
+                    try:
+                        return inner(request, context)
+                    except BaseException as e:
+                        exc = e
+                        raise
+                    finally:
+                        end(token, rid, t0, exc, context)
+
+                return make(unary_sync, request_deserializer=h.request_deserializer,
+                            response_serializer=h.response_serializer)
 
             async def unary(request: Any, context: Any) -> Any:
                 token, rid, t0 = begin(context)
@@ -772,8 +791,6 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 finally:
                     end(token, rid, t0, exc, context)
 
-            make = (grpc.stream_unary_rpc_method_handler if h.request_streaming
-                    else grpc.unary_unary_rpc_method_handler)
             return make(unary, request_deserializer=h.request_deserializer,
                         response_serializer=h.response_serializer)
 

@@ -21,7 +21,7 @@ import grpc
 from gateway import errors
 from gateway.errors import GatewayError
 from gateway.methods import OTHER, MethodInfo, MethodTable
-from gateway.mux import MuxRpcError
+from gateway.mux import never_started
 from gateway.replicas import (
     STREAM_STREAM,
     STREAM_UNARY,
@@ -35,8 +35,6 @@ log = logging.getLogger("gateway.proxy")
 
 OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-INTERNAL = grpc.StatusCode.INTERNAL
 
 # Headers that describe this hop, not the call: grpc sets its own on the upstream call.
 HOP_BY_HOP = frozenset(
@@ -48,6 +46,13 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_ID_KEYS = ("x-request-id", "request_id")
 MAX_REQUEST_ID_LEN = 512
+
+
+def valid_request_id(rid: str) -> bool:
+    """1-512 printable ASCII characters, no spaces: safe in logs, labels and trailers."""
+    return (
+        len(rid) <= MAX_REQUEST_ID_LEN and rid.isascii() and rid.isprintable() and " " not in rid
+    )
 
 
 @dataclass(slots=True)
@@ -172,40 +177,60 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     # -- per call ------------------------------------------------------------------------
 
     def _prepare(self, ctx: Any) -> tuple[AppRoute, str, list[tuple[str, Any]]]:
-        """Route, request id and the metadata to forward."""
+        """Route, request id and the metadata to forward.
+
+        A refusal still carries what is known (application, deployment, a request id), so
+        it is answered, counted and logged with them.
+        """
         app: str | None = None
         rid: str | None = None
+        rid_key = "x-request-id"
+        alt: str | None = None
         fwd: list[tuple[str, Any]] = []
         for key, value in ctx.invocation_metadata() or ():
             if key in HOP_BY_HOP:
                 continue
             if key == "application":
                 app = value
-            elif key == "x-request-id" or key == "request_id":
+            elif key == "x-request-id":
                 if rid is None:
                     rid = value
                 continue
+            elif key == "request_id":
+                if alt is None:
+                    alt = value
+                continue
             fwd.append((key, value))
-        if rid is None or not rid:
+        if not rid:
+            # x-request-id wins over Ray's request_id when both are sent.
+            rid, rid_key = alt, "request_id"
+        bad: GatewayError | None = None
+        if rid and not valid_request_id(rid):
+            bad = errors.bad_request_id(rid_key, rid, MAX_REQUEST_ID_LEN)
+            rid = None
+        if not rid:
             rid = str(uuid.uuid4())
-        elif len(rid) > MAX_REQUEST_ID_LEN:
-            raise errors.bad_metadata("x-request-id", f"longer than {MAX_REQUEST_ID_LEN} chars")
         fwd.append(("x-request-id", rid))
         err: GatewayError | None = None
-        if self.draining:
-            err = errors.draining()
-        elif app is None:
+        route: AppRoute | None = None
+        if app is None:
             route = self.default_route
             if route is None:
                 err = errors.application_missing(self.routes)
         else:
-            route = self.routes.get(app)  # type: ignore[assignment]
+            route = self.routes.get(app)
             if route is None:
                 err = errors.application_unknown(app, self.routes)
+        if self.draining:
+            err = errors.draining()
+        err = err or bad
         if err is not None:
             err.request_id = rid  # so the refusal is logged and answered with its request id
+            if route is not None:
+                err.application, err.deployment = route.name, route.deployment
             raise err
-        return route, rid, fwd  # type: ignore[return-value]
+        assert route is not None
+        return route, rid, fwd
 
     @staticmethod
     def _cancel_code(ctx: Any) -> grpc.StatusCode:
@@ -215,12 +240,35 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return CANCELLED
 
-    def _timeout(self, ctx: Any) -> float | None:
+    def _deadline(self, ctx: Any) -> float | None:
+        """The call's deadline on the monotonic clock: the client's, else request_timeout_s.
+
+        Fixed once per call: time spent queued and failed attempts count against it.
+        """
         remaining: float | None = ctx.time_remaining()
         # grpc reports a huge number when the client set no deadline.
         if remaining is None or remaining > 1e8:
-            return self.request_timeout_s
-        return max(remaining, 0.0)
+            if self.request_timeout_s is None:
+                return None
+            return time.monotonic() + self.request_timeout_s
+        return time.monotonic() + max(remaining, 0.0)
+
+    @staticmethod
+    def _left(deadline: float | None, app: str, dep: str) -> float | None:
+        """What remains of `deadline` for the upstream call; DEADLINE_EXCEEDED once gone."""
+        if deadline is None:
+            return None
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise errors.deadline_in_queue(app, dep)
+        return left
+
+    @staticmethod
+    async def _send_initial(ctx: Any, initial: Any) -> None:
+        """The replica's initial metadata goes to the client as the gateway's own."""
+        out = [(k, v) for k, v in initial if k not in HOP_BY_HOP]
+        if out:
+            await ctx.send_initial_metadata(out)
 
     @staticmethod
     def _trailers(trailing: Any, rid: str) -> tuple[tuple[str, Any], ...]:
@@ -228,18 +276,6 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         out.append(("x-request-id", rid))
         out.append(("request_id", rid))
         return tuple(out)
-
-    def _retriable(self, e: grpc.aio.AioRpcError, replica: Replica) -> bool:
-        """A connection failure before the replica received anything (not the replica's own
-        UNAVAILABLE): no headers came back and the channel is not connected."""
-        if e.code() is not UNAVAILABLE:
-            return False
-        if isinstance(e, MuxRpcError):
-            return not e.sent
-        if e.initial_metadata():
-            return False
-        state = replica.channel.get_state(try_to_connect=False)
-        return bool(state is not grpc.ChannelConnectivity.READY)
 
     def _finish(self, rec: CallRecord) -> None:
         for obs in self.observers:
@@ -271,37 +307,41 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
             captured = route.capture is not None and shape == UNARY_UNARY and route.capture(path)
-            timeout = self._timeout(ctx)
+            deadline = self._deadline(ctx)
             router = route.router
             replica: Replica | None = None
             attempt = 0
             while True:
                 # The common case needs no await: a replica with room is there.
                 picked = router.take() if replica is None else None
-                replica = picked or await router.acquire(timeout, exclude=replica)
+                if picked is None:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    replica = await router.acquire(left, exclude=replica)
+                else:
+                    replica = picked
                 rep_id = replica.replica_id
                 call = None
                 try:
+                    timeout = self._left(deadline, app, dep)
                     call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
                     response = await call
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await self._send_initial(ctx, initial)
                     ctx.set_trailing_metadata(self._trailers(await call.trailing_metadata(), rid))
                     return response
                 except grpc.aio.AioRpcError as e:
-                    if (
-                        shape == UNARY_UNARY
-                        and attempt < self.retries
-                        and self._retriable(e, replica)
-                    ):
+                    unsent = never_started(e)
+                    if shape == UNARY_UNARY and unsent and attempt < self.retries:
                         attempt += 1
                         if self.on_unreachable is not None:
                             self.on_unreachable(replica)
-                        if timeout is not None:
-                            timeout = self._timeout(ctx)
                         continue
                     code, details = e.code(), e.details() or ""
-                    if attempt and self._retriable(e, replica):
-                        gw_err = True
+                    if attempt and unsent:
                         raise errors.replica_unreachable(app, dep, attempt + 1, details) from None
+                    if e.initial_metadata():
+                        await self._send_initial(ctx, e.initial_metadata())
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
                 except asyncio.CancelledError:
                     if call is not None:
@@ -313,11 +353,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         except GatewayError as e:
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
-            trailers = self._trailers((), rid) if rid else ()
-            await ctx.abort(e.code, e.details, trailers)
+            app, dep = app or e.application, dep or e.deployment
+            await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)
             raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            if code is not OK:
+                raise  # the status was decided; only sending it failed (the client is gone)
+            # A gateway bug: answered and recorded as what it is.
+            log.exception("call %s failed in the gateway", path)
+            err = errors.internal(e)
+            code, details, gw_err = err.code, err.details, True
+            await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
             if shape != UNARY_UNARY:
@@ -357,15 +407,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 # Answered here: a replica rejecting a call it cannot parse races with the
                 # request stream we would open to it, and grpc then reports INTERNAL.
                 raise errors.method_not_found(path, app)
-            timeout = self._timeout(ctx)
+            deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
             while True:
-                replica = await router.acquire(timeout, exclude=replica)
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                replica = await router.acquire(left, exclude=replica)
                 rep_id = replica.replica_id
-                call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
+                call = None
                 got_any = False
                 try:
+                    timeout = self._left(deadline, app, dep)
+                    call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await self._send_initial(ctx, initial)
                     async for msg in call:
                         got_any = True
                         sent += len(msg)
@@ -373,22 +429,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     ctx.set_trailing_metadata(self._trailers(await call.trailing_metadata(), rid))
                     return
                 except grpc.aio.AioRpcError as e:
-                    if (
-                        shape == UNARY_STREAM
-                        and not got_any
-                        and attempt < self.retries
-                        and self._retriable(e, replica)
-                    ):
+                    unsent = never_started(e)
+                    if shape == UNARY_STREAM and unsent and not got_any and attempt < self.retries:
                         attempt += 1
                         if self.on_unreachable is not None:
                             self.on_unreachable(replica)
-                        if timeout is not None:
-                            timeout = self._timeout(ctx)
                         continue
                     code, details = e.code(), e.details() or ""
+                    if attempt and unsent:
+                        raise errors.replica_unreachable(app, dep, attempt + 1, details) from None
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
                 except (asyncio.CancelledError, GeneratorExit):
-                    call.cancel()
+                    if call is not None:
+                        call.cancel()
                     code = self._cancel_code(ctx)
                     raise
                 finally:
@@ -396,11 +449,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         except GatewayError as e:
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
-            trailers = self._trailers((), rid) if rid else ()
-            await ctx.abort(e.code, e.details, trailers)
+            app, dep = app or e.application, dep or e.deployment
+            await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)
             raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            if code is not OK:
+                raise  # the status was decided; only sending it failed (the client is gone)
+            # A gateway bug: answered and recorded as what it is.
+            log.exception("call %s failed in the gateway", path)
+            err = errors.internal(e)
+            code, details, gw_err = err.code, err.details, True
+            await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
             if shape != UNARY_STREAM:

@@ -91,7 +91,7 @@ class Replica:
         self.started_at = time.time()
         self._callables: dict[tuple[str, int], Any] = {}
         # Local replicas run our runtime, which speaks the mux protocol (see gateway/mux.py).
-        self._mux = MuxChannel(self.channel) if mux else None
+        self._mux = MuxChannel(self.channel, max_message_bytes) if mux else None
 
     @property
     def routable(self) -> bool:

@@ -92,16 +92,17 @@ class Router:
         if not self.has_routable():
             raise errors.no_healthy_replica(self.application, self.deployment)
         if r is exclude and r is not None:
-            # A retry: prefer any other replica with room, else queue.
+            # A retry: prefer any other replica with room; when none has room, the excluded
+            # one again (as Envoy's previous_hosts predicate falls back) rather than queue
+            # behind a replica that has room, possibly forever.
             others = [
                 x for x in self.replicas
                 if x is not exclude and x.routable and x.in_flight < self.max_ongoing
             ]
-            if others:
-                pick = min(others, key=lambda x: x.in_flight)
-                pick.in_flight += 1
-                self.routed_total += 1
-                return pick
+            pick = min(others, key=lambda x: x.in_flight) if others else r
+            pick.in_flight += 1
+            self.routed_total += 1
+            return pick
         if len(self._waiters) >= self.max_queued:
             raise errors.queue_full(self.application, self.deployment, self.max_queued)
         fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
@@ -111,7 +112,7 @@ class Router:
                 rep = await fut
             else:
                 rep = await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except (asyncio.CancelledError, TimeoutError):
+        except (asyncio.CancelledError, TimeoutError) as e:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Handed a replica just as we gave up: give it back.
                 self.release(fut.result())
@@ -121,6 +122,8 @@ class Router:
                     self._waiters.remove(fut)
                 except ValueError:
                     pass
+            if isinstance(e, TimeoutError):
+                raise errors.deadline_in_queue(self.application, self.deployment) from None
             raise
         self.routed_total += 1
         return rep

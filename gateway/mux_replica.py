@@ -1,0 +1,386 @@
+"""The replica's end of the mux stream: each CALL frame runs through the servicer's own handler.
+
+Calls keep the semantics they have over plain gRPC (see gateway/mux.py): async methods run on
+the event loop, plain (sync) methods on the loop's default executor as `grpc.aio` runs them,
+with a context whose `abort()` raises; deadlines, cancellation, done callbacks, initial and
+trailing metadata behave as on a `grpc.aio` server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from gateway.mux_frames import (
+    CALL,
+    CANCEL,
+    RESULT,
+    Reassembler,
+    batches,
+    from_lists,
+    to_lists,
+)
+from gateway.pb import replica_control_pb2 as pb
+
+log = logging.getLogger("gateway.mux")
+
+
+class _Abort(Exception):
+    pass
+
+
+class MuxContext:
+    """The `ServicerContext` a servicer method sees for a call that came over the mux."""
+
+    def __init__(
+        self, metadata: tuple[tuple[str, Any], ...], deadline: float | None, peer: str
+    ) -> None:
+        self._metadata = metadata
+        self._deadline = deadline
+        self._peer = peer
+        self._code: grpc.StatusCode | None = None
+        self._details = ""
+        self._trailing: tuple[tuple[str, Any], ...] = ()
+        self._initial: tuple[tuple[str, Any], ...] = ()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._done = False
+        self.cancelled_flag = False
+        """Set when the gateway cancelled the call (client cancel or deadline)."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._metadata
+
+    def time_remaining(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _set_abort(self, code: grpc.StatusCode, details: str, trailing_metadata: Any) -> None:
+        if code is grpc.StatusCode.OK:
+            raise ValueError("abort() with StatusCode.OK")  # as grpc.aio does
+        self._code = code
+        self._details = details
+        if trailing_metadata:
+            self._trailing = tuple(trailing_metadata)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        self._set_abort(code, details, trailing_metadata)
+        raise _Abort()
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def set_details(self, details: str) -> None:
+        self._details = details
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def set_trailing_metadata(self, trailing_metadata: Any) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    def trailing_metadata(self) -> tuple[tuple[str, Any], ...]:
+        return self._trailing
+
+    async def send_initial_metadata(self, initial_metadata: Any) -> None:
+        """Travels with the result; the gateway sends it to its client as initial metadata."""
+        self._initial = tuple(initial_metadata)
+
+    async def read(self) -> Any:
+        raise RuntimeError("read() is not available on a unary call")
+
+    async def write(self, message: Any) -> None:
+        raise RuntimeError("write() is not available on a unary call")
+
+    def peer(self) -> str:
+        return self._peer
+
+    def peer_identities(self) -> None:
+        return None
+
+    def peer_identity_key(self) -> None:
+        return None
+
+    def auth_context(self) -> dict[str, Any]:
+        return {}
+
+    def set_compression(self, compression: Any) -> None:
+        pass
+
+    def disable_next_message_compression(self) -> None:
+        pass
+
+    def cancelled(self) -> bool:
+        return self.cancelled_flag
+
+    def done(self) -> bool:
+        return self._done
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._done:
+            with contextlib.suppress(Exception):
+                callback(self)
+            return
+        self._callbacks.append(callback)
+
+    def _finish(self) -> None:
+        self._done = True
+        callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            try:
+                cb(self)
+            except Exception:
+                log.exception("done callback failed")
+
+
+class SyncMuxContext:
+    """What a plain (sync) servicer method sees, on an executor thread: grpc's sync context.
+
+    As with grpc, `abort()` raises so the method stops there; everything else is the call's
+    `MuxContext`.
+    """
+
+    def __init__(self, ctx: MuxContext) -> None:
+        self._ctx = ctx
+
+    def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        self._ctx._set_abort(code, details, trailing_metadata)
+        raise _Abort()
+
+    def abort_with_status(self, status: Any) -> None:
+        self.abort(status.code, status.details, status.trailing_metadata)
+
+    def send_initial_metadata(self, initial_metadata: Any) -> None:
+        self._ctx._initial = tuple(initial_metadata)
+
+    def is_active(self) -> bool:
+        return not (self._ctx.cancelled_flag or self._ctx._done)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self._ctx.add_done_callback(lambda _ctx: callback())
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+
+def _is_async(fn: Any) -> bool:
+    # The test grpc.aio applies to decide where a handler runs.
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
+def _in_executor(handler: Any) -> Any:
+    """`handler` with its sync behaviour run on the loop's default executor, as grpc.aio does."""
+    inner = handler.unary_unary
+
+    async def unary_unary(request: Any, context: Any) -> Any:
+        ctx = SyncMuxContext(context)
+        run = contextvars.copy_context().run  # the caller's log context goes with the call
+        return await asyncio.get_running_loop().run_in_executor(None, run, inner, request, ctx)
+
+    return handler._replace(unary_unary=unary_unary)
+
+
+def capture_unary_handlers(registrars: list[Any], servicer: Any) -> dict[str, Any]:
+    """The unary-unary method handlers that generated `add_X_to_server` functions register.
+
+    Handlers of plain (sync) methods come back wrapped to run on executor threads.
+    """
+    handlers: dict[str, Any] = {}
+
+    class _Recorder:
+        def add_generic_rpc_handlers(self, generic: Any) -> None:
+            for g in generic:
+                for path, h in getattr(g, "_method_handlers", {}).items():
+                    handlers.setdefault(path, h)
+
+        def add_registered_method_handlers(self, service: str, method_handlers: Any) -> None:
+            for name, h in method_handlers.items():
+                handlers[f"/{service}/{name}"] = h
+
+    for add in registrars:
+        add(servicer, _Recorder())
+    return {
+        p: h if _is_async(h.unary_unary) else _in_executor(h)
+        for p, h in handlers.items()
+        if not h.request_streaming and not h.response_streaming
+    }
+
+
+def _drop(running: dict[int, Any], call_id: int, _task: Any) -> None:
+    running.pop(call_id, None)
+
+
+class MuxServer:
+    """The replica's end: run each CALL frame through the servicer's own handler."""
+
+    def __init__(
+        self,
+        handlers: dict[str, Any],
+        max_message_bytes: int,
+        on_call: Callable[[str, MuxContext, grpc.StatusCode, float], None] | None = None,
+    ) -> None:
+        self.handlers = handlers
+        self.max_message_bytes = max_message_bytes
+        self.on_call = on_call
+        """Per finished call (method, context, code, seconds): the replica's access log."""
+
+    def _refused(self, frame: pb.MuxFrame) -> pb.MuxFrame:
+        """A result whose metadata alone cannot fit one stream message: fail that call only."""
+        return pb.MuxFrame(
+            call_id=frame.call_id,
+            kind=RESULT,
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+            details=f"response metadata larger than max ({self.max_message_bytes} bytes)",
+        )
+
+    async def serve(self, request_iterator: Any, context: Any) -> None:
+        """The `Mux` stream handler (the generated one: MuxBatch messages in and out)."""
+        pending: list[pb.MuxFrame] = []
+        running: dict[int, tuple[asyncio.Task[None], MuxContext]] = {}
+        peer = context.peer()
+        writing = False
+        limit = self.max_message_bytes
+
+        async def done(frame: pb.MuxFrame) -> None:
+            # The call that finishes writes, with every other result ready by then; calls
+            # finishing during that write leave theirs for it to pick up.
+            nonlocal writing, pending
+            # From here on a CANCEL for this call must not interrupt the write, which may
+            # carry other calls' results too.
+            running.pop(frame.call_id, None)
+            pending.append(frame)
+            if writing:
+                return
+            writing = True
+            try:
+                while pending:
+                    frames, pending = pending, []
+                    for batch in batches(frames, limit, self._refused):
+                        await context.write(pb.MuxBatch(frames=batch))
+            except Exception as e:  # the stream is gone; the gateway fails those calls
+                log.debug("mux write failed: %s", e)
+            finally:
+                writing = False
+
+        async def read_loop() -> None:
+            parts = Reassembler()
+            while True:
+                data = await context.read()
+                if data is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    return
+                for frame in data.frames:
+                    if frame.kind == CALL:
+                        if frame.more or parts:
+                            frame = parts.feed(frame)
+                            if frame is None:
+                                continue
+                        deadline = (
+                            time.monotonic() + frame.timeout_s if frame.timeout_s > 0 else None
+                        )
+                        ctx = MuxContext(from_lists(frame.md_keys, frame.md_values), deadline, peer)
+                        task = asyncio.ensure_future(self._run(frame, ctx, done))
+                        running[frame.call_id] = (task, ctx)
+                        task.add_done_callback(functools.partial(_drop, running, frame.call_id))
+                    elif frame.kind == CANCEL:
+                        parts.drop(frame.call_id)
+                        entry = running.get(frame.call_id)
+                        if entry is not None:
+                            entry[1].cancelled_flag = True
+                            entry[0].cancel()
+
+        try:
+            await read_loop()
+            # The gateway closed its side: let calls already running answer.
+            while running:
+                await asyncio.wait([t for t, _ in running.values()])
+        finally:
+            for t, ctx in list(running.values()):
+                ctx.cancelled_flag = True
+                t.cancel()
+
+    async def _run(
+        self, frame: pb.MuxFrame, ctx: MuxContext, done: Callable[[pb.MuxFrame], Awaitable[None]]
+    ) -> None:
+        t0 = time.perf_counter()
+        code, details, payload = await self._invoke(frame, ctx)
+        ctx._finish()
+        if ctx.cancelled_flag:
+            return  # the gateway cancelled it: nobody waits for an answer
+        keys, values = to_lists(ctx.trailing_metadata())
+        ikeys, ivalues = to_lists(ctx._initial)
+        await done(
+            pb.MuxFrame(
+                call_id=frame.call_id,
+                kind=RESULT,
+                code=code.value[0],
+                details=details,
+                payload=payload,
+                md_keys=keys,
+                md_values=values,
+                initial_md_keys=ikeys,
+                initial_md_values=ivalues,
+            )
+        )
+        if self.on_call is not None:
+            try:
+                self.on_call(frame.method, ctx, code, time.perf_counter() - t0)
+            except Exception:
+                log.exception("mux call hook failed")
+
+    async def _invoke(
+        self, frame: pb.MuxFrame, ctx: MuxContext
+    ) -> tuple[grpc.StatusCode, str, bytes]:
+        handler = self.handlers.get(frame.method)
+        if handler is None:
+            return grpc.StatusCode.UNIMPLEMENTED, "Method not found!", b""
+        try:
+            request = handler.request_deserializer(frame.payload)
+        except Exception as e:
+            return grpc.StatusCode.INTERNAL, f"Exception deserializing request: {e}", b""
+        try:
+            result = handler.unary_unary(request, ctx)
+            if inspect.isawaitable(result):
+                if ctx._deadline is not None:
+                    result = await asyncio.wait_for(result, ctx.time_remaining())
+                else:
+                    result = await result
+        except _Abort:
+            return ctx._code or grpc.StatusCode.UNKNOWN, ctx._details, b""
+        except TimeoutError:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", b""
+        except asyncio.CancelledError:
+            # Cancelled by the gateway (then nobody reads this), or the method's own await
+            # was cancelled: grpc answers that with CANCELLED too.
+            return grpc.StatusCode.CANCELLED, "Cancelled", b""
+        except Exception as e:
+            log.exception("servicer method %s raised", frame.method)
+            return grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}", b""
+        if ctx._code is not None and ctx._code is not grpc.StatusCode.OK:
+            return ctx._code, ctx._details, b""
+        if result is None:
+            return grpc.StatusCode.INTERNAL, "servicer returned no response", b""
+        payload = handler.response_serializer(result)
+        if len(payload) > self.max_message_bytes:
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"Received message larger than max ({len(payload)} vs. {self.max_message_bytes})",
+                b"",
+            )
+        return grpc.StatusCode.OK, ctx._details, payload

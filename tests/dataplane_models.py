@@ -1,0 +1,100 @@
+"""Servicers for the data-plane tests, run in real replica processes (`import_path`) or, with
+`python -m tests.dataplane_models PORT NAME LOGFILE`, as an external replica process."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+
+from examples.models import TextModel
+from gateway.pb import text_model_pb2, text_model_pb2_grpc
+
+PredictResponse = text_model_pb2.PredictResponse
+
+
+class SyncText(text_model_pb2_grpc.TextModelServicer):
+    """Plain (sync) methods, as the generated base class declares them."""
+
+    barrier = threading.Barrier(2, timeout=10)
+
+    def Predict(self, request: Any, context: Any) -> Any:
+        if request.fail_code:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
+            return PredictResponse(label="abort did not stop the method")
+        if request.text == "together":
+            # Passes only when two calls run at the same time, on two threads.
+            self.barrier.wait()
+        return PredictResponse(label="ok", replica=threading.current_thread().name)
+
+
+class Hooks(TextModel):
+    """Done callbacks and initial metadata, through every transport."""
+
+    done = 0
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        if request.text == "count":
+            return PredictResponse(label=str(Hooks.done))
+        context.add_done_callback(lambda _ctx: setattr(Hooks, "done", Hooks.done + 1))
+        await context.send_initial_metadata((("x-model-version", "7"),))
+        if request.fail_code:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not ready")
+        return PredictResponse(label="ok")
+
+    async def PredictStream(self, request: Any, context: Any) -> Any:
+        await context.send_initial_metadata((("x-model-version", "7"),))
+        for i in range(2):
+            yield PredictResponse(label="ok", index=i)
+
+
+class Echo(TextModel):
+    """Answers with the request's text (`repeat` > 0: that many bytes), after `sleep_s`."""
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        await asyncio.sleep(request.sleep_s)
+        label = "y" * request.repeat if request.repeat else request.text
+        return PredictResponse(label=label)
+
+
+class Logged(TextModel):
+    """Appends `NAME start|done TEXT` to a file per call (an external replica process)."""
+
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__()
+        self.name, self.path = name, path
+
+    def _log(self, what: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{self.name} {what}\n")
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        self._log(f"start {request.text}")
+        await asyncio.sleep(request.sleep_s)
+        self._log(f"done {request.text}")
+        return PredictResponse(label="done", replica=self.name)
+
+
+async def _serve(name: str, path: str) -> None:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.aio.server()
+    text_model_pb2_grpc.add_TextModelServicer_to_server(Logged(name, path), server)
+    h = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(h, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await h.set("", health_pb2.HealthCheckResponse.SERVING)
+    print(port, flush=True)
+    end = time.monotonic() + 60  # never outlives a test run for long
+    while time.monotonic() < end:
+        await asyncio.sleep(0.2)
+    await server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve(sys.argv[1], sys.argv[2]))
