@@ -1,0 +1,369 @@
+"""The Grafana dashboards of deploy/grafana/: current with their Python source, well-formed
+Grafana 10+ dashboards, and every panel's query answered by a real Prometheus scraping a real
+gateway after known traffic (errors and prediction records included)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.conftest import PredictRequest, md, text_stub
+from tests.fake_arize import FakeArize
+from tests.test_metrics_prometheus import PROMETHEUS, _get, prometheus_server, query, traffic
+from tests.test_records import COLUMNS, ROWS, infer_request
+
+ROOT = Path(__file__).resolve().parent.parent
+GRAFANA = ROOT / "deploy" / "grafana"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
+PROMTOOL = shutil.which("promtool") or (
+    "/usr/bin/promtool" if os.path.exists("/usr/bin/promtool") else None
+)
+needs_prometheus = pytest.mark.skipif(
+    (PROMETHEUS is None or PROMTOOL is None) and os.environ.get("CI") != "true",
+    reason="prometheus/promtool not installed (apt-get install prometheus)",
+)
+
+# Panels over metrics the gateway does not export yet, each with the issue that adds them.
+# Every one must come back empty: when its metric appears, take the panel off this list.
+NOT_YET_EXPORTED = {
+    # HTTP ingress (a later issue)
+    ("grpc-gateway-overview", "HTTP calls/s"),
+    ("grpc-gateway-overview", "HTTP errors/s by code"),
+    ("grpc-gateway-overview", "HTTP error ratio (5xx)"),
+    ("grpc-gateway-overview", "HTTP latency"),
+    ("grpc-gateway-overview", "Ongoing HTTP calls"),
+    # multiplexed models (a later issue)
+    ("grpc-gateway-deployment", "Multiplexed models loaded"),
+    ("grpc-gateway-deployment", "Model loads and unloads/s"),
+    ("grpc-gateway-deployment", "Model load latency"),
+}
+NOT_YET_EXPORTED_METRICS = re.compile(r"ray_serve_\w*http\w*|ray_serve_\w*multiplexed\w*")
+# A metric the issue asks for that the gateway lacks today (reported, not papered over): Ray's
+# `ray_component_cpu_percentage{Component="ray::ProxyActor"}`. Must come back empty too.
+GATEWAY_GAPS = {("grpc-gateway-process", "CPU")}
+GAP_METRICS = re.compile(r"ray_component_cpu_percentage")
+
+# What Grafana puts in for its macros; `.*` is what "All" of every template variable means.
+MACROS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
+DS_REF = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def load_source() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("grafana_dashboards", GRAFANA / "dashboards.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def dashboards() -> dict[str, dict[str, Any]]:
+    """uid -> the committed JSON."""
+    out = {}
+    for path in sorted(GRAFANA.glob("*.json")):
+        d = json.loads(path.read_text())
+        out[d["uid"]] = d
+    return out
+
+
+def panels(d: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in d["panels"] if p["type"] != "row"]
+
+
+def substitute(expr: str, value: str = ".*") -> str:
+    """`expr` as Grafana would send it with every template variable at `value`."""
+    for macro, v in MACROS.items():
+        expr = expr.replace(macro, v)
+    expr = re.sub(r"\$\{?([A-Za-z]\w*)\}?", value, expr)
+    assert "$" not in expr, expr
+    return expr
+
+
+def variables_used(text: str) -> set[str]:
+    return set(re.findall(r"\$\{?([A-Za-z]\w*)\}?", text))
+
+
+# -- source of truth -------------------------------------------------------------------------
+
+
+def test_committed_json_is_what_the_python_source_renders() -> None:
+    mod = load_source()
+    want = mod.rendered()
+    have = {p.name: p.read_text() for p in GRAFANA.glob("*.json")}
+    assert set(have) == set(want), "stray or missing dashboard files"
+    stale = [name for name in want if have[name] != want[name]]
+    assert not stale, f"{stale} are stale: run .venv/bin/python deploy/grafana/dashboards.py"
+    assert subprocess.run([sys.executable, str(GRAFANA / "dashboards.py"), "--check"],
+                          timeout=60).returncode == 0
+
+
+# -- Grafana's model -------------------------------------------------------------------------
+
+
+def test_dashboards_are_well_formed_grafana_10_models() -> None:
+    ds = dashboards()
+    assert set(ds) == {"grpc-gateway-overview", "grpc-gateway-deployment",
+                       "grpc-gateway-records", "grpc-gateway-process"}
+    assert len({d["title"] for d in ds.values()}) == len(ds)
+    for uid, d in ds.items():
+        for key in ("title", "uid", "schemaVersion", "panels", "templating", "time", "version",
+                    "editable", "tags", "annotations", "refresh", "timepicker", "__requires"):
+            assert key in d, (uid, key)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,40}", uid)
+        assert d["id"] is None  # importable anywhere
+        assert d["schemaVersion"] >= 38  # Grafana 10.0's; an older Grafana would migrate down
+        grafana = [r for r in d["__requires"] if r["type"] == "grafana"]
+        assert grafana and int(grafana[0]["version"].split(".")[0]) >= 10
+        required_panels = {r["id"] for r in d["__requires"] if r["type"] == "panel"}
+
+        ids = [p["id"] for p in d["panels"]]
+        assert len(ids) == len(set(ids)) and all(isinstance(i, int) and i > 0 for i in ids), uid
+        cells: set[tuple[int, int]] = set()
+        for p in d["panels"]:
+            g = p["gridPos"]
+            assert g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p
+            mine = {(x, y) for x in range(g["x"], g["x"] + g["w"])
+                    for y in range(g["y"], g["y"] + g["h"])}
+            assert not mine & cells, f"{uid}: panel {p['title']!r} overlaps another"
+            cells |= mine
+        titles = [p["title"] for p in panels(d)]
+        assert len(titles) == len(set(titles)), uid
+        for p in panels(d):
+            assert p["type"] in required_panels, p["type"]
+            assert p["datasource"] == DS_REF, (uid, p["title"])
+            assert p["targets"], (uid, p["title"])
+            refs = [t["refId"] for t in p["targets"]]
+            assert len(refs) == len(set(refs))
+            for t in p["targets"]:
+                assert t["datasource"] == DS_REF, (uid, p["title"], t["refId"])
+                assert t["expr"].strip() and "legendFormat" in t
+
+        # Variables: the datasource first; every query variable reads through it; every
+        # variable a query uses is declared, and every declared one is used.
+        tvars = d["templating"]["list"]
+        assert tvars[0]["name"] == "datasource" and tvars[0]["type"] == "datasource"
+        assert tvars[0]["query"] == "prometheus"
+        declared = {v["name"] for v in tvars[1:]}
+        for v in tvars[1:]:
+            assert v["type"] == "query" and v["datasource"] == DS_REF, v
+            assert v["query"]["query"].startswith("label_values(") and v["allValue"] == ".*"
+        used = set().union(*(variables_used(t["expr"]) for p in panels(d)
+                             for t in p["targets"]))
+        used -= {"__rate_interval", "__interval", "__range"}
+        assert used == declared, (uid, used, declared)
+
+
+@needs_prometheus
+def test_every_query_is_valid_promql(tmp_path: Path) -> None:
+    """promtool parses each query (as a recording rule) with Grafana's substitutions."""
+    assert PROMTOOL is not None, "promtool missing (CI installs the Debian package)"
+    rules = []
+    for uid, d in dashboards().items():
+        for p in panels(d):
+            for t in p["targets"]:
+                rules.append({"record": f"panel:{len(rules)}", "expr": substitute(t["expr"])})
+        for v in d["templating"]["list"][1:]:
+            inner = re.fullmatch(r"label_values\((.*),\s*\w+\)", v["query"]["query"])
+            assert inner, (uid, v["name"])
+            rules.append({"record": f"variable:{len(rules)}", "expr": substitute(inner[1])})
+    path = tmp_path / "panels.rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "panels", "rules": rules}]}))
+    r = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- against a real gateway ------------------------------------------------------------------
+
+
+def has_data(result: list[dict[str, Any]]) -> bool:
+    return any(not math.isnan(float(r["value"][1])) for r in result)
+
+
+async def evaluate(base: str, value: str = ".*") -> dict[tuple[str, str, str], list[Any]]:
+    """(dashboard uid, panel title, refId) -> the instant query's result."""
+    out = {}
+    for uid, d in dashboards().items():
+        for p in panels(d):
+            for t in p["targets"]:
+                out[uid, p["title"], t["refId"]] = await query(base, substitute(t["expr"], value))
+    return out
+
+
+async def known_traffic(address: str) -> None:
+    """OK calls, replica failures (INTERNAL), caller errors (INVALID_ARGUMENT, NOT_FOUND), a
+    call too large to record, and batched Open Inference Protocol calls."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = text_stub(ch)
+        for _ in range(10):
+            await stub.Predict(PredictRequest(text="good"), metadata=md(), timeout=10)
+        for code, n in ((grpc.StatusCode.INTERNAL, 3), (grpc.StatusCode.INVALID_ARGUMENT, 2)):
+            for _ in range(n):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.Predict(PredictRequest(text="x", fail_code=code.value[0]),
+                                       metadata=md(), timeout=10)
+                assert e.value.code() is code
+        await stub.Predict(PredictRequest(text="good " * 1000), metadata=md(), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stub.Predict(PredictRequest(text="x"), metadata=md("nope"), timeout=10)
+        assert e.value.code() is grpc.StatusCode.NOT_FOUND
+        iris = pb_grpc.GRPCInferenceServiceStub(ch)
+        for _ in range(4):
+            await iris.ModelInfer(infer_request(ROWS), metadata=md("classifier"), timeout=10)
+
+
+def gateway_setup(fake: FakeArize) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    text = {"name": "text", "deployments": [
+        {"name": "TextModel", "import_path": "examples.models:TextModel"}],
+        "prediction_records": {
+            "enabled": True, "exporters": ["arize"], "max_payload_bytes": 1000,
+            "field_mapping": {"features": ["text"], "prediction_label": "label",
+                              "prediction_score": "score"}}}
+    iris = {"name": "classifier", "deployments": [
+        {"name": "Iris", "import_path": "examples.models:Iris"}],
+        "prediction_records": {
+            "enabled": True, "exporters": ["arize", "small"], "model_name": "iris",
+            "field_mapping": {"column_names": {"features": COLUMNS}}}}
+    records = {
+        "arize": {"api_key": "test-key", "space_id": "test-space", "api_scheme": "http",
+                  "api_host": fake.host, "api_port": fake.port, "timeout_s": 2,
+                  "max_retries": 1, "backoff_initial_s": 0.05, "backoff_max_s": 0.1},
+        # A queue of one: a 3-row call drops records (queue_full) on this exporter.
+        "exporters": [{"name": "small", "type": "jsonl", "queue_size": 1}],
+        "flush_interval_s": 0.05,
+    }
+    return [text, iris], records
+
+
+def labels_of(legend: str) -> set[str]:
+    return set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+
+
+@needs_prometheus
+async def test_every_panel_returns_data_from_a_real_gateway(
+    start_gateway: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("ARIZE_API_KEY", "ARIZE_SPACE_ID"):
+        monkeypatch.delenv(var, raising=False)
+    ds = dashboards()
+    exprs = {(uid, p["title"]): " ".join(t["expr"] for t in p["targets"])
+             for uid, d in ds.items() for p in panels(d)}
+    # The lists name exactly the panels over metrics not exported yet.
+    assert {k for k, e in exprs.items() if NOT_YET_EXPORTED_METRICS.search(e)} == NOT_YET_EXPORTED
+    assert {k for k, e in exprs.items() if GAP_METRICS.search(e)} == GATEWAY_GAPS
+    empty = NOT_YET_EXPORTED | GATEWAY_GAPS
+    legends = {(uid, p["title"], t["refId"]): t["legendFormat"]
+               for uid, d in ds.items() for p in panels(d) for t in p["targets"]}
+
+    with FakeArize() as fake:
+        fake.status = 500  # Arize down: retries, then failed records; up again below
+        apps, records = gateway_setup(fake)
+        async with start_gateway(apps, records=records) as gw, \
+                grpc.aio.insecure_channel(gw.address) as ch:
+            assert gw.metrics_port
+            with prometheus_server(tmp_path, gw.metrics_port) as base:
+                await known_traffic(gw.address)
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 20
+                while gw.records.stats["arize"].failed == 0 and loop.time() < end:
+                    await asyncio.sleep(0.05)
+                fake.status = 200
+                async with traffic(ch):
+                    end = loop.time() + 60
+                    while True:
+                        results = await evaluate(base)
+                        missing = [k for k, r in results.items()
+                                   if k[:2] not in empty and not has_data(r)]
+                        if not missing or loop.time() > end:
+                            break
+                        await asyncio.sleep(1)
+                    strict = await evaluate(base, ".+")
+                    variable_values = {
+                        (uid, v["name"]): await label_values(base, v["query"]["query"])
+                        for uid, d in ds.items() for v in d["templating"]["list"][1:]}
+                    alert_checks = await check_alert_queries(base)
+            snap = gw.records.snapshot()["exporters"]["arize"]
+
+    assert not missing, "panels without data:\n" + "\n".join(
+        f"  {k}: {substitute(t['expr'])}" for k in missing
+        for t in next(p for p in panels(ds[k[0]]) if p["title"] == k[1])["targets"]
+        if t["refId"] == k[2])
+    # Expected-empty panels really are empty (else: take them off the list).
+    filled = sorted({k[:2] for k, r in results.items() if k[:2] in empty and r})
+    assert not filled, f"these panels have data now: remove them from the lists: {filled}"
+    # With every variable at `.+` (the label must exist) the same panels fill: the variables
+    # filter on labels these metrics have.
+    unfiltered = [k for k, r in strict.items() if k[:2] not in empty and not has_data(r)]
+    assert not unfiltered, f"empty with variables at .+ (a filtered label is missing): {unfiltered}"
+    # Every label a legend names is on the series.
+    for k, r in results.items():
+        if k[:2] in empty:
+            continue
+        have = set().union(*(set(s["metric"]) for s in r))
+        assert labels_of(legends[k]) <= have, (k, legends[k], have)
+    assert all(variable_values.values()), variable_values
+    assert not alert_checks, alert_checks
+
+    # The known traffic shows where it should.
+    def series(uid: str, title: str, ref: str = "A") -> dict[tuple[str, ...], float]:
+        return {tuple(sorted(s["metric"].values())): float(s["value"][1])
+                for s in results[uid, title, ref]}
+
+    codes = {s["metric"].get("error_code") for s in
+             results["grpc-gateway-overview", "gRPC errors/s by code", "A"]}
+    assert {"INTERNAL", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes
+    healthy = series("grpc-gateway-overview", "Healthy replicas per deployment")
+    assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0}
+    dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in
+               results["grpc-gateway-records", "Records dropped/s by exporter and reason", "A"]}
+    assert ("small", "queue_full") in dropped
+    before = {s["metric"]["reason"] for s in results[
+        "grpc-gateway-records", "Sampled calls dropped/s before any exporter, by reason", "A"]}
+    assert "payload_too_large" in before
+    assert snap["failed"] >= 1 and snap["retries"] >= 1 and snap["exported"] >= 1, snap
+
+
+async def label_values(base: str, variable_query: str) -> list[str]:
+    m = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", variable_query)
+    assert m, variable_query
+    url = (f"{base}/api/v1/label/{m[2]}/values?"
+           + urllib.parse.urlencode({"match[]": substitute(m[1])}))
+    status, body = await asyncio.to_thread(_get, url)
+    assert status == 200, body
+    values: list[str] = json.loads(body)["data"]
+    return values
+
+
+async def check_alert_queries(base: str) -> list[str]:
+    """Problems of alerts.yaml against the real gateway: a query Prometheus refuses, or a
+    metric it names that the gateway does not export (HTTP ones excepted, see above)."""
+    problems = []
+    exported = {r["metric"]["__name__"] for r in await query(
+        base, 'count by (__name__) ({__name__=~"ray_.+|grpc_.+"})')}
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+            status, body = await asyncio.to_thread(_get, url)
+            if status != 200:
+                problems.append(f"{rule['alert']}: {body}")
+            for name in re.findall(r"\b(?:ray|grpc)_\w+", expr):
+                if name not in exported and not NOT_YET_EXPORTED_METRICS.fullmatch(name):
+                    problems.append(f"{rule['alert']}: {name} is not exported")
+    return problems
