@@ -60,3 +60,11 @@ class Loud(TextModel):
             for _ in range(3000):
                 os.write(fd, b"x" * 99 + b"\n")
         return await super().Predict(request, context)
+
+
+class VerySlowStart(TextModel):
+    """A model that takes 20 s to load: the gateway is still starting meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        time.sleep(20.0)

@@ -79,9 +79,9 @@ async def test_failed_reconfigure_leaves_rotation_backs_off_and_fails_the_deploy
         import yaml
 
         text = yaml.safe_dump(bad.model_dump(mode="json"))
-        with AdminClient(f"127.0.0.1:{gw.admin_port}") as client:
-            with pytest.raises(AdminError) as err:
-                await asyncio.to_thread(client.deploy, text)
+        with AdminClient(f"127.0.0.1:{gw.admin_port}") as client, \
+                pytest.raises(AdminError) as err:
+            await asyncio.to_thread(client.deploy, text)
         assert err.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert "reconfigure failed" in str(err.value)
         slot = slot_of(gw)
