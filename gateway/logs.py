@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
+from gateway.log_escape import escape, escape_field, escape_lines
+
 if TYPE_CHECKING:
     # Types only: a replica process imports this module and should not pay for pydantic.
     from gateway.config import GatewayConfig, LoggingConfig
@@ -210,32 +212,6 @@ def _asctime(record: logging.LogRecord) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", t) + f",{int(record.msecs):03d}"
 
 
-_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def escape(text: str) -> str:
-    """`text` with every non-printable character (newline, ESC, DEL, ...) written as an
-    escape, so what a client sent cannot forge a line or drive a terminal."""
-    if text.isprintable():
-        return text
-    return "".join(
-        c if c.isprintable() else _ESCAPES.get(c) or (
-            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-        for c in text
-    )
-
-
-def _escape_field(value: Any) -> str:
-    text = str(value or "-")
-    # A space would shift the positional fields after it.
-    return escape(text).replace(" ", "\\x20")
-
-
-def _escape_lines(text: str) -> str:
-    """A traceback keeps its lines; control characters inside them are escaped."""
-    return "\n".join(escape(line) for line in text.split("\n"))
-
-
 class TextFormatter(logging.Formatter):
     """`LEVEL date time application deployment replica request_id route file:line - message`,
     Ray Serve's field order, with `-` for a field that does not apply.
@@ -246,7 +222,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         d = record.__dict__
-        fields = " ".join(_escape_field(d.get(k)) for k in _FIELDS)
+        fields = " ".join(escape_field(d.get(k)) for k in _FIELDS)
         where = "access" if d.get("access") else f"{record.filename}:{record.lineno}"
         line = (
             f"{record.levelname} {_asctime(record)} {fields} {where} - "
@@ -255,9 +231,9 @@ class TextFormatter(logging.Formatter):
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "\n" + _escape_lines(record.exc_text)
+            line += "\n" + escape_lines(record.exc_text)
         if record.stack_info:
-            line += "\n" + _escape_lines(self.formatStack(record.stack_info))
+            line += "\n" + escape_lines(self.formatStack(record.stack_info))
         return line
 
 
