@@ -255,6 +255,13 @@ class MetricsConfig(_Model):
     )
     """Histogram boundaries in ms; finer than Ray's so a sub-millisecond hop is visible."""
 
+    @model_validator(mode="after")
+    def _increasing(self) -> MetricsConfig:
+        b = self.latency_buckets_ms
+        if any(x >= y for x, y in zip(b, b[1:], strict=False)):
+            raise ValueError("latency_buckets_ms must be strictly increasing")
+        return self
+
 
 class ArizeConfig(_Model):
     api_key: SecretStr | None = None

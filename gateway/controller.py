@@ -219,7 +219,9 @@ class Controller:
             await stub.Reconfigure(replica_control_pb2.ReconfigureRequest(
                 user_config_json=json.dumps(want)), timeout=30)
         except grpc.aio.AioRpcError as e:
-            why = f"reconfigure failed: {e.details()}"
+            why = e.details() or e.code().name
+            if not why.startswith("reconfigure failed"):  # the replica's own words say so
+                why = f"reconfigure failed: {e.code().name}: {why}"
             slot.reconfigure_failures += 1
             delay = restart_delay(slot.reconfigure_failures)
             slot.reconfigure_retry_at = time.monotonic() + delay

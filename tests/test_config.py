@@ -195,6 +195,8 @@ applications:
 def test_values_that_cannot_run_are_refused_by_check(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "proxy: {max_message_bytes: 3000000000}\n")
     assert "proxy.max_message_bytes" in msg
+    msg = error_of(tmp_path, "metrics: {latency_buckets_ms: [100, 5, 1]}\n")
+    assert "strictly increasing" in msg
     msg = error_of(tmp_path, """
 applications:
   - {name: t, deployments: [{name: D, targets: ["", "no port here"]}]}
