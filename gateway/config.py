@@ -6,6 +6,7 @@ deeper in the code reads the environment for settings.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -148,9 +149,11 @@ class DeploymentConfig(_Model):
                 raise ValueError("'targets' must list at least one address")
             for target in self.targets:
                 _check_target(target)
-            if "num_replicas" in self.model_fields_set:
-                raise ValueError("'num_replicas' applies to local replicas; with 'targets' "
-                                 "there is one replica per address")
+            if ("num_replicas" in self.model_fields_set
+                    and self.num_replicas != len(self.targets)):
+                raise ValueError(f"num_replicas {self.num_replicas} would be ignored: with "
+                                 f"'targets' there is one replica per address "
+                                 f"({len(self.targets)})")
         return self
 
     @property
@@ -258,7 +261,7 @@ class MetricsConfig(_Model):
     @model_validator(mode="after")
     def _increasing(self) -> MetricsConfig:
         b = self.latency_buckets_ms
-        if any(x >= y for x, y in zip(b, b[1:], strict=False)):
+        if any(x >= y for x, y in itertools.pairwise(b)):
             raise ValueError("latency_buckets_ms must be strictly increasing")
         return self
 

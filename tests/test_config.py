@@ -206,7 +206,7 @@ applications:
 applications:
   - {name: t, deployments: [{name: D, targets: ["127.0.0.1:1"], num_replicas: 5}]}
 """)
-    assert "'num_replicas' applies to local replicas" in msg
+    assert "num_replicas 5 would be ignored" in msg
     for bad in (":", "mod:", ":Cls", "a b:C"):
         msg = error_of(tmp_path, f"""
 applications:
