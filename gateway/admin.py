@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 
-from gateway.config import ConfigError, GatewayConfig, parse_config
+from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.pb import admin_pb2, admin_pb2_grpc
 from gateway.status import GatewayStatus, build_status, from_proto, to_proto
 
@@ -95,8 +95,15 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
             problem = getattr(e, "problem", None) or str(e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{source}: invalid YAML{where}: {problem}")
+        # `gateway deploy` expands ${VAR} in the operator's environment before sending; the
+        # gateway takes what arrives literally (its own environment is not the operator's).
+        left = unexpanded(data)
+        if left is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{source}: {left}: holds a ${{VAR}} reference; `gateway "
+                                "deploy` expands those in your environment before sending")
         try:
-            config = parse_config(data, source)
+            config = parse_config(data, source, expand=False)
         except ConfigError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         async with self._deploy_lock:
@@ -105,11 +112,16 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
             log.info("deploying a new config from %s: applications %s", source,
                      [a.name for a in config.applications])
             try:
-                await gw.apply(config)
+                problems = await gw.apply(config)
             except Exception as e:
                 log.exception("deploy failed")
                 await context.abort(grpc.StatusCode.INTERNAL,
                                     f"deploy failed: {type(e).__name__}: {e}")
+        if problems:
+            # The config is the goal state now, and the controller keeps retrying; but the
+            # operator must hear that it does not run as asked.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "deployed, but not running as asked: " + "; ".join(problems))
         names = ", ".join(a.name for a in config.applications) or "none"
         msg = f"deployed; applications: {names}"
         if changed:
@@ -166,7 +178,8 @@ class AdminServer:
         # The token is fixed at start-up: a deploy cannot silently switch authentication off.
         token = cfg.token.get_secret_value() if cfg.token is not None else None
         interceptors = [_TokenInterceptor(token)] if token else []
-        server = grpc.aio.server(interceptors=interceptors)
+        # No SO_REUSEPORT: a second gateway on this port must fail, not share its calls.
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
         try:
             self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")

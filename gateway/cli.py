@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -35,8 +36,19 @@ async def _run(config: GatewayConfig) -> int:
     # The one place signals are handled: SIGINT (Ctrl-C) and SIGTERM both drain and stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Start-up may wait a minute for replicas; a signal meanwhile stops it right away.
+    starter = asyncio.ensure_future(gw.start())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if not starter.done():
+        print("gateway: stopping during start-up", flush=True)
+        starter.cancel()  # start() drains and stops what had started
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await starter
+        print("gateway: stopped", flush=True)
+        return EXIT_OK
     try:
-        await gw.start()
+        starter.result()
     except OSError as e:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
@@ -48,7 +60,6 @@ async def _run(config: GatewayConfig) -> int:
         print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)
     for name, app in gw.controller.apps.items():
         print(f"gateway: application {name!r}: {app.status}", flush=True)
-    stopper = asyncio.ensure_future(stop.wait())
     stopped = asyncio.ensure_future(gw.wait_stopped())
     await asyncio.wait({stopper, stopped}, return_when=asyncio.FIRST_COMPLETED)
     print("gateway: draining", flush=True)
@@ -82,9 +93,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"gateway: invalid config:\n{e}", file=sys.stderr)
         return EXIT_USAGE
+    missing = _missing_modules(config)
+    if missing:
+        print("gateway: invalid config:\n" + "\n".join(f"{args.config}: {m}" for m in missing),
+              file=sys.stderr)
+        return EXIT_USAGE
     names = ", ".join(a.name for a in config.applications) or "none"
     print(f"{args.config}: OK (applications: {names})")
     return EXIT_OK
+
+
+def _missing_modules(config: GatewayConfig) -> list[str]:
+    """Modules the config names that cannot be found from here (replicas run with the current
+    directory on their path, as `gateway run` started here would)."""
+    import importlib.util
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    named = [(f"proto_modules[{i}]", m) for i, m in enumerate(config.proto_modules)]
+    for a in config.applications:
+        for d in a.deployments:
+            if d.import_path is not None:
+                named.append((f"application {a.name!r}, deployment {d.name!r}: import_path",
+                              d.import_path.partition(":")[0]))
+    out = []
+    for where, module in named:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            out.append(f"{where}: module {module!r} not found")
+    return out
 
 
 def _admin(args: argparse.Namespace, action: str) -> int:
@@ -100,9 +140,9 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 print(client.config_yaml(), end="")
             elif action == "deploy":
                 try:
-                    text = Path(args.config).read_text()
-                except OSError as e:
-                    print(f"gateway: cannot read {args.config}: {e.strerror}", file=sys.stderr)
+                    text = _expanded_for_deploy(args.config)
+                except ConfigError as e:
+                    print(f"gateway: invalid config:\n{e}", file=sys.stderr)
                     return EXIT_USAGE
                 print(client.deploy(text, source=str(args.config)))
             elif action == "shutdown":
@@ -126,6 +166,19 @@ def _admin(args: argparse.Namespace, action: str) -> int:
         print(f"gateway: {action} failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _expanded_for_deploy(path: str) -> str:
+    """The config file with `${VAR}` expanded in the operator's environment (this process's,
+    as envsubst or kubectl would), checked as `gateway check` checks it, as YAML to send."""
+    import yaml
+
+    from gateway.config import expand_env, parse_config, read_yaml
+
+    data = read_yaml(path)
+    parse_config(data, str(path))  # the same verdict as `gateway check`; no value echoed
+    expanded, _ = expand_env(data or {}, str(path), os.environ)
+    return str(yaml.safe_dump(expanded, sort_keys=False))
 
 
 def _send_actuals(client: Any, args: argparse.Namespace) -> int:

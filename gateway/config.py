@@ -6,19 +6,27 @@ deeper in the code reads the environment for settings.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Re-exported: callers import these from here.
+from gateway.config_source import ConfigError as ConfigError
+from gateway.config_source import expand_env as expand_env
+from gateway.config_source import hide_values
+from gateway.config_source import read_yaml as read_yaml
+from gateway.config_source import unexpanded as unexpanded
 
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names the file, the key path and why."""
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_IMPORT_PATH = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")
+_LOOPBACK = ("127.", "::1", "localhost")
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
+"""gRPC takes message limits as a C int."""
 
 
 class _Model(BaseModel):
@@ -41,7 +49,8 @@ class LoggingConfig(_Model):
     max_bytes: int | None = Field(default=None, ge=0)
     """Rotate a log file past this size (0: never); default from RAY_ROTATION_MAX_BYTES."""
     backup_count: int | None = Field(default=None, ge=0)
-    """Rotated files kept; default from RAY_ROTATION_BACKUP_COUNT."""
+    """Rotated files kept; default from RAY_ROTATION_BACKUP_COUNT (0: none, the file starts
+    over when it reaches max_bytes)."""
 
     def merged_over(self, base: LoggingConfig | None) -> LoggingConfig:
         """This config's set fields laid over `base` (deployment over application over gateway)."""
@@ -95,6 +104,18 @@ class PredictionRecordsConfig(_Model):
     """Payloads larger than this are not captured (the record says so)."""
 
 
+def _printable_name(value: str, what: str) -> str:
+    if not value.isprintable():
+        raise ValueError(f"{what} {value!r} contains control characters")
+    return value
+
+
+def _check_target(target: str) -> None:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"target {target!r} must look like 'host:port' (port 1-65535)")
+
+
 class DeploymentConfig(_Model):
     """One deployment: local replicas started by the gateway, or external `targets`."""
 
@@ -120,10 +141,19 @@ class DeploymentConfig(_Model):
     def _one_kind(self) -> DeploymentConfig:
         if (self.import_path is None) == (self.targets is None):
             raise ValueError("set exactly one of 'import_path' (local) or 'targets' (external)")
-        if self.import_path is not None and ":" not in self.import_path:
+        _printable_name(self.name, "deployment name")
+        if self.import_path is not None and not _IMPORT_PATH.fullmatch(self.import_path):
             raise ValueError(f"import_path {self.import_path!r} must look like 'module:Class'")
-        if self.targets is not None and not self.targets:
-            raise ValueError("'targets' must list at least one address")
+        if self.targets is not None:
+            if not self.targets:
+                raise ValueError("'targets' must list at least one address")
+            for target in self.targets:
+                _check_target(target)
+            if ("num_replicas" in self.model_fields_set
+                    and self.num_replicas != len(self.targets)):
+                raise ValueError(f"num_replicas {self.num_replicas} would be ignored: with "
+                                 f"'targets' there is one replica per address "
+                                 f"({len(self.targets)})")
         return self
 
     @property
@@ -143,6 +173,7 @@ class ApplicationConfig(_Model):
 
     @model_validator(mode="after")
     def _names(self) -> ApplicationConfig:
+        _printable_name(self.name, "application name")
         names = [d.name for d in self.deployments]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -162,7 +193,7 @@ class ProxyConfig(_Model):
 
     host: str = "127.0.0.1"
     port: int = Field(default=9000, ge=0, le=65535)
-    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=MAX_GRPC_MESSAGE_BYTES)
     """Largest message accepted from clients or replicas; larger ones get RESOURCE_EXHAUSTED."""
     request_timeout_s: float | None = Field(default=None, gt=0)
     """Deadline applied when the client sets none (None: no deadline)."""
@@ -170,6 +201,9 @@ class ProxyConfig(_Model):
     """Other replicas tried when a replica cannot be reached before it received anything."""
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0)
     """Time calls in flight get to finish when the gateway drains."""
+    reuse_port: bool = False
+    """Let other processes bind the same port (SO_REUSEPORT), for several gateways sharing
+    one port on purpose. Off: a second gateway on the port fails to start."""
     local_transport: Literal["mux", "grpc"] = "mux"
     """How unary calls reach local replicas: multiplexed over an open stream (cheaper), or one
     gRPC call each. External replicas always get plain gRPC calls."""
@@ -181,7 +215,19 @@ class AdminConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=9001, ge=0, le=65535)
     token: SecretStr | None = None
-    """When set, admin calls must send `authorization: Bearer <token>`."""
+    """When set, admin calls must send `authorization: Bearer <token>`. Required when `host`
+    is not a loopback address; an empty token is refused (it would switch authentication
+    off without anyone noticing)."""
+
+    @model_validator(mode="after")
+    def _auth(self) -> AdminConfig:
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("admin.token is empty: set a token, or remove the key to run "
+                             "the admin service without authentication on loopback")
+        if self.token is None and not self.host.startswith(_LOOPBACK):
+            raise ValueError(f"the admin service on {self.host} (not loopback) needs a token: "
+                             "anyone who reaches it could deploy or shut the gateway down")
+        return self
 
 
 class PrometheusConfig(_Model):
@@ -211,6 +257,13 @@ class MetricsConfig(_Model):
         ]
     )
     """Histogram boundaries in ms; finer than Ray's so a sub-millisecond hop is visible."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> MetricsConfig:
+        b = self.latency_buckets_ms
+        if any(x >= y for x, y in itertools.pairwise(b)):
+            raise ValueError("latency_buckets_ms must be strictly increasing")
+        return self
 
 
 class ArizeConfig(_Model):
@@ -282,6 +335,15 @@ class GatewayConfig(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate application names: {sorted(dup)}")
+        ports: dict[int, str] = {}
+        listeners = [("proxy.port", self.proxy.port), ("admin.port", self.admin.port)]
+        if self.metrics.enabled and self.metrics.prometheus.enabled:
+            listeners.append(("metrics.prometheus.port", self.metrics.prometheus.port))
+        for key, port in listeners:
+            if port and port in ports:
+                raise ValueError(f"{key} {port} is also {ports[port]}: each listener needs "
+                                 "its own port")
+            ports[port] = key
         known = {"default", "arize", "jsonl", *(e.name for e in self.records.exporters)}
         for app in self.applications:
             unknown = [n for n in app.prediction_records.exporters if n not in known]
@@ -309,27 +371,7 @@ def _redact(value: Any) -> Any:
     return value
 
 
-def _expand(value: Any, path: str, env: dict[str, str]) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string of the parsed YAML tree."""
-    if isinstance(value, str):
-
-        def sub(m: re.Match[str]) -> str:
-            var, default = m.group(1), m.group(2)
-            if var in env:
-                return env[var]
-            if default is not None:
-                return default
-            raise ConfigError(f"{path or '<root>'}: environment variable ${{{var}}} is not set")
-
-        return _ENV_REF.sub(sub, value)
-    if isinstance(value, dict):
-        return {k: _expand(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
-    return value
-
-
-def _arize_keys_from_env(config: GatewayConfig, env: dict[str, str]) -> GatewayConfig:
+def _arize_keys_from_env(config: GatewayConfig, env: Mapping[str, str]) -> GatewayConfig:
     """ARIZE_API_KEY / ARIZE_SPACE_ID fill the Arize keys the file leaves unset (read here,
     once; they stay secrets: redacted in every dump)."""
     arize = config.records.arize
@@ -350,44 +392,40 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "<root>"
 
 
-def parse_config(data: Any, source: str = "<config>", env: dict[str, str] | None = None) -> (
-    GatewayConfig
-):
-    """Validate already-parsed YAML data; errors name `source` and each bad key path."""
+def parse_config(
+    data: Any,
+    source: str = "<config>",
+    env: Mapping[str, str] | None = None,
+    expand: bool = True,
+) -> GatewayConfig:
+    """Validate already-parsed YAML data; errors name `source` and each bad key path.
+
+    `${VAR}` references are expanded from `env` (default: this process's environment) unless
+    `expand` is false: a deploy arrives already expanded by `gateway deploy`, in the
+    operator's environment. The Arize keys left unset are taken from `env` either way.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
+    env = os.environ if env is None else env
+    used: dict[str, str] = {}
+    if expand:
+        data, used = expand_env(data, source, env)
     try:
-        data = _expand(data, "", dict(os.environ) if env is None else env)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    try:
-        return _arize_keys_from_env(
-            GatewayConfig.model_validate(data), dict(os.environ) if env is None else env
-        )
+        return _arize_keys_from_env(GatewayConfig.model_validate(data), env)
     except ValidationError as e:
         lines = []
         for err in e.errors():
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            lines.append(f"{source}: {_loc(tuple(err['loc']))}: {msg}")
+            lines.append(f"{source}: {_loc(tuple(err['loc']))}: {hide_values(msg, used)}")
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> GatewayConfig:
     """Read, expand and validate a config file."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{p}: invalid YAML{where}: {problem}") from None
-    return parse_config(data, str(p), env)
+    return parse_config(read_yaml(path), str(Path(path)), env)

@@ -12,154 +12,40 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway import replica_process
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
+from gateway.control_auth import ENV_CONTROL_SECRET, new_secret
+from gateway.deployment_state import (
+    ApplicationState,
+    ApplicationStatus,
+    DeploymentState,
+    DeploymentStatus,
+    ReplicaEvent,
+    ReplicaSlot,
+)
 from gateway.methods import fetch_reflection
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.replica_process import read_report as _read_all
+from gateway.replica_process import restart_delay
 from gateway.replicas import Replica, ReplicaState, replica_tag
-from gateway.router import Router
+
+__all__ = [  # the states moved to gateway/deployment_state.py; importers keep these names
+    "ApplicationState", "ApplicationStatus", "Controller", "DeploymentState",
+    "DeploymentStatus", "ReplicaEvent", "ReplicaSlot",
+]
 
 log = logging.getLogger("gateway.controller")
 
 STARTUP_TIMEOUT_S = 60.0
-BACKOFF_INITIAL_S = 0.2
-BACKOFF_MAX_S = 10.0
-
-
-class DeploymentStatus:
-    UPDATING = "UPDATING"
-    HEALTHY = "HEALTHY"
-    UNHEALTHY = "UNHEALTHY"
-
-
-class ApplicationStatus:
-    NOT_STARTED = "NOT_STARTED"
-    DEPLOYING = "DEPLOYING"
-    RUNNING = "RUNNING"
-    DEPLOY_FAILED = "DEPLOY_FAILED"
-    UNHEALTHY = "UNHEALTHY"
-
-
-ReplicaEvent = Callable[[str, "ReplicaSlot"], None]
-"""Hook for telemetry and logs: ('started' | 'healthy' | 'unhealthy' | 'stopped', slot)."""
-
-
-@dataclass
-class ReplicaSlot:
-    """One replica position of a deployment; keeps its id across restarts of its process."""
-
-    application: str
-    deployment: str
-    replica_id: str
-    target: str | None = None
-    """External address; None for a local replica."""
-    replica: Replica | None = None
-    process: asyncio.subprocess.Process | None = None
-    state: ReplicaState = ReplicaState.STARTING
-    message: str = ""
-    starts: int = 0
-    healthy: bool = False
-    failures: int = 0
-    task: asyncio.Task[None] | None = None
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    stopping: bool = False
-    user_config: Any = None
-    """The user_config this replica's process last received (at start or reconfigure)."""
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-
-class DeploymentState:
-    def __init__(self, app: str, config: DeploymentConfig, max_message_bytes: int) -> None:
-        self.app = app
-        self.config = config
-        self.max_message_bytes = max_message_bytes
-        self.router = Router(app, config.name, config.max_ongoing_requests,
-                             config.max_queued_requests)
-        self.slots: list[ReplicaSlot] = []
-        self.ever_healthy = False
-        self.reflected = False
-        self.reflect_done = False
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def publish(self) -> None:
-        """Give the router the current replica handles."""
-        self.router.set_replicas([s.replica for s in self.slots if s.replica is not None])
-
-    @property
-    def status(self) -> str:
-        slots = self.slots
-        running = sum(1 for s in slots if s.state is ReplicaState.RUNNING)
-        want = len(slots)
-        if want and running == want:
-            self.ever_healthy = True
-            return DeploymentStatus.HEALTHY
-        if want == 0:
-            return DeploymentStatus.HEALTHY
-        # A replica being restarted after a failure (its message says which) still counts as
-        # unhealthy: otherwise the status flickers to UPDATING on every retry.
-        if any(s.state is ReplicaState.UNHEALTHY
-               or (s.state is ReplicaState.RECOVERING and s.message) for s in slots):
-            return DeploymentStatus.UNHEALTHY
-        return DeploymentStatus.UPDATING
-
-    @property
-    def message(self) -> str:
-        msgs = sorted({s.message for s in self.slots if s.message})
-        return "; ".join(msgs)
-
-    def replica_states(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for s in self.slots:
-            counts[s.state.value] = counts.get(s.state.value, 0) + 1
-        return counts
-
-
-class ApplicationState:
-    def __init__(self, config: ApplicationConfig) -> None:
-        self.config = config
-        self.deployments: dict[str, DeploymentState] = {}
-        self.deployed_at = time.time()
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def ingress(self) -> DeploymentState:
-        return self.deployments[self.config.ingress_deployment.name]
-
-    @property
-    def status(self) -> str:
-        statuses = [d.status for d in self.deployments.values()]
-        if not statuses:
-            return ApplicationStatus.NOT_STARTED
-        if all(s == DeploymentStatus.HEALTHY for s in statuses):
-            return ApplicationStatus.RUNNING
-        if DeploymentStatus.UNHEALTHY in statuses:
-            ever = all(d.ever_healthy for d in self.deployments.values())
-            return ApplicationStatus.UNHEALTHY if ever else ApplicationStatus.DEPLOY_FAILED
-        return ApplicationStatus.DEPLOYING
-
-    @property
-    def message(self) -> str:
-        parts = [f"{d.name}: {d.message}" for d in self.deployments.values() if d.message]
-        return "; ".join(parts)
 
 
 class Controller:
@@ -169,6 +55,8 @@ class Controller:
         self.config = config
         self.apps: dict[str, ApplicationState] = {}
         self.logs_dir = logs_dir
+        # Fixed at start like the proxy's own listener: a deploy cannot change it.
+        self.max_message_bytes = config.proxy.max_message_bytes
         self.listeners: list[ReplicaEvent] = []
         self.on_routes_changed: Callable[[], None] | None = None
         self.on_descriptors: Callable[[list[Any]], None] | None = None
@@ -182,10 +70,14 @@ class Controller:
 
     # -- goal state ----------------------------------------------------------------------
 
-    async def apply(self, config: GatewayConfig) -> None:
-        """Move towards `config`: add, change and remove applications and deployments."""
-        old = self.config
+    async def apply(self, config: GatewayConfig) -> list[str]:
+        """Move towards `config`: add, change and remove applications and deployments.
+
+        Returns what did not work (a failed reconfigure, a new model that did not come up);
+        the controller keeps retrying those.
+        """
         self.config = config
+        problems: list[str] = []
         wanted = {a.name: a for a in config.applications}
         for name in [n for n in self.apps if n not in wanted]:
             await self._remove_app(name)
@@ -197,29 +89,24 @@ class Controller:
             elif state.config != app_cfg:
                 state.deployed_at = time.time()
             state.config = app_cfg
-            await self._apply_app(state, app_cfg, old)
+            problems += [f"{name}: {p}" for p in await self._apply_app(state, app_cfg)]
         self._routes_changed()
+        return problems
 
-    async def _apply_app(
-        self, state: ApplicationState, cfg: ApplicationConfig, old: GatewayConfig
-    ) -> None:
+    async def _apply_app(self, state: ApplicationState, cfg: ApplicationConfig) -> list[str]:
+        problems: list[str] = []
         wanted = {d.name: d for d in cfg.deployments}
         for name in [n for n in state.deployments if n not in wanted]:
             await self._scale(state.deployments.pop(name), 0)
-        max_bytes = self.config.proxy.max_message_bytes
         for name, dcfg in wanted.items():
             dep: DeploymentState | None = state.deployments.get(name)
-            if dep is not None and (
-                dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets
-            ):
-                # A different model: replace every replica.
-                await self._scale(dep, 0)
-                state.deployments.pop(name)
-                dep = None
             if dep is None:
-                dep = DeploymentState(cfg.name, dcfg, max_bytes)
+                dep = DeploymentState(cfg.name, dcfg, self.max_message_bytes)
                 state.deployments[name] = dep
                 self._start_slots(dep)
+                continue
+            if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
+                problems += await self._roll(dep, dcfg)
                 continue
             user_config_changed = dcfg.user_config != dep.config.user_config
             dep.config = dcfg
@@ -228,36 +115,32 @@ class Controller:
             if dcfg.is_local:
                 await self._scale(dep, dcfg.num_replicas)
                 if user_config_changed:
-                    await self._reconfigure(dep)
+                    problems += await self._reconfigure(dep)
             dep.router.wake()
+        return problems
+
+    def _new_slot(self, dep: DeploymentState, target: str | None = None) -> ReplicaSlot:
+        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target)
+        dep.slots.append(slot)
+        run = self._run_local(dep, slot) if target is None else self._run_external(dep, slot)
+        slot.task = _supervised(run)
+        return slot
 
     def _start_slots(self, dep: DeploymentState) -> None:
         cfg = dep.config
-        if cfg.targets is not None:
-            for target in cfg.targets:
-                slot = ReplicaSlot(dep.app, cfg.name, replica_tag(dep.app, cfg.name), target=target)
-                dep.slots.append(slot)
-                slot.task = _supervised(self._run_external(dep, slot))
-        else:
-            for _ in range(cfg.num_replicas):
-                self._add_local(dep)
-
-    def _add_local(self, dep: DeploymentState) -> ReplicaSlot:
-        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name))
-        dep.slots.append(slot)
-        slot.task = _supervised(self._run_local(dep, slot))
-        return slot
+        for target in cfg.targets if cfg.targets is not None else [None] * cfg.num_replicas:
+            self._new_slot(dep, target)
 
     async def _scale(self, dep: DeploymentState, n: int) -> None:
         while len(dep.slots) < n:
-            self._add_local(dep)
+            self._new_slot(dep)
         extra = dep.slots[n:]
         if not extra:
             return
         # Take them out of routing first, so no new call lands on a stopping replica.
         for slot in extra:
             slot.stopping = True
-            slot.state = ReplicaState.STOPPING
+            slot.set_state(ReplicaState.STOPPING)
         dep.router.set_replicas(
             [s.replica for s in dep.slots[:n] if s.replica is not None]
         )
@@ -265,34 +148,101 @@ class Controller:
         dep.slots = dep.slots[:n]
         dep.publish()
 
+    async def _roll(self, dep: DeploymentState, dcfg: DeploymentConfig) -> list[str]:
+        """A different model: start a new replica, wait until it serves, then drain an old
+        one, one at a time, so the deployment keeps serving throughout."""
+        old = list(dep.slots)
+        dep.config = dcfg
+        dep.reflected = dep.reflect_done = False  # learn the new model's methods
+        dep.router.max_ongoing = dcfg.max_ongoing_requests
+        dep.router.max_queued = dcfg.max_queued_requests
+        targets: list[str | None] = (
+            list(dcfg.targets) if dcfg.targets is not None else [None] * dcfg.num_replicas
+        )
+        problems: list[str] = []
+        wait_s = STARTUP_TIMEOUT_S + dcfg.health_check_period_s + dcfg.health_check_timeout_s
+        for i in range(max(len(targets), len(old))):
+            if i < len(targets):
+                slot = self._new_slot(dep, targets[i])
+                if not await self._wait_serving(slot, wait_s):
+                    why = slot.message or "did not become healthy"
+                    problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}")
+            if i < len(old):
+                victim = old[i]
+                victim.stopping = True
+                victim.set_state(ReplicaState.STOPPING)
+                dep.slots.remove(victim)
+                dep.publish()
+                await self._stop_slot(dep, victim)
+        dep.router.wake()
+        return problems
+
+    async def _wait_serving(self, slot: ReplicaSlot, timeout: float) -> bool:
+        """True once `slot` is RUNNING; False when it failed (or the wait timed out)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not self._closing and not slot.stopping:
+            if slot.state is ReplicaState.RUNNING:
+                return True
+            if slot.state is ReplicaState.UNHEALTHY and (slot.crashes or slot.failures):
+                return False
+            await asyncio.sleep(0.05)
+        return False
+
     async def _remove_app(self, name: str) -> None:
         state = self.apps.pop(name)
         self._routes_changed()
         for dep in state.deployments.values():
             await self._scale(dep, 0)
 
-    async def _reconfigure(self, dep: DeploymentState) -> None:
-        payload = json.dumps(dep.config.user_config)
+    async def _reconfigure(self, dep: DeploymentState) -> list[str]:
+        """Send the new user_config to every replica that has not got it; the failures."""
+        problems = []
         for slot in list(dep.slots):
-            rep = slot.replica
-            if rep is None or slot.state is not ReplicaState.RUNNING:
+            if slot.replica is None or slot.state not in (ReplicaState.RUNNING,
+                                                          ReplicaState.UNHEALTHY):
                 continue  # one still starting is reconfigured once healthy (_set_health)
-            if slot.user_config == dep.config.user_config:
-                continue
-            slot.state = ReplicaState.UPDATING
-            self._emit("updating", slot)
-            try:
-                stub = replica_control_pb2_grpc.ReplicaControlStub(rep.channel)
-                await stub.Reconfigure(
-                    replica_control_pb2.ReconfigureRequest(user_config_json=payload), timeout=30
-                )
-                slot.message = ""
-                slot.state = ReplicaState.RUNNING
-                slot.user_config = dep.config.user_config
-            except grpc.aio.AioRpcError as e:
-                slot.message = f"reconfigure failed: {e.details()}"
-                slot.state = ReplicaState.UNHEALTHY
-            self._emit("healthy" if slot.state is ReplicaState.RUNNING else "unhealthy", slot)
+            why = await self._reconfigure_slot(dep, slot)
+            if why:
+                problems.append(f"{dep.name}: replica {slot.replica_id}: {why}")
+        return problems
+
+    async def _reconfigure_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> str:
+        want = dep.config.user_config
+        rep = slot.replica
+        if rep is None or slot.stopping or slot.reconfiguring or slot.user_config == want:
+            return ""
+        slot.reconfiguring = True
+        slot.state = ReplicaState.UPDATING  # its replica keeps serving meanwhile
+        self._emit("updating", slot)
+        try:
+            stub = replica_control_pb2_grpc.ReplicaControlStub(rep.channel)
+            await stub.Reconfigure(replica_control_pb2.ReconfigureRequest(
+                user_config_json=json.dumps(want)), timeout=30)
+        except grpc.aio.AioRpcError as e:
+            why = e.details() or e.code().name
+            if not why.startswith("reconfigure failed"):  # the replica's own words say so
+                why = f"reconfigure failed: {e.code().name}: {why}"
+            slot.reconfigure_failures += 1
+            delay = restart_delay(slot.reconfigure_failures)
+            slot.reconfigure_retry_at = time.monotonic() + delay
+            if not slot.stopping:
+                # Out of rotation: it would answer with a config the operator replaced.
+                slot.set_state(ReplicaState.UNHEALTHY, f"{why}; retrying in {delay:g}s")
+                log.warning("replica %s: %s", slot.replica_id, slot.message)
+                self._emit("unhealthy", slot)
+            return why
+        finally:
+            slot.reconfiguring = False
+        slot.user_config = want
+        slot.reconfigure_failures = 0
+        if not slot.stopping:
+            # Whatever a health check said while it was busy, it answered: back in rotation.
+            slot.set_state(ReplicaState.RUNNING, "")
+            slot.healthy = True
+            dep.note_health()
+            self._emit("healthy", slot)
+            dep.router.wake()
+        return ""
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -308,33 +258,36 @@ class Controller:
             self.on_routes_changed()
 
     def _set_health(self, dep: DeploymentState, slot: ReplicaSlot, ok: bool, why: str) -> None:
-        if slot.stopping:
+        if slot.stopping or slot.reconfiguring:
             return
         if ok:
             slot.failures = 0
-            if slot.state is not ReplicaState.RUNNING and slot.state is not ReplicaState.UPDATING:
-                slot.state = ReplicaState.RUNNING
-                slot.message = ""
+            stale = slot.user_config != dep.config.user_config
+            if stale and slot.reconfigure_failures:
+                # Its last reconfigure failed: it stays out until one succeeds (backed off).
+                if time.monotonic() >= slot.reconfigure_retry_at:
+                    self._background(self._reconfigure_slot(dep, slot))
+                return
+            rep_state = slot.replica.state if slot.replica is not None else slot.state
+            if slot.state is not ReplicaState.RUNNING or rep_state is not ReplicaState.RUNNING:
+                slot.set_state(ReplicaState.RUNNING, "")
                 slot.healthy = True
-                if slot.replica is not None:
-                    slot.replica.state = ReplicaState.RUNNING
+                slot.crashes = 0
+                dep.note_health()
                 log.info("replica %s is healthy", slot.replica_id)
                 if not dep.reflected and slot.replica is not None:
                     dep.reflected = True
                     self._background(self._reflect(dep, slot.replica))
                 self._emit("healthy", slot)
-                if slot.user_config != dep.config.user_config:
+                if stale:
                     # Started before the latest deploy changed user_config: catch up.
-                    self._background(self._reconfigure(dep))
+                    self._background(self._reconfigure_slot(dep, slot))
                 dep.router.wake()
         else:
             slot.failures += 1
             if slot.state is not ReplicaState.UNHEALTHY:
-                slot.state = ReplicaState.UNHEALTHY
-                slot.message = why
+                slot.set_state(ReplicaState.UNHEALTHY, why)
                 slot.healthy = False
-                if slot.replica is not None:
-                    slot.replica.state = ReplicaState.UNHEALTHY
                 log.warning("replica %s is unhealthy: %s", slot.replica_id, why)
                 self._emit("unhealthy", slot)
                 dep.router.wake()
@@ -413,7 +366,6 @@ class Controller:
             pass
 
     async def _run_local(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
-        backoff = BACKOFF_INITIAL_S
         while not slot.stopping and not self._closing:
             slot.state = ReplicaState.STARTING if slot.starts == 0 else ReplicaState.RECOVERING
             started = time.monotonic()
@@ -425,7 +377,8 @@ class Controller:
             if ok:
                 proc = slot.process
                 assert proc is not None
-                watcher = asyncio.ensure_future(proc.wait())
+                # Its exit, not the end of its pipes (a child of it may hold those open).
+                watcher = asyncio.ensure_future(replica_process.wait_exit(proc, None))
                 health = asyncio.ensure_future(
                     self._health_loop(dep, slot, _alive(proc))
                 )
@@ -433,22 +386,29 @@ class Controller:
                     await asyncio.wait({watcher, health}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     health.cancel()
+                    watcher.cancel()
                 if slot.stopping or self._closing:
                     return
                 await self._kill(slot)
-                slot.message = f"replica process exited with code {proc.returncode}"
-                log.warning("replica %s: %s; restarting", slot.replica_id, slot.message)
-                self._set_health(dep, slot, False, slot.message)
+                why = f"replica process exited with code {proc.returncode}"
+                log.warning("replica %s: %s; restarting", slot.replica_id, why)
+                self._set_health(dep, slot, False, why)
+                slot.message = why
             if slot.replica is not None:
                 old = slot.replica
                 slot.replica = None
                 dep.publish()
                 await old.close()
-            if time.monotonic() - started > 30:
-                backoff = BACKOFF_INITIAL_S  # it ran a good while: restart promptly
+            if time.monotonic() - started > replica_process.RESTART_RESET_AFTER_S:
+                slot.crashes = 0  # it ran a good while: restart promptly
+            slot.crashes += 1
+            delay = restart_delay(slot.crashes)
+            if slot.crashes > 1:
+                # Say so in the status: a crash loop, and when the next attempt comes.
+                slot.message = (f"{slot.message}; crash loop: {slot.crashes} failures in a "
+                                f"row, next restart in {delay:g}s")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped(slot), backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await asyncio.wait_for(self._stopped(slot), delay)
 
     async def _stopped(self, slot: ReplicaSlot) -> None:
         while not slot.stopping and not self._closing:
@@ -460,12 +420,14 @@ class Controller:
         assert cfg.import_path is not None
         r, w = os.pipe()
         env = dict(os.environ)
+        secret = new_secret()  # per process: the replica's control service wants it
         env.update(
             GATEWAY_APPLICATION=dep.app,
             GATEWAY_DEPLOYMENT=dep.name,
             GATEWAY_REPLICA_ID=slot.replica_id,
             PYTHONUNBUFFERED="1",
         )
+        env[ENV_CONTROL_SECRET] = secret
         if self.replica_env is not None:
             env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()
@@ -498,7 +460,7 @@ class Controller:
             report = await asyncio.wait_for(asyncio.shield(reader), STARTUP_TIMEOUT_S)
         except TimeoutError:
             await self._kill(slot)  # its end of the pipe closes, so the reader returns
-            await reader
+            await asyncio.wait({reader}, timeout=replica_process.KILL_WAIT_S)
             report = {"error": f"replica did not start within {STARTUP_TIMEOUT_S:.0f}s"}
         finally:
             if reader.done():
@@ -507,14 +469,15 @@ class Controller:
                 reader.add_done_callback(lambda _: os.close(r))
         if "port" not in report:
             await self._kill(slot)
-            slot.message = f"replica failed to start: {report.get('error', 'no report')}"
-            slot.state = ReplicaState.UNHEALTHY
+            slot.set_state(ReplicaState.UNHEALTHY,
+                           f"replica failed to start: {report.get('error', 'no report')}")
             log.error("replica %s: %s", slot.replica_id, slot.message)
             self._emit("unhealthy", slot)
             return False
         slot.replica = Replica(dep.app, dep.name, slot.replica_id, f"127.0.0.1:{report['port']}",
                                dep.max_message_bytes, is_local=True,
-                               mux=self.config.proxy.local_transport == "mux")
+                               mux=self.config.proxy.local_transport == "mux",
+                               control_secret=secret)
         slot.replica.pid = proc.pid
         self._emit("started", slot)
         dep.publish()
@@ -522,39 +485,27 @@ class Controller:
 
     async def _pump_output(self, slot: ReplicaSlot, stream: asyncio.StreamReader) -> None:
         # The replica writes its own log file (gateway/logs.py); what reaches this pipe is
-        # its console stream or output that bypassed its logging.
+        # its console stream or output that bypassed its logging. Drained until it closes.
+        def emit(line: bytes) -> None:
+            if self.replica_output is not None:
+                self.replica_output(slot, line)
+
         try:
-            while True:
-                line = await stream.readline()
-                if not line:
-                    return
-                if self.replica_output is not None:
-                    self.replica_output(slot, line)
-        except (asyncio.CancelledError, ValueError):
+            await replica_process.pump_output(stream, emit)
+        except asyncio.CancelledError:
             pass
         finally:
             self._pumps.discard(asyncio.current_task())  # type: ignore[arg-type]
 
     async def _kill(self, slot: ReplicaSlot, grace: float = 5.0) -> None:
-        proc = slot.process
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), grace + 1)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        await replica_process.terminate(slot.process, grace)
 
     async def _stop_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         slot.stopping = True
-        slot.state = ReplicaState.STOPPING
+        slot.set_state(ReplicaState.STOPPING)
         slot.wake.set()
         rep = slot.replica
         if rep is not None:
-            rep.state = ReplicaState.STOPPING
             # Let calls already on this replica finish before it goes.
             deadline = time.monotonic() + dep.config.graceful_shutdown_timeout_s
             while rep.in_flight > 0 and time.monotonic() < deadline:
@@ -587,6 +538,9 @@ class Controller:
             ),
             return_exceptions=True,
         )
+        # Output still open after its replica exited belongs to a child the replica left.
+        for pump in list(self._pumps):
+            pump.cancel()
 
     # -- views ---------------------------------------------------------------------------
 
@@ -601,7 +555,7 @@ class Controller:
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until every application is RUNNING (or failed); True when all run."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while time.monotonic() < end and not self._closing:
             statuses = [a.status for a in self.apps.values()]
             learned = all(
                 d.reflect_done for a in self.apps.values() for d in a.deployments.values()
@@ -632,18 +586,3 @@ def _supervised(coro: Any) -> asyncio.Task[None]:
 def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:
     return lambda: proc.returncode is None
 
-
-def _read_all(fd: int) -> dict[str, Any]:
-    chunks = []
-    while True:
-        b = os.read(fd, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    if not chunks:
-        return {"error": "replica process exited before it reported"}
-    try:
-        data = json.loads(b"".join(chunks))
-    except ValueError:
-        return {"error": "unreadable report from replica process"}
-    return data if isinstance(data, dict) else {"error": "bad report"}

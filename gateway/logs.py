@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
+from gateway.log_escape import escape, escape_field, escape_lines
+
 if TYPE_CHECKING:
     # Types only: a replica process imports this module and should not pay for pydantic.
     from gateway.config import GatewayConfig, LoggingConfig
@@ -212,21 +214,26 @@ def _asctime(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     """`LEVEL date time application deployment replica request_id route file:line - message`,
-    Ray Serve's field order, with `-` for a field that does not apply."""
+    Ray Serve's field order, with `-` for a field that does not apply.
+
+    One record is one line: fields and message are escaped (they carry request ids, method
+    paths, application names and other strings from clients and models).
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         d = record.__dict__
-        fields = " ".join(str(d.get(k) or "-") for k in _FIELDS)
+        fields = " ".join(escape_field(d.get(k)) for k in _FIELDS)
         where = "access" if d.get("access") else f"{record.filename}:{record.lineno}"
         line = (
-            f"{record.levelname} {_asctime(record)} {fields} {where} - {record.getMessage()}"
+            f"{record.levelname} {_asctime(record)} {fields} {where} - "
+            f"{escape(record.getMessage())}"
         )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
-            line += "\n" + record.exc_text
+            line += "\n" + escape_lines(record.exc_text)
         if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
+            line += "\n" + escape_lines(self.formatStack(record.stack_info))
         return line
 
 
@@ -267,9 +274,22 @@ def formatter(encoding: str) -> logging.Formatter:
     return JsonFormatter() if encoding == "JSON" else TextFormatter()
 
 
+class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """With `backupCount=0` the stdlib's rollover reopens the same file for appending, so it
+    grows without limit; here it starts the file over instead (no backups kept)."""
+
+    def doRollover(self) -> None:
+        if self.backupCount > 0:
+            super().doRollover()
+            return
+        if self.stream:
+            self.stream.close()
+        self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+
+
 def file_handler(path: Path, settings: LogSettings) -> logging.Handler:
     path.parent.mkdir(parents=True, exist_ok=True)
-    h = logging.handlers.RotatingFileHandler(
+    h = _RotatingFileHandler(
         path, maxBytes=settings.max_bytes, backupCount=settings.backup_count, encoding="utf-8"
     )
     h.setFormatter(formatter(settings.encoding))
@@ -453,6 +473,8 @@ class GatewayLogging:
         self._handlers: list[logging.Handler] = []
         self._saved: dict[str, tuple[int, bool]] = {}
         self._gw: Gateway | None = None
+        self._access_config = config
+        self._access_levels: dict[tuple[str, str], int] = {}
 
     @property
     def log_file(self) -> Path:
@@ -477,9 +499,7 @@ class GatewayLogging:
             tree.setLevel(self.settings.log_level)
             if self.console:
                 tree.propagate = False  # our console handler replaces the root logger's
-        if not self.settings.disable_access_log:
-            self.access = AccessLog(logging.getLogger(ACCESS), self._call_record)
-            gw.proxy.observers.append(self.access)
+        self.apply(gw.config)
         gw.controller.replica_env = self.replica_env
         gw.controller.replica_output = self.replica_output
 
@@ -500,7 +520,44 @@ class GatewayLogging:
         self._handlers = []
         self._saved = {}
 
+    def apply(self, config: GatewayConfig) -> None:
+        """Follow a new config's access-log settings: an application's or deployment's
+        `logging_config` (the narrower wins) also governs the gateway's access lines."""
+        self._access_levels = {}
+        self._access_config = config
+        wanted = not self.settings.disable_access_log or any(
+            not replica_logging_config(config, a.name, d.name).disable_access_log
+            for a in config.applications for d in a.deployments)
+        gw = self._gw
+        if gw is None:
+            return
+        if wanted and self.access is None:
+            self.access = AccessLog(logging.getLogger(ACCESS), self._call_record)
+            gw.proxy.observers.append(self.access)
+        elif not wanted and self.access is not None:
+            if self.access in gw.proxy.observers:
+                gw.proxy.observers.remove(self.access)
+            self.access.close()
+            self.access = None
+
+    def _access_level(self, app: str, deployment: str) -> int:
+        """Lowest level of an access line kept for this deployment (above CRITICAL: none)."""
+        key = (app, deployment)
+        level = self._access_levels.get(key)
+        if level is None:
+            merged = replica_logging_config(self._access_config, app, deployment)
+            if merged.disable_access_log:
+                level = logging.CRITICAL + 1
+            else:
+                level = logging.getLevelName(merged.log_level or self.settings.log_level)
+            if len(self._access_levels) < 4096:  # names come from calls: keep it bounded
+                self._access_levels[key] = level
+        return level
+
     def _call_record(self, rec: CallRecord) -> logging.LogRecord | None:
+        level = logging.INFO if rec.code is grpc.StatusCode.OK else logging.WARNING
+        if level < self._access_level(rec.application, rec.deployment):
+            return None
         return access_record(
             logging.getLogger(ACCESS), method=rec.method, code=rec.code,
             latency_s=rec.latency_s, end_time=rec.start_time + rec.latency_s,
@@ -533,9 +590,9 @@ class GatewayLogging:
             return
         if self.console and self.replica_settings(slot.application,
                                                   slot.deployment).stream_replica_logs:
-            prefix = f"(ServeReplica:{slot.application}#{slot.deployment} pid={slot.pid})"
+            prefix = escape(f"(ServeReplica:{slot.application}#{slot.deployment} pid={slot.pid})")
             with contextlib.suppress(OSError, ValueError):
-                sys.stderr.write(f"{prefix} {text}\n")
+                sys.stderr.write(f"{prefix} {escape(text)}\n")
                 sys.stderr.flush()
             return
         logging.getLogger("gateway.replica_output").info(
@@ -841,8 +898,19 @@ def memory_profiler(logs_dir: Path | str, name: str, env: Mapping[str, str]) -> 
                     "(pip install 'grpc-observability-gateway[memray]')", ENV_MEMORY_PROFILING)
         yield None
         return
-    path = Path(logs_dir) / f"memray_{safe_name(name)}_{os.getpid()}.bin"
+    path = _free_path(Path(logs_dir), f"memray_{safe_name(name)}_{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with memray.Tracker(str(path), follow_fork=False):
         log.info("memory profiling with memray into %s", path)
         yield path
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    """`<stem>.bin`, or `<stem>.<n>.bin` if taken: a container's gateway is PID 1 on every
+    start, and memray will not overwrite the capture of an earlier run."""
+    path = folder / f"{stem}.bin"
+    n = 1
+    while path.exists() and n < 10_000:
+        path = folder / f"{stem}.{n}.bin"
+        n += 1
+    return path

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.control_auth import ControlAuthInterceptor, take_secret
 from gateway.logs import ReplicaLogging, memory_profiler
 from gateway.mux import MuxServer, capture_unary_handlers
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
@@ -115,7 +116,8 @@ def _report(fd: int, payload: dict[str, Any]) -> None:
         f.write(json.dumps(payload))
 
 
-async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None) -> int:
+async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
+                control_secret: str = "") -> int:
     user_config = json.loads(args.user_config) if args.user_config else None
     try:
         cls = load_servicer_class(args.import_path)
@@ -130,7 +132,10 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None) ->
         _report(args.report_fd, {"error": msg})
         return 1
 
-    interceptors = [logs.interceptor()] if logs is not None else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+        ControlAuthInterceptor(control_secret)]
+    if logs is not None:
+        interceptors.append(logs.interceptor())
     server = grpc.aio.server(options=channel_options(args.max_message_bytes),
                              interceptors=interceptors)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
@@ -188,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grace", type=float, default=5.0)
     p.add_argument("--parent-pid", type=int, default=0)
     args = p.parse_args(argv)
+    secret = take_secret(os.environ)
     # Settings come from the gateway through the environment, read once here at start-up.
     logs = ReplicaLogging.from_env(os.environ)
     if logs is None:
-        return asyncio.run(serve(args))
+        return asyncio.run(serve(args, control_secret=secret))
     logs.start()
     try:
         with memory_profiler(logs.settings.logs_dir, f"replica_{logs.replica_id}", os.environ):
-            return asyncio.run(serve(args, logs))
+            return asyncio.run(serve(args, logs, secret))
     finally:
         logs.stop()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from gateway.control_auth import ControlChannel
 from gateway.mux import MuxChannel
 
 
@@ -51,6 +52,7 @@ class Replica:
     """A routable replica. `in_flight` is owned by the router; the state by the controller."""
 
     __slots__ = (
+        "_bare",
         "_callables",
         "_mux",
         "address",
@@ -75,14 +77,18 @@ class Replica:
         max_message_bytes: int,
         is_local: bool,
         mux: bool = False,
+        control_secret: str | None = None,
     ) -> None:
         self.application = application
         self.deployment = deployment
         self.replica_id = replica_id
         self.address = address
         self.is_local = is_local
-        self.channel = grpc.aio.insecure_channel(
-            address, options=channel_options(max_message_bytes)
+        self._bare = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        # A local replica's control service wants its secret (gateway/control_auth.py); data
+        # calls (callable below) use the bare channel and pay nothing for it.
+        self.channel: grpc.aio.Channel = (
+            self._bare if control_secret is None else ControlChannel(self._bare, control_secret)
         )
         self.in_flight = 0
         self.state = ReplicaState.STARTING
@@ -106,7 +112,7 @@ class Replica:
                 mc = functools.partial(self._mux.unary, path)
             else:
                 # No serializers: request and response bytes pass through untouched.
-                mc = getattr(self.channel, _SHAPES[shape])(path)
+                mc = getattr(self._bare, _SHAPES[shape])(path)
             if len(self._callables) < 4096:
                 self._callables[key] = mc
         return mc

@@ -91,10 +91,12 @@ class Gateway:
         self.admin_port = 0
         """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""
         self._stopping: asyncio.Future[None] | None = None
+        self._host = config.proxy.host
 
     @property
     def address(self) -> str:
-        return f"{self.config.proxy.host}:{self.port}"
+        # The listener bound at start: a deploy changing proxy.host takes effect on restart.
+        return f"{self._host}:{self.port}"
 
     def _learn_methods(self, files: list[Any]) -> None:
         for fd in files:
@@ -112,6 +114,10 @@ class Gateway:
         """Start everything; if any part fails (a port in use), stop what did start."""
         try:
             await self._start(ready_timeout)
+        except asyncio.CancelledError:
+            # Asked to stop while starting (SIGTERM): drain what did start, with the grace.
+            await self.stop()
+            raise
         except BaseException:
             # A grpc.aio server left behind is freed after its loop has closed, and grpc's
             # shutdown then hangs joining its poller thread (seen in the test suite).
@@ -121,7 +127,12 @@ class Gateway:
     async def _start(self, ready_timeout: float) -> None:
         cfg = self.config
         self.logging.start(self)
-        server = grpc.aio.server(options=channel_options(cfg.proxy.max_message_bytes))
+        # SO_REUSEPORT (grpc's default) would let a second gateway bind this port and take
+        # part of its calls; only on when configured on purpose.
+        server = grpc.aio.server(options=[
+            *channel_options(cfg.proxy.max_message_bytes),
+            ("grpc.so_reuseport", 1 if cfg.proxy.reuse_port else 0),
+        ])
         self.server = server
         ray_serve_pb2_grpc.add_RayServeAPIServiceServicer_to_server(RayServeAPI(self), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -151,21 +162,29 @@ class Gateway:
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         ready = await self.controller.wait_ready(ready_timeout)
+        if self._stopping is not None:
+            return  # a shutdown arrived while we waited: it owns the state now
         self.state = ProxyState.HEALTHY
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if not ready:
             log.warning("not every application is running yet; serving what is")
         log.info("gateway listening on %s", self.address)
 
-    async def apply(self, config: GatewayConfig) -> None:
-        """Apply a new goal state to the running gateway."""
-        self.config = config
-        for module in config.proto_modules:
-            import importlib
+    async def apply(self, config: GatewayConfig) -> list[str]:
+        """Apply a new goal state to the running gateway; returns what does not run as asked.
 
-            self.methods.add_module(importlib.import_module(module))
+        What can fail outright (a proto module that does not import) fails before anything
+        changes, so `gateway config` never shows a config that was refused.
+        """
+        import importlib
+
+        modules = [importlib.import_module(m) for m in config.proto_modules]
+        for module in modules:
+            self.methods.add_module(module)
         self.records.apply(config)
-        await self.controller.apply(config)
+        self.config = config
+        self.logging.apply(config)
+        return await self.controller.apply(config)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new calls, let calls in flight finish within `grace`, stop replicas.

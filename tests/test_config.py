@@ -153,3 +153,79 @@ def test_cli_check_reports_errors_with_exit_code(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert "OK" in ok.stdout
+
+
+def test_default_applies_to_a_variable_set_but_empty(tmp_path: Path) -> None:
+    text = 'admin: {token: "${TOKEN:-fallback}"}\n'
+    cfg = load_config(write(tmp_path, text), env={"TOKEN": ""})
+    assert cfg.admin.token is not None and cfg.admin.token.get_secret_value() == "fallback"
+    # Plain ${VAR} keeps an empty value, as a shell does: here that is an empty token.
+    msg = error_of(tmp_path, 'admin: {token: "${TOKEN}"}\n', env={"TOKEN": ""})
+    assert "admin.token is empty" in msg
+
+
+def test_admin_beyond_loopback_needs_a_token(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "admin: {host: 0.0.0.0}\n")
+    assert "needs a token" in msg
+    cfg = load_config(write(tmp_path, "admin: {host: 0.0.0.0, token: t0k3n}\n"), env={})
+    assert cfg.admin.host == "0.0.0.0"
+
+
+def test_listeners_need_distinct_ports(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "proxy: {port: 9100}\nadmin: {port: 9100}\n")
+    assert "admin.port 9100 is also proxy.port" in msg
+    msg = error_of(tmp_path, "admin: {port: 9200}\nmetrics: {prometheus: {port: 9200}}\n")
+    assert "metrics.prometheus.port 9200 is also admin.port" in msg
+    # Port 0 (any free port) several times is fine.
+    load_config(write(tmp_path, "proxy: {port: 0}\nadmin: {port: 0}\n"), env={})
+
+
+def test_an_expanded_value_is_never_echoed_in_an_error(tmp_path: Path) -> None:
+    text = """
+applications:
+  - name: t
+    ingress: "${ARIZE_API_KEY}"
+    deployments: [{name: D, import_path: "examples.models:TextModel"}]
+"""
+    msg = error_of(tmp_path, text, env={"ARIZE_API_KEY": "sk-live-SECRET-1234"})
+    assert "sk-live-SECRET-1234" not in msg
+    assert "${ARIZE_API_KEY}" in msg
+
+
+def test_values_that_cannot_run_are_refused_by_check(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, "proxy: {max_message_bytes: 3000000000}\n")
+    assert "proxy.max_message_bytes" in msg
+    msg = error_of(tmp_path, "metrics: {latency_buckets_ms: [100, 5, 1]}\n")
+    assert "strictly increasing" in msg
+    msg = error_of(tmp_path, """
+applications:
+  - {name: t, deployments: [{name: D, targets: ["", "no port here"]}]}
+""")
+    assert "target '' must look like 'host:port'" in msg
+    msg = error_of(tmp_path, """
+applications:
+  - {name: t, deployments: [{name: D, targets: ["127.0.0.1:1"], num_replicas: 5}]}
+""")
+    assert "num_replicas 5 would be ignored" in msg
+    for bad in (":", "mod:", ":Cls", "a b:C"):
+        msg = error_of(tmp_path, f"""
+applications:
+  - {{name: t, deployments: [{{name: D, import_path: "{bad}"}}]}}
+""")
+        assert "must look like 'module:Class'" in msg
+    msg = error_of(tmp_path, """
+applications:
+  - {name: "x\\ny", deployments: [{name: D, import_path: "m:C"}]}
+""")
+    assert "contains control characters" in msg
+
+
+def test_cli_check_finds_a_module_that_does_not_exist(tmp_path: Path) -> None:
+    bad = write(tmp_path, """
+applications:
+  - {name: t, deployments: [{name: D, import_path: "no.such.module:Nope"}]}
+""")
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(bad)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 2
+    assert "module 'no.such.module' not found" in out.stderr

@@ -1,0 +1,30 @@
+"""Escaping for TEXT log lines: one record stays one line whatever a client or model sent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """`text` with every non-printable character (newline, ESC, DEL, ...) written as an
+    escape, so what a client sent cannot forge a line or drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else _ESCAPES.get(c) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        for c in text
+    )
+
+
+def escape_field(value: Any) -> str:
+    text = str(value or "-")
+    # A space would shift the positional fields after it.
+    return escape(text).replace(" ", "\\x20")
+
+
+def escape_lines(text: str) -> str:
+    """A traceback keeps its lines; control characters inside them are escaped."""
+    return "\n".join(escape(line) for line in text.split("\n"))
