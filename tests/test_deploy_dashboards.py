@@ -189,6 +189,61 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# -- queries against known series (promtool) -------------------------------------------------
+
+
+def panel_expr(uid: str, title: str, ref: str = "A") -> str:
+    (p,) = [p for p in panels(dashboards()[uid]) if p["title"] == title]
+    (t,) = [t for t in p["targets"] if t["refId"] == ref]
+    return substitute(t["expr"])
+
+
+def promtool_expect(tmp_path: Path, interval: str, series: dict[str, str],
+                    checks: list[tuple[str, str, list[tuple[str, float]]]]) -> None:
+    """`promtool test rules` of `checks` (query, eval time, [(labels, value)]) over `series`
+    (series -> promtool values notation): what a panel shows for known data."""
+    assert PROMTOOL is not None, "promtool missing (CI installs the Debian package)"
+    spec = {"rule_files": [], "evaluation_interval": interval, "tests": [{
+        "interval": interval,
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [
+            {"expr": expr, "eval_time": at,
+             "exp_samples": [{"labels": labels, "value": value} for labels, value in want]}
+            for expr, at, want in checks],
+    }]}
+    path = tmp_path / "panels_test.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_prometheus
+def test_drop_panels_count_a_reason_whose_series_appears_already_non_zero(
+    tmp_path: Path
+) -> None:
+    """The gateway may create a `{exporter, reason}` series at its first drop: the drops in
+    its first sample count (increase() alone shows 0 for them)."""
+    records = "grpc-gateway-records"
+    m = 'grpc_gateway_records_dropped_total{instance="gw:8080",job="grpc-gateway",'
+    promtool_expect(tmp_path, "15s", {
+        m + 'exporter="",reason="payload_too_large"}': "_x20 1x60",
+        m + 'exporter="arize",reason="queue_full"}': "_x20 500x60",
+        m + 'exporter="jsonl",reason="queue_full"}': "0x20 500 510 520x58",
+        m + 'exporter="jsonl",reason="shutdown"}': "0x80",
+    }, [
+        (panel_expr(records, "Records dropped in 10 minutes by exporter and reason"), "7m",
+         [('{exporter="arize",reason="queue_full"}', 500),
+          ('{exporter="jsonl",reason="queue_full"}', 520),
+          ('{exporter="jsonl",reason="shutdown"}', 0)]),
+        (panel_expr(records, "Sampled calls dropped in 10 minutes before any exporter, "
+                             "by reason"), "7m", [('{reason="payload_too_large"}', 1)]),
+        # Ten minutes on, nothing new: back to 0.
+        (panel_expr(records, "Sampled calls dropped in 10 minutes before any exporter, "
+                             "by reason"), "17m", [('{reason="payload_too_large"}', 0)]),
+    ])
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 
@@ -331,10 +386,10 @@ async def test_every_panel_returns_data_from_a_real_gateway(
     healthy = series("grpc-gateway-overview", "Healthy replicas per deployment")
     assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0}
     dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in
-               results["grpc-gateway-records", "Records dropped/s by exporter and reason", "A"]}
+               results["grpc-gateway-records", "Records dropped in 10 minutes by exporter and reason", "A"]}
     assert ("small", "queue_full") in dropped
     before = {s["metric"]["reason"] for s in results[
-        "grpc-gateway-records", "Sampled calls dropped/s before any exporter, by reason", "A"]}
+        "grpc-gateway-records", "Sampled calls dropped in 10 minutes before any exporter, by reason", "A"]}
     assert "payload_too_large" in before
     assert snap["failed"] >= 1 and snap["retries"] >= 1 and snap["exported"] >= 1, snap
 
