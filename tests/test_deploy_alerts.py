@@ -41,7 +41,8 @@ def rules() -> list[dict[str, Any]]:
 
 
 def metrics_of(expr: str) -> set[str]:
-    return set(re.findall(r"\b(?:ray_\w+|grpc_\w+|up)\b(?=\s*[{\[)])", expr))
+    """Metric names (not label names: those are followed by a matcher)."""
+    return set(re.findall(r"\b(?:ray_\w+|grpc_\w+)\b(?!\s*[=!])|\bup\b(?=\s*[{\[)])", expr))
 
 
 @needs_promtool

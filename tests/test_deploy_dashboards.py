@@ -244,6 +244,21 @@ def test_drop_panels_count_a_reason_whose_series_appears_already_non_zero(
     ])
 
 
+@needs_prometheus
+def test_restarts_panel_counts_whole_restarts_between_unaligned_scrapes(tmp_path: Path) -> None:
+    """3 restarts are 3 (increase() says 3.08 with 15 s scrapes and an unaligned window); a
+    replica first seen in the window counts from its first start."""
+    m = ('ray_serve_deployment_replica_starts_total{instance="gw:8080",job="grpc-gateway",'
+         'application="a",deployment="d",replica=')
+    promtool_expect(tmp_path, "15s", {
+        m + '"a#d#three"}': "1x43 2 3 4x60",
+        m + '"a#d#born"}': "_x56 5x30",
+        m + '"a#d#fresh"}': "_x56 1x30",
+    }, [(panel_expr("grpc-gateway-deployment", "Restarts in 10 minutes"), "20m5s", [
+        (f'{{instance="gw:8080",application="a",deployment="d",replica="a#d#{r}"}}', n)
+        for r, n in (("three", 3), ("born", 4), ("fresh", 0))])])
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 

@@ -80,6 +80,15 @@ def dropped_in_10m(by: str, match: str) -> str:
     return f"sum by ({by}) (({m} unless {m} offset 10m) or increase({m}[10m]))"
 
 
+def restarts_in_10m(match: str) -> str:
+    """Restarts per replica in the last 10 minutes as GatewayReplicaRestarts counts them: the
+    counter now minus 10 minutes ago (a replica first seen since: minus its first start), a
+    whole number where increase() would extrapolate between scrapes."""
+    m = f"ray_serve_deployment_replica_starts_total{{{match}}}"
+    return (f"sum by (instance, application, deployment, replica) "
+            f"(({m} - {m} offset 10m) or ({m} - 1 unless {m} offset 10m))")
+
+
 def per_call(histogram: str, match: str) -> str:
     """The average observation of a histogram per method (its sum over its count)."""
     return (f"{rate(histogram + '_sum', 'grpc_method', match)} / "
@@ -182,12 +191,9 @@ DEPLOYMENT = Dashboard(
             f"sum by (application, deployment, replica) "
             f"(ray_serve_deployment_replica_healthy{{{_REPLICA}}})", "{{replica}}")], "short",
             "1 healthy, 0 failing its health checks or (re)starting."),
-        Panel("Restarts in 10 minutes", [(
-            f"sum by (application, deployment, replica) "
-            f"(increase(ray_serve_deployment_replica_starts_total{{{_REPLICA}}}[10m]))",
-            "{{replica}}")], "short",
-            "What the GatewayReplicaRestarts alert watches (more than 3 by default). Ray Serve "
-            "gives a restarted replica a new id, so there this stays at 0."),
+        Panel("Restarts in 10 minutes", [(restarts_in_10m(_REPLICA), "{{replica}}")], "short",
+              "What the GatewayReplicaRestarts alert watches (more than 3 by default), counted "
+              "exactly. Ray Serve gives a restarted replica a new id, so there this stays at 0."),
         Panel("Memory per replica", [
             (f"sum by (Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}}) * 1e6",
              "RSS {{Component}} pid {{pid}}"),
