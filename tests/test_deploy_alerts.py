@@ -60,12 +60,14 @@ def test_promtool_unit_tests_of_the_alerts_pass() -> None:
 
 
 def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
-    """For each rule (an alert name may have one rule per protocol): a case where it fires, and
-    one where the series it reads are there and it must not."""
+    """For each rule (an alert name may have several, told apart by their labels: protocol,
+    calls): a case where it fires, and one where the series it reads are there and it must
+    not."""
     tests = yaml.safe_load(UNIT_TESTS.read_text())
     assert tests["rule_files"] == ["alerts.yaml"]
     for rule in rules():
-        name, protocol = rule["alert"], rule["labels"].get("protocol")
+        name = rule["alert"]
+        kind = {k: v for k, v in rule["labels"].items() if k != "severity"}
         wanted = metrics_of(rule["expr"])
         assert wanted, rule["expr"]
         fires = silent = False
@@ -77,12 +79,12 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
                 if case["alertname"] != name:
                     continue
                 mine = [a for a in case["exp_alerts"]
-                        if a["exp_labels"].get("protocol") == protocol]
+                        if all(a["exp_labels"].get(k) == v for k, v in kind.items())]
                 fires |= bool(mine) and all(
                     a["exp_labels"]["severity"] == rule["labels"]["severity"] for a in mine)
                 silent |= not case["exp_alerts"] and (wanted <= series)
-        assert fires, f"{name} ({protocol}) has no unit test where it fires"
-        assert silent, f"{name} ({protocol}) has no unit test where its series do not fire it"
+        assert fires, f"{name} {kind} has no unit test where it fires"
+        assert silent, f"{name} {kind} has no unit test where its series do not fire it"
 
 
 def test_every_alert_has_a_severity_and_runbook_text() -> None:

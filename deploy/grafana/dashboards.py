@@ -133,7 +133,9 @@ OVERVIEW = Dashboard(
         Panel("gRPC latency", quantiles("ray_serve_grpc_request_latency_ms",
                                         "application, method", f"{APP}, {METHOD}",
                                         "{{application}} {{method}}"), "ms",
-              "End to end, measured by the gateway, per application and method."),
+              "End to end, measured by the gateway, per application and method; a streaming "
+              "call counts from its start to its last message (alert GatewayHighLatencyP99 "
+              "watches streaming methods apart)."),
         Panel("HTTP latency", quantiles("ray_serve_http_request_latency_ms",
                                         "application, route", APP,
                                         "{{application}} {{route}}"), "ms"),
