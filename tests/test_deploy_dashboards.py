@@ -259,6 +259,27 @@ def test_restarts_panel_counts_whole_restarts_between_unaligned_scrapes(tmp_path
         for r, n in (("three", 3), ("born", 4), ("fresh", 0))])])
 
 
+@needs_prometheus
+def test_error_ratio_panel_reads_the_gateway_and_ray_code_labels(tmp_path: Path) -> None:
+    """The gateway labels a code `UNAVAILABLE`, Ray Serve's proxy `StatusCode.UNAVAILABLE`."""
+    promtool_expect(tmp_path, "15s", {  # the panel's rate window: 30s
+        'ray_serve_num_grpc_requests_total{application="gw",status_code="OK"}': "0+300x20",
+        'ray_serve_num_grpc_requests_total{application="gw",status_code="UNAVAILABLE"}':
+            "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="gw",error_code="UNAVAILABLE"}':
+            "0+100x20",
+        'ray_serve_num_grpc_requests_total{application="ray",status_code="StatusCode.OK"}':
+            "0+300x20",
+        'ray_serve_num_grpc_requests_total{application="ray",status_code="StatusCode.INTERNAL"}':
+            "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="ray",'
+        'error_code="StatusCode.INTERNAL"}': "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="ray",'
+        'error_code="StatusCode.CANCELLED"}': "0+100x20",
+    }, [(panel_expr("grpc-gateway-overview", "gRPC error ratio (server-side codes)"), "4m",
+         [('{application="gw"}', 0.25), ('{application="ray"}', 0.25)])])
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 
@@ -400,11 +421,12 @@ async def test_every_panel_returns_data_from_a_real_gateway(
     assert {"INTERNAL", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes
     healthy = series("grpc-gateway-overview", "Healthy replicas per deployment")
     assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0}
-    dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in
-               results["grpc-gateway-records", "Records dropped in 10 minutes by exporter and reason", "A"]}
+    dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in results[
+        "grpc-gateway-records", "Records dropped in 10 minutes by exporter and reason", "A"]}
     assert ("small", "queue_full") in dropped
     before = {s["metric"]["reason"] for s in results[
-        "grpc-gateway-records", "Sampled calls dropped in 10 minutes before any exporter, by reason", "A"]}
+        "grpc-gateway-records",
+        "Sampled calls dropped in 10 minutes before any exporter, by reason", "A"]}
     assert "payload_too_large" in before
     assert snap["failed"] >= 1 and snap["retries"] >= 1 and snap["exported"] >= 1, snap
 

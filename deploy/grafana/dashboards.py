@@ -27,8 +27,10 @@ RI = "$__rate_interval"
 APP = 'application=~"$application"'
 DEP = 'deployment=~"$deployment"'
 METHOD = 'method=~"$method"'
-SERVER_CODES = "UNKNOWN|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|INTERNAL|UNAVAILABLE|DATA_LOSS"
+SERVER_CODE_NAMES = "UNKNOWN|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|INTERNAL|UNAVAILABLE|DATA_LOSS"
 """gRPC codes that are the server's fault (as in alerts.yaml): the error-ratio panels."""
+SERVER_CODES = f"(StatusCode[.])?({SERVER_CODE_NAMES})"
+"""Their error_code values: the gateway's `UNAVAILABLE`, Ray Serve's `StatusCode.UNAVAILABLE`."""
 REPLICA_COMPONENT = 'Component=~"ray::ServeReplica:$application:$deployment"'
 GATEWAY_COMPONENT = 'Component="ray::ProxyActor"'
 
@@ -123,7 +125,7 @@ OVERVIEW = Dashboard(
             f'{METHOD}, error_code=~"{SERVER_CODES}"}}[{RI}])) / sum by (application) '
             f'(rate(ray_serve_num_grpc_requests_total{{{APP}, {METHOD}}}[{RI}]))',
             "{{application}}")], "percentunit",
-            f"Calls that failed with {SERVER_CODES.replace('|', ', ')}, over all calls: what "
+            f"Calls that failed with {SERVER_CODE_NAMES.replace('|', ', ')}, over all calls: what "
             "the GatewayHighErrorRatio alert watches (5% for 5 minutes by default)."),
         Panel("HTTP error ratio (5xx)", [(
             f'sum by (application) (rate(ray_serve_num_http_error_requests_total{{{APP}, '
