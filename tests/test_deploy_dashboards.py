@@ -280,6 +280,26 @@ def test_error_ratio_panel_reads_the_gateway_and_ray_code_labels(tmp_path: Path)
          [('{application="gw"}', 0.25), ('{application="ray"}', 0.25)])])
 
 
+@needs_prometheus
+def test_memory_per_replica_keeps_gateways_apart(tmp_path: Path) -> None:
+    """Two gateways (containers) each run a replica of a/d as pid 7: two 200 MB lines, not one
+    of 400 MB."""
+    series = {}
+    for gw in ("gw-1:8080", "gw-2:8080"):
+        labels = (f'instance="{gw}",job="grpc-gateway",Component="ray::ServeReplica:a:d",'
+                  'ip="0.0.0.0",pid="7"')
+        series[f"ray_component_rss_mb{{{labels}}}"] = "200x10"
+        series[f"ray_component_mem_shared_bytes{{{labels}}}"] = "50000000x10"
+    want = [(f'{{instance="{gw}",Component="ray::ServeReplica:a:d",pid="7"}}', 2e8)
+            for gw in ("gw-1:8080", "gw-2:8080")]
+    title = "Memory per replica"
+    promtool_expect(tmp_path, "1m", series, [
+        (panel_expr("grpc-gateway-deployment", title, "A"), "5m", want),
+        (panel_expr("grpc-gateway-deployment", title, "B"), "5m",
+         [(labels, 1.5e8) for labels, _ in want]),
+    ])
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 

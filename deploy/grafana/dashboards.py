@@ -199,13 +199,15 @@ DEPLOYMENT = Dashboard(
               "What the GatewayReplicaRestarts alert watches (more than 3 by default), counted "
               "exactly. Ray Serve gives a restarted replica a new id, so there this stays at 0."),
         Panel("Memory per replica", [
-            (f"sum by (Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}}) * 1e6",
-             "RSS {{Component}} pid {{pid}}"),
-            (f"sum by (Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}} * 1e6 - "
-             f"ray_component_mem_shared_bytes{{{REPLICA_COMPONENT}}})",
-             "RSS - shared {{Component}} pid {{pid}}"),
-        ], "bytes", "Local replica processes: resident set size, and without shared memory "
-                    "(what the process itself holds)."),
+            (f"sum by (instance, Component, pid) "
+             f"(ray_component_rss_mb{{{REPLICA_COMPONENT}}}) * 1e6",
+             "RSS {{Component}} pid {{pid}} {{instance}}"),
+            (f"sum by (instance, Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}} "
+             f"* 1e6 - ray_component_mem_shared_bytes{{{REPLICA_COMPONENT}}})",
+             "RSS - shared {{Component}} pid {{pid}} {{instance}}"),
+        ], "bytes", "Local replica processes, per gateway (pids repeat across containers): "
+                    "resident set size, and without shared memory (what the process itself "
+                    "holds)."),
         Row("Multiplexed models"),
         Panel("Multiplexed models loaded", [(
             f"sum by (application, deployment, replica) "
