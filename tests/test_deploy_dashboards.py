@@ -300,6 +300,22 @@ def test_memory_per_replica_keeps_gateways_apart(tmp_path: Path) -> None:
     ])
 
 
+@needs_prometheus
+def test_cpu_panel_reads_rays_cpu_metric_of_the_gateway_process(tmp_path: Path) -> None:
+    """"CPU" reads `ray_component_cpu_percentage{Component, ip, pid}` (Ray's name, the labels of
+    `ray_component_rss_mb`; 100 = one core) of the gateway process, one line per gateway: the
+    metric the gateway is to export (GATEWAY_GAPS until it does)."""
+    m = 'ray_component_cpu_percentage{job="grpc-gateway",ip="0.0.0.0",'
+    promtool_expect(tmp_path, "1m", {
+        m + 'instance="gw-1:8080",Component="ray::ProxyActor",pid="1"}': "150x10",
+        m + 'instance="gw-2:8080",Component="ray::ProxyActor",pid="1"}': "20x10",
+        m + 'instance="gw-1:8080",Component="ray::ServeReplica:a:d",pid="7"}': "90x10",
+    }, [(panel_expr("grpc-gateway-process", "CPU"), "5m",
+         [('{instance="gw-1:8080",pid="1"}', 150), ('{instance="gw-2:8080",pid="1"}', 20)])])
+    readme = (ROOT / "README.md").read_text()
+    assert "`ray_component_cpu_percentage{Component,ip,pid}`" in readme
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 
