@@ -123,3 +123,25 @@ def test_readme_lists_every_alert_and_dashboard() -> None:
         assert f"`{name}`" in section, name
     for path in (ROOT / "deploy" / "grafana").glob("*.json"):
         assert path.name in section, path.name
+
+
+# Drop reasons at the time of writing; any other `dropped["..."]` in the code counts too.
+KNOWN_DROP_REASONS = {"queue_full", "shutdown", "exporter_unavailable", "invalid",
+                      "payload_too_large", "decode_error", "mapper_error", "too_many_rows"}
+
+
+def test_records_dropped_runbook_explains_every_reason_the_gateway_emits() -> None:
+    emitted = set(KNOWN_DROP_REASONS)
+    for path in [*(ROOT / "gateway").rglob("*.py"), *(ROOT / "exporters").rglob("*.py")]:
+        emitted |= set(re.findall(r"""dropped\[\s*["'](\w+)["']\s*\]""", path.read_text()))
+    (rule,) = [r for r in rules() if r["alert"] == "GatewayRecordsDropped"]
+    runbook = rule["annotations"]["runbook"]
+    readme = (ROOT / "README.md").read_text()
+    (row,) = [line for line in readme.split("## Dashboards and alerts", 1)[1].splitlines()
+              if line.startswith("| `GatewayRecordsDropped`")]
+    for reason in sorted(emitted):
+        assert re.search(rf"\b{reason}:", runbook), f"runbook lacks {reason}"
+        assert f"`{reason}`" in row, f"README lacks {reason}"
+    # The intake's queue is records.queue_size, and it fills because decoding is too slow.
+    intake = runbook.split("Without an exporter", 1)[1]
+    assert "records.queue_size" in intake and "decoding" in intake
