@@ -41,7 +41,8 @@ def rules() -> list[dict[str, Any]]:
 
 
 def metrics_of(expr: str) -> set[str]:
-    return set(re.findall(r"\b(?:ray_\w+|grpc_\w+|up)\b(?=\s*[{\[)])", expr))
+    """Metric names (not label names: those are followed by a matcher)."""
+    return set(re.findall(r"\b(?:ray_\w+|grpc_\w+)\b(?!\s*[=!])|\bup\b(?=\s*[{\[)])", expr))
 
 
 @needs_promtool
@@ -59,12 +60,14 @@ def test_promtool_unit_tests_of_the_alerts_pass() -> None:
 
 
 def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
-    """For each rule (an alert name may have one rule per protocol): a case where it fires, and
-    one where the series it reads are there and it must not."""
+    """For each rule (an alert name may have several, told apart by their labels: protocol,
+    calls): a case where it fires, and one where the series it reads are there and it must
+    not."""
     tests = yaml.safe_load(UNIT_TESTS.read_text())
     assert tests["rule_files"] == ["alerts.yaml"]
     for rule in rules():
-        name, protocol = rule["alert"], rule["labels"].get("protocol")
+        name = rule["alert"]
+        kind = {k: v for k, v in rule["labels"].items() if k != "severity"}
         wanted = metrics_of(rule["expr"])
         assert wanted, rule["expr"]
         fires = silent = False
@@ -76,12 +79,12 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
                 if case["alertname"] != name:
                     continue
                 mine = [a for a in case["exp_alerts"]
-                        if a["exp_labels"].get("protocol") == protocol]
+                        if all(a["exp_labels"].get(k) == v for k, v in kind.items())]
                 fires |= bool(mine) and all(
                     a["exp_labels"]["severity"] == rule["labels"]["severity"] for a in mine)
                 silent |= not case["exp_alerts"] and (wanted <= series)
-        assert fires, f"{name} ({protocol}) has no unit test where it fires"
-        assert silent, f"{name} ({protocol}) has no unit test where its series do not fire it"
+        assert fires, f"{name} {kind} has no unit test where it fires"
+        assert silent, f"{name} {kind} has no unit test where its series do not fire it"
 
 
 def test_every_alert_has_a_severity_and_runbook_text() -> None:
@@ -120,3 +123,25 @@ def test_readme_lists_every_alert_and_dashboard() -> None:
         assert f"`{name}`" in section, name
     for path in (ROOT / "deploy" / "grafana").glob("*.json"):
         assert path.name in section, path.name
+
+
+# Drop reasons at the time of writing; any other `dropped["..."]` in the code counts too.
+KNOWN_DROP_REASONS = {"queue_full", "shutdown", "exporter_unavailable", "invalid",
+                      "payload_too_large", "decode_error", "mapper_error", "too_many_rows"}
+
+
+def test_records_dropped_runbook_explains_every_reason_the_gateway_emits() -> None:
+    emitted = set(KNOWN_DROP_REASONS)
+    for path in [*(ROOT / "gateway").rglob("*.py"), *(ROOT / "exporters").rglob("*.py")]:
+        emitted |= set(re.findall(r"""dropped\[\s*["'](\w+)["']\s*\]""", path.read_text()))
+    (rule,) = [r for r in rules() if r["alert"] == "GatewayRecordsDropped"]
+    runbook = rule["annotations"]["runbook"]
+    readme = (ROOT / "README.md").read_text()
+    (row,) = [line for line in readme.split("## Dashboards and alerts", 1)[1].splitlines()
+              if line.startswith("| `GatewayRecordsDropped`")]
+    for reason in sorted(emitted):
+        assert re.search(rf"\b{reason}:", runbook), f"runbook lacks {reason}"
+        assert f"`{reason}`" in row, f"README lacks {reason}"
+    # The intake's queue is records.queue_size, and it fills because decoding is too slow.
+    intake = runbook.split("Without an exporter", 1)[1]
+    assert "records.queue_size" in intake and "decoding" in intake

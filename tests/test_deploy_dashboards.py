@@ -189,6 +189,133 @@ def test_every_query_is_valid_promql(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+# -- queries against known series (promtool) -------------------------------------------------
+
+
+def panel_expr(uid: str, title: str, ref: str = "A") -> str:
+    (p,) = [p for p in panels(dashboards()[uid]) if p["title"] == title]
+    (t,) = [t for t in p["targets"] if t["refId"] == ref]
+    return substitute(t["expr"])
+
+
+def promtool_expect(tmp_path: Path, interval: str, series: dict[str, str],
+                    checks: list[tuple[str, str, list[tuple[str, float]]]]) -> None:
+    """`promtool test rules` of `checks` (query, eval time, [(labels, value)]) over `series`
+    (series -> promtool values notation): what a panel shows for known data."""
+    assert PROMTOOL is not None, "promtool missing (CI installs the Debian package)"
+    spec = {"rule_files": [], "evaluation_interval": interval, "tests": [{
+        "interval": interval,
+        "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [
+            {"expr": expr, "eval_time": at,
+             "exp_samples": [{"labels": labels, "value": value} for labels, value in want]}
+            for expr, at, want in checks],
+    }]}
+    path = tmp_path / "panels_test.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    r = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_prometheus
+def test_drop_panels_count_a_reason_whose_series_appears_already_non_zero(
+    tmp_path: Path
+) -> None:
+    """The gateway may create a `{exporter, reason}` series at its first drop: the drops in
+    its first sample count (increase() alone shows 0 for them)."""
+    records = "grpc-gateway-records"
+    m = 'grpc_gateway_records_dropped_total{instance="gw:8080",job="grpc-gateway",'
+    promtool_expect(tmp_path, "15s", {
+        m + 'exporter="",reason="payload_too_large"}': "_x20 1x60",
+        m + 'exporter="arize",reason="queue_full"}': "_x20 500x60",
+        m + 'exporter="jsonl",reason="queue_full"}': "0x20 500 510 520x58",
+        m + 'exporter="jsonl",reason="shutdown"}': "0x80",
+    }, [
+        (panel_expr(records, "Records dropped in 10 minutes by exporter and reason"), "7m",
+         [('{exporter="arize",reason="queue_full"}', 500),
+          ('{exporter="jsonl",reason="queue_full"}', 520),
+          ('{exporter="jsonl",reason="shutdown"}', 0)]),
+        (panel_expr(records, "Sampled calls dropped in 10 minutes before any exporter, "
+                             "by reason"), "7m", [('{reason="payload_too_large"}', 1)]),
+        # Ten minutes on, nothing new: back to 0.
+        (panel_expr(records, "Sampled calls dropped in 10 minutes before any exporter, "
+                             "by reason"), "17m", [('{reason="payload_too_large"}', 0)]),
+    ])
+
+
+@needs_prometheus
+def test_restarts_panel_counts_whole_restarts_between_unaligned_scrapes(tmp_path: Path) -> None:
+    """3 restarts are 3 (increase() says 3.08 with 15 s scrapes and an unaligned window); a
+    replica first seen in the window counts from its first start."""
+    m = ('ray_serve_deployment_replica_starts_total{instance="gw:8080",job="grpc-gateway",'
+         'application="a",deployment="d",replica=')
+    promtool_expect(tmp_path, "15s", {
+        m + '"a#d#three"}': "1x43 2 3 4x60",
+        m + '"a#d#born"}': "_x56 5x30",
+        m + '"a#d#fresh"}': "_x56 1x30",
+    }, [(panel_expr("grpc-gateway-deployment", "Restarts in 10 minutes"), "20m5s", [
+        (f'{{instance="gw:8080",application="a",deployment="d",replica="a#d#{r}"}}', n)
+        for r, n in (("three", 3), ("born", 4), ("fresh", 0))])])
+
+
+@needs_prometheus
+def test_error_ratio_panel_reads_the_gateway_and_ray_code_labels(tmp_path: Path) -> None:
+    """The gateway labels a code `UNAVAILABLE`, Ray Serve's proxy `StatusCode.UNAVAILABLE`."""
+    promtool_expect(tmp_path, "15s", {  # the panel's rate window: 30s
+        'ray_serve_num_grpc_requests_total{application="gw",status_code="OK"}': "0+300x20",
+        'ray_serve_num_grpc_requests_total{application="gw",status_code="UNAVAILABLE"}':
+            "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="gw",error_code="UNAVAILABLE"}':
+            "0+100x20",
+        'ray_serve_num_grpc_requests_total{application="ray",status_code="StatusCode.OK"}':
+            "0+300x20",
+        'ray_serve_num_grpc_requests_total{application="ray",status_code="StatusCode.INTERNAL"}':
+            "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="ray",'
+        'error_code="StatusCode.INTERNAL"}': "0+100x20",
+        'ray_serve_num_grpc_error_requests_total{application="ray",'
+        'error_code="StatusCode.CANCELLED"}': "0+100x20",
+    }, [(panel_expr("grpc-gateway-overview", "gRPC error ratio (server-side codes)"), "4m",
+         [('{application="gw"}', 0.25), ('{application="ray"}', 0.25)])])
+
+
+@needs_prometheus
+def test_memory_per_replica_keeps_gateways_apart(tmp_path: Path) -> None:
+    """Two gateways (containers) each run a replica of a/d as pid 7: two 200 MB lines, not one
+    of 400 MB."""
+    series = {}
+    for gw in ("gw-1:8080", "gw-2:8080"):
+        labels = (f'instance="{gw}",job="grpc-gateway",Component="ray::ServeReplica:a:d",'
+                  'ip="0.0.0.0",pid="7"')
+        series[f"ray_component_rss_mb{{{labels}}}"] = "200x10"
+        series[f"ray_component_mem_shared_bytes{{{labels}}}"] = "50000000x10"
+    want = [(f'{{instance="{gw}",Component="ray::ServeReplica:a:d",pid="7"}}', 2e8)
+            for gw in ("gw-1:8080", "gw-2:8080")]
+    title = "Memory per replica"
+    promtool_expect(tmp_path, "1m", series, [
+        (panel_expr("grpc-gateway-deployment", title, "A"), "5m", want),
+        (panel_expr("grpc-gateway-deployment", title, "B"), "5m",
+         [(labels, 1.5e8) for labels, _ in want]),
+    ])
+
+
+@needs_prometheus
+def test_cpu_panel_reads_rays_cpu_metric_of_the_gateway_process(tmp_path: Path) -> None:
+    """"CPU" reads `ray_component_cpu_percentage{Component, ip, pid}` (Ray's name, the labels of
+    `ray_component_rss_mb`; 100 = one core) of the gateway process, one line per gateway: the
+    metric the gateway is to export (GATEWAY_GAPS until it does)."""
+    m = 'ray_component_cpu_percentage{job="grpc-gateway",ip="0.0.0.0",'
+    promtool_expect(tmp_path, "1m", {
+        m + 'instance="gw-1:8080",Component="ray::ProxyActor",pid="1"}': "150x10",
+        m + 'instance="gw-2:8080",Component="ray::ProxyActor",pid="1"}': "20x10",
+        m + 'instance="gw-1:8080",Component="ray::ServeReplica:a:d",pid="7"}': "90x10",
+    }, [(panel_expr("grpc-gateway-process", "CPU"), "5m",
+         [('{instance="gw-1:8080",pid="1"}', 150), ('{instance="gw-2:8080",pid="1"}', 20)])])
+    readme = (ROOT / "README.md").read_text()
+    assert "`ray_component_cpu_percentage{Component,ip,pid}`" in readme
+
+
 # -- against a real gateway ------------------------------------------------------------------
 
 
@@ -330,11 +457,12 @@ async def test_every_panel_returns_data_from_a_real_gateway(
     assert {"INTERNAL", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes
     healthy = series("grpc-gateway-overview", "Healthy replicas per deployment")
     assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0}
-    dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in
-               results["grpc-gateway-records", "Records dropped/s by exporter and reason", "A"]}
+    dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in results[
+        "grpc-gateway-records", "Records dropped in 10 minutes by exporter and reason", "A"]}
     assert ("small", "queue_full") in dropped
     before = {s["metric"]["reason"] for s in results[
-        "grpc-gateway-records", "Sampled calls dropped/s before any exporter, by reason", "A"]}
+        "grpc-gateway-records",
+        "Sampled calls dropped in 10 minutes before any exporter, by reason", "A"]}
     assert "payload_too_large" in before
     assert snap["failed"] >= 1 and snap["retries"] >= 1 and snap["exported"] >= 1, snap
 

@@ -27,8 +27,10 @@ RI = "$__rate_interval"
 APP = 'application=~"$application"'
 DEP = 'deployment=~"$deployment"'
 METHOD = 'method=~"$method"'
-SERVER_CODES = "UNKNOWN|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|INTERNAL|UNAVAILABLE|DATA_LOSS"
+SERVER_CODE_NAMES = "UNKNOWN|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|INTERNAL|UNAVAILABLE|DATA_LOSS"
 """gRPC codes that are the server's fault (as in alerts.yaml): the error-ratio panels."""
+SERVER_CODES = f"(StatusCode[.])?({SERVER_CODE_NAMES})"
+"""Their error_code values: the gateway's `UNAVAILABLE`, Ray Serve's `StatusCode.UNAVAILABLE`."""
 REPLICA_COMPONENT = 'Component=~"ray::ServeReplica:$application:$deployment"'
 GATEWAY_COMPONENT = 'Component="ray::ProxyActor"'
 
@@ -73,6 +75,22 @@ def rate(metric: str, by: str, match: str = "") -> str:
     return f"sum by ({by}) (rate({metric}{{{match}}}[{RI}]))"
 
 
+def dropped_in_10m(by: str, match: str) -> str:
+    """Drops in the last 10 minutes, as GatewayRecordsDropped counts them: a series born in
+    the window (a reason counted from its first drop) counts whole, where increase() sees 0."""
+    m = f"grpc_gateway_records_dropped_total{{{match}}}"
+    return f"sum by ({by}) (({m} unless {m} offset 10m) or increase({m}[10m]))"
+
+
+def restarts_in_10m(match: str) -> str:
+    """Restarts per replica in the last 10 minutes as GatewayReplicaRestarts counts them: the
+    counter now minus 10 minutes ago (a replica first seen since: minus its first start), a
+    whole number where increase() would extrapolate between scrapes."""
+    m = f"ray_serve_deployment_replica_starts_total{{{match}}}"
+    return (f"sum by (instance, application, deployment, replica) "
+            f"(({m} - {m} offset 10m) or ({m} - 1 unless {m} offset 10m))")
+
+
 def per_call(histogram: str, match: str) -> str:
     """The average observation of a histogram per method (its sum over its count)."""
     return (f"{rate(histogram + '_sum', 'grpc_method', match)} / "
@@ -107,7 +125,7 @@ OVERVIEW = Dashboard(
             f'{METHOD}, error_code=~"{SERVER_CODES}"}}[{RI}])) / sum by (application) '
             f'(rate(ray_serve_num_grpc_requests_total{{{APP}, {METHOD}}}[{RI}]))',
             "{{application}}")], "percentunit",
-            f"Calls that failed with {SERVER_CODES.replace('|', ', ')}, over all calls: what "
+            f"Calls that failed with {SERVER_CODE_NAMES.replace('|', ', ')}, over all calls: what "
             "the GatewayHighErrorRatio alert watches (5% for 5 minutes by default)."),
         Panel("HTTP error ratio (5xx)", [(
             f'sum by (application) (rate(ray_serve_num_http_error_requests_total{{{APP}, '
@@ -117,7 +135,9 @@ OVERVIEW = Dashboard(
         Panel("gRPC latency", quantiles("ray_serve_grpc_request_latency_ms",
                                         "application, method", f"{APP}, {METHOD}",
                                         "{{application}} {{method}}"), "ms",
-              "End to end, measured by the gateway, per application and method."),
+              "End to end, measured by the gateway, per application and method; a streaming "
+              "call counts from its start to its last message (alert GatewayHighLatencyP99 "
+              "watches streaming methods apart)."),
         Panel("HTTP latency", quantiles("ray_serve_http_request_latency_ms",
                                         "application, route", APP,
                                         "{{application}} {{route}}"), "ms"),
@@ -175,20 +195,19 @@ DEPLOYMENT = Dashboard(
             f"sum by (application, deployment, replica) "
             f"(ray_serve_deployment_replica_healthy{{{_REPLICA}}})", "{{replica}}")], "short",
             "1 healthy, 0 failing its health checks or (re)starting."),
-        Panel("Restarts in 10 minutes", [(
-            f"sum by (application, deployment, replica) "
-            f"(increase(ray_serve_deployment_replica_starts_total{{{_REPLICA}}}[10m]))",
-            "{{replica}}")], "short",
-            "What the GatewayReplicaRestarts alert watches (more than 3 by default). Ray Serve "
-            "gives a restarted replica a new id, so there this stays at 0."),
+        Panel("Restarts in 10 minutes", [(restarts_in_10m(_REPLICA), "{{replica}}")], "short",
+              "What the GatewayReplicaRestarts alert watches (more than 3 by default), counted "
+              "exactly. Ray Serve gives a restarted replica a new id, so there this stays at 0."),
         Panel("Memory per replica", [
-            (f"sum by (Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}}) * 1e6",
-             "RSS {{Component}} pid {{pid}}"),
-            (f"sum by (Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}} * 1e6 - "
-             f"ray_component_mem_shared_bytes{{{REPLICA_COMPONENT}}})",
-             "RSS - shared {{Component}} pid {{pid}}"),
-        ], "bytes", "Local replica processes: resident set size, and without shared memory "
-                    "(what the process itself holds)."),
+            (f"sum by (instance, Component, pid) "
+             f"(ray_component_rss_mb{{{REPLICA_COMPONENT}}}) * 1e6",
+             "RSS {{Component}} pid {{pid}} {{instance}}"),
+            (f"sum by (instance, Component, pid) (ray_component_rss_mb{{{REPLICA_COMPONENT}}} "
+             f"* 1e6 - ray_component_mem_shared_bytes{{{REPLICA_COMPONENT}}})",
+             "RSS - shared {{Component}} pid {{pid}} {{instance}}"),
+        ], "bytes", "Local replica processes, per gateway (pids repeat across containers): "
+                    "resident set size, and without shared memory (what the process itself "
+                    "holds)."),
         Row("Multiplexed models"),
         Panel("Multiplexed models loaded", [(
             f"sum by (application, deployment, replica) "
@@ -223,16 +242,16 @@ RECORDS = Dashboard(
                                            _EXP), "{{exporter}}")], "ops",
               "Extra attempts after connection errors, 429 and 5xx: a slow or failing "
               "destination shows here first.", ray=False),
-        Panel("Records dropped/s by exporter and reason", [(
-            rate("grpc_gateway_records_dropped_total", "exporter, reason",
-                 f'{_EXP}, exporter!=""'), "{{exporter}} {{reason}}")], "ops",
-            "Records an exporter never sent (queue_full, shutdown, ...; alert "
-            "GatewayRecordsDropped).", ray=False),
-        Panel("Sampled calls dropped/s before any exporter, by reason", [(
-            rate("grpc_gateway_records_dropped_total", "reason", 'exporter=""'),
-            "{{reason}}")], "ops",
-            "Sampled calls that made no record (payload_too_large, decode_error, mapper_error, "
-            "queue_full of the intake, ...).", ray=False),
+        Panel("Records dropped in 10 minutes by exporter and reason", [(
+            dropped_in_10m("exporter, reason", f'{_EXP}, exporter!=""'),
+            "{{exporter}} {{reason}}")], "short",
+            "Records an exporter never sent (queue_full, shutdown, exporter_unavailable, "
+            "invalid): what the GatewayRecordsDropped alert counts.", ray=False),
+        Panel("Sampled calls dropped in 10 minutes before any exporter, by reason", [(
+            dropped_in_10m("reason", 'exporter=""'), "{{reason}}")], "short",
+            "Sampled calls that made no record, or lost rows (payload_too_large, queue_full of "
+            "the intake, decode_error, mapper_error, too_many_rows): what the "
+            "GatewayRecordsDropped alert counts.", ray=False),
         Row("Queues"),
         Panel("Exporter queue depth", [(
             f"max by (instance, exporter) (grpc_gateway_records_queue_depth{{{_EXP}}})",
