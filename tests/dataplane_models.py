@@ -31,6 +31,25 @@ class SyncText(text_model_pb2_grpc.TextModelServicer):
             self.barrier.wait()
         return PredictResponse(label="ok", replica=threading.current_thread().name)
 
+    def PredictStream(self, request: Any, context: Any) -> Any:
+        for i in range(request.repeat):
+            if request.fail_code and i == 1:
+                context.abort(grpc.StatusCode.NOT_FOUND, "stream aborted")
+            yield PredictResponse(label="stream", index=i)
+
+    def PredictBatch(self, request_iterator: Any, context: Any) -> Any:
+        texts = [r.text for r in request_iterator]
+        if "fail" in texts:
+            context.abort(grpc.StatusCode.NOT_FOUND, "batch aborted")
+        return PredictResponse(label=" ".join(texts))
+
+    def Chat(self, request_iterator: Any, context: Any) -> Any:
+        # Reads all requests first: an abort while the client still sends races in the gateway.
+        for i, r in enumerate(list(request_iterator)):
+            if r.text == "fail":
+                context.abort(grpc.StatusCode.NOT_FOUND, "chat aborted")
+            yield PredictResponse(label=r.text, index=i)
+
 
 class Hooks(TextModel):
     """Done callbacks and initial metadata, through every transport."""

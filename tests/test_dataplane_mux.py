@@ -96,6 +96,48 @@ async def test_sync_servicer_methods_run_on_threads(start_gateway: Any) -> None:
         assert all(r.replica != "MainThread" for r in results)
 
 
+async def messages(call: Any) -> tuple[list[str], str]:
+    """The labels a streaming call received, and how it ended."""
+    got: list[str] = []
+    try:
+        async for m in call:
+            got.append(m.label)
+        return got, "OK"
+    except grpc.aio.AioRpcError as e:
+        return got, f"{e.code().name}: {e.details()}"
+
+
+async def test_sync_streaming_methods_stream_and_abort(start_gateway: Any) -> None:
+    """9b item 1: plain methods of every shape send their messages; abort() ends the call
+    with its code after the messages sent before it, as on a plain grpc.aio server."""
+    async with start_gateway([app("sync", "SyncText")]) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        sync = md("sync")
+
+        async def reqs(*texts: str) -> Any:
+            for t in texts:
+                yield PredictRequest(text=t)
+
+        assert await outcome(stub.Predict(PredictRequest(fail_code=5), metadata=sync,
+                                          timeout=10)) == "NOT_FOUND: no such model"
+        got = await messages(stub.PredictStream(PredictRequest(repeat=3), metadata=sync,
+                                                timeout=10))
+        assert got == (["stream"] * 3, "OK")
+        r = await stub.PredictBatch(reqs("a", "b"), metadata=sync, timeout=10)
+        assert r.label == "a b"
+        assert await outcome(stub.PredictBatch(reqs("a", "fail"), metadata=sync,
+                                               timeout=10)) == "NOT_FOUND: batch aborted"
+        got = await messages(stub.Chat(reqs("a", "b"), metadata=sync, timeout=10))
+        assert got == (["a", "b"], "OK")
+        for _ in range(5):  # the abort follows a message still on its way: no race
+            got = await messages(stub.PredictStream(PredictRequest(repeat=3, fail_code=5),
+                                                    metadata=sync, timeout=10))
+            assert got == (["stream"], "NOT_FOUND: stream aborted")
+            got = await messages(stub.Chat(reqs("a", "fail", "c"), metadata=sync, timeout=10))
+            assert got == (["a"], "NOT_FOUND: chat aborted")
+
+
 async def test_done_callbacks_fire(start_gateway: Any) -> None:
     """Item 6: context.add_done_callback runs when a call ends, whichever transport."""
     async with start_gateway([app("hooks", "Hooks")]) as gw, \
