@@ -71,6 +71,38 @@ class Hooks(TextModel):
             yield PredictResponse(label="ok", index=i)
 
 
+class Mistakes(TextModel):
+    """Servicer bugs grpc answers at once (UNKNOWN); `text` picks one. "count": done callbacks."""
+
+    done = 0
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        t = request.text
+        if t == "count":
+            return PredictResponse(label=str(Mistakes.done))
+        context.add_done_callback(lambda _ctx: setattr(Mistakes, "done", Mistakes.done + 1))
+        if t == "dict":
+            return {"label": "not a message"}
+        if t == "md-int-key":
+            context.set_trailing_metadata(((1, "v"),))
+        elif t == "md-not-pairs":
+            context.set_trailing_metadata((("x-a",),))
+        elif t == "initial-md-bad":
+            await context.send_initial_metadata(((2, 3),))
+        elif t == "set-code-int":
+            context.set_code(5)
+            return None
+        elif t == "details-int":
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(404)
+        return PredictResponse(label="ok")
+
+
+class SyncMistakes(text_model_pb2_grpc.TextModelServicer):
+    def Predict(self, request: Any, context: Any) -> Any:
+        return {"label": "not a message"}
+
+
 class Echo(TextModel):
     """Answers with the request's text (`repeat` > 0: that many bytes), after `sleep_s`."""
 

@@ -138,6 +138,45 @@ async def test_sync_streaming_methods_stream_and_abort(start_gateway: Any) -> No
             assert got == (["a"], "NOT_FOUND: chat aborted")
 
 
+async def test_servicer_mistakes_get_an_answer_and_free_the_slot(start_gateway: Any) -> None:
+    """9b item 2: a return value or status the replica cannot send is answered at once, as
+    over plain gRPC, even without a deadline; the call's slot and done callbacks follow."""
+    apps = [app("bad", "Mistakes", max_ongoing_requests=1),
+            app("sync", "SyncMistakes", max_ongoing_requests=1)]
+    async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+
+        async def call(name: str, text: str) -> str:
+            # No deadline: a missing answer would hang; bounded here instead.
+            return await asyncio.wait_for(
+                outcome(stub.Predict(PredictRequest(text=text), metadata=md(name))), 10)
+
+        unexpected = "UNKNOWN: Unexpected <class"
+        not_a_message = ("UNKNOWN: Unexpected <class 'TypeError'>: descriptor 'SerializeToString'"
+                         " for 'google._upb._message.Message' objects doesn't apply to a 'dict'"
+                         " object")
+        for text in ("dict", "md-int-key", "md-not-pairs", "initial-md-bad"):
+            got = await call("bad", text)
+            assert got.startswith(unexpected), (text, got)
+        assert await call("sync", "dict") == not_a_message
+        assert await call("bad", "set-code-int") == "NOT_FOUND: "
+        got = await call("bad", "details-int")
+        assert got.startswith("NOT_FOUND: Unexpected <class 'TypeError'>"), got
+        # max_ongoing_requests=1: a slot still held would queue these until their deadline.
+        assert await outcome(stub.Predict(PredictRequest(text="fine"), metadata=md("bad"),
+                                          timeout=5)) == "OK"
+        assert await outcome(stub.Predict(PredictRequest(text="fine"), metadata=md("sync"),
+                                          timeout=5)) == not_a_message
+        count = ""
+        for _ in range(50):  # over plain gRPC the callbacks run just after the call ends
+            r = await stub.Predict(PredictRequest(text="count"), metadata=md("bad"), timeout=5)
+            count = r.label
+            if count == "7":
+                break
+            await asyncio.sleep(0.1)
+        assert count == "7"  # one per call above
+
+
 async def test_done_callbacks_fire(start_gateway: Any) -> None:
     """Item 6: context.add_done_callback runs when a call ends, whichever transport."""
     async with start_gateway([app("hooks", "Hooks")]) as gw, \
