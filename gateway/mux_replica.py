@@ -390,8 +390,11 @@ class MuxServer:
                     result = await result
         except _Abort:
             return _status(ctx._code), ctx._details, b""
-        except TimeoutError:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", b""
+        except TimeoutError as e:
+            if ctx._deadline is not None and time.monotonic() >= ctx._deadline:
+                return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", b""
+            # The method's own TimeoutError (a backend's, say): as any other exception.
+            return (*_unexpected(frame, e), b"")
         except asyncio.CancelledError:
             # Cancelled by the gateway (then nobody reads this), or the method's own await
             # was cancelled: grpc answers that with CANCELLED too.

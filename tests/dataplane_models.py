@@ -83,6 +83,10 @@ class Mistakes(TextModel):
         context.add_done_callback(lambda _ctx: setattr(Mistakes, "done", Mistakes.done + 1))
         if t == "dict":
             return {"label": "not a message"}
+        if t == "timeout":  # the method's own, not the call's deadline
+            raise TimeoutError("backend timed out")
+        if t == "wait-for":
+            await asyncio.wait_for(asyncio.sleep(5), 0.01)
         if t == "md-int-key":
             context.set_trailing_metadata(((1, "v"),))
         elif t == "md-not-pairs":
@@ -100,6 +104,10 @@ class Mistakes(TextModel):
 
 class SyncMistakes(text_model_pb2_grpc.TextModelServicer):
     def Predict(self, request: Any, context: Any) -> Any:
+        if request.text == "timeout":
+            raise TimeoutError("backend timed out")
+        if request.text == "sleep":
+            time.sleep(1)
         return {"label": "not a message"}
 
 

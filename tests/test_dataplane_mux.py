@@ -177,6 +177,25 @@ async def test_servicer_mistakes_get_an_answer_and_free_the_slot(start_gateway: 
         assert count == "7"  # one per call above
 
 
+async def test_servicer_timeout_error_is_not_the_deadline(start_gateway: Any) -> None:
+    """9b item 3: a TimeoutError the method raises itself is UNKNOWN, as over plain gRPC;
+    only the call's own deadline is DEADLINE_EXCEEDED."""
+    apps = [app("bad", "Mistakes"), app("sync", "SyncMistakes")]
+    async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        own = "UNKNOWN: Unexpected <class 'TimeoutError'>: "
+        for timeout in (None, 10.0):
+            for name, text, details in (("bad", "timeout", "backend timed out"),
+                                        ("bad", "wait-for", ""),
+                                        ("sync", "timeout", "backend timed out")):
+                got = await asyncio.wait_for(outcome(stub.Predict(
+                    PredictRequest(text=text), metadata=md(name), timeout=timeout)), 10)
+                assert got == own + details, (name, text, timeout)
+        got = await outcome(stub.Predict(PredictRequest(text="sleep"), metadata=md("sync"),
+                                         timeout=0.3))
+        assert got.startswith("DEADLINE_EXCEEDED"), got
+
+
 async def test_done_callbacks_fire(start_gateway: Any) -> None:
     """Item 6: context.add_done_callback runs when a call ends, whichever transport."""
     async with start_gateway([app("hooks", "Hooks")]) as gw, \
