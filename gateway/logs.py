@@ -865,6 +865,7 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             token, rid, t0 = begin(context)
             exc: BaseException | None = None
+            result: Any = None
             try:
                 result = inner_s(request, context)
                 if hasattr(result, "__aiter__"):
@@ -874,6 +875,10 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await result  # a handler that writes with context.write()
             except BaseException as e:
                 exc = e
+                if isinstance(e, GeneratorExit) and hasattr(result, "aclose"):
+                    # Closed mid-stream (cancelled): close the method's generator now, not
+                    # whenever it is collected, so a plain one's thread stops at once.
+                    await result.aclose()
                 raise
             finally:
                 end(token, rid, t0, exc, context)

@@ -21,8 +21,11 @@ class SyncText(text_model_pb2_grpc.TextModelServicer):
     """Plain (sync) methods, as the generated base class declares them."""
 
     barrier = threading.Barrier(2, timeout=10)
+    closed = 0
 
     def Predict(self, request: Any, context: Any) -> Any:
+        if request.text == "closed":
+            return PredictResponse(label=str(SyncText.closed))
         if request.fail_code:
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
             return PredictResponse(label="abort did not stop the method")
@@ -32,10 +35,13 @@ class SyncText(text_model_pb2_grpc.TextModelServicer):
         return PredictResponse(label="ok", replica=threading.current_thread().name)
 
     def PredictStream(self, request: Any, context: Any) -> Any:
-        for i in range(request.repeat):
-            if request.fail_code and i == 1:
-                context.abort(grpc.StatusCode.NOT_FOUND, "stream aborted")
-            yield PredictResponse(label="stream", index=i)
+        try:
+            for i in range(request.repeat):
+                if request.fail_code and i == 1:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "stream aborted")
+                yield PredictResponse(label="stream", index=i)
+        finally:
+            SyncText.closed += 1
 
     def PredictBatch(self, request_iterator: Any, context: Any) -> Any:
         texts = [r.text for r in request_iterator]

@@ -136,6 +136,18 @@ async def test_sync_streaming_methods_stream_and_abort(start_gateway: Any) -> No
             assert got == (["stream"], "NOT_FOUND: stream aborted")
             got = await messages(stub.Chat(reqs("a", "fail", "c"), metadata=sync, timeout=10))
             assert got == (["a"], "NOT_FOUND: chat aborted")
+        # A cancelled endless stream stops its generator (its thread goes back to the pool).
+        closed = int((await stub.Predict(PredictRequest(text="closed"), metadata=sync)).label)
+        call = stub.PredictStream(PredictRequest(repeat=1 << 30), metadata=sync, timeout=10)
+        assert (await call.read()).label == "stream"
+        call.cancel()
+        now = closed
+        for _ in range(50):
+            now = int((await stub.Predict(PredictRequest(text="closed"), metadata=sync)).label)
+            if now > closed:
+                break
+            await asyncio.sleep(0.1)
+        assert now == closed + 1
 
 
 async def test_servicer_mistakes_get_an_answer_and_free_the_slot(start_gateway: Any) -> None:
