@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime
+import functools
 import inspect
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import grpc
 
 from gateway.log_escape import escape, escape_field, escape_lines
+from gateway.sync_stream import sync_stream
 
 if TYPE_CHECKING:
     # Types only: a replica process imports this module and should not pay for pydantic.
@@ -852,10 +854,18 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                         response_serializer=h.response_serializer)
 
         inner_s = h.stream_stream if h.request_streaming else h.unary_stream
+        make_s = (grpc.stream_stream_rpc_method_handler if h.request_streaming
+                  else grpc.unary_stream_rpc_method_handler)
+
+        if not (inspect.iscoroutinefunction(inner_s) or inspect.isasyncgenfunction(inner_s)):
+            # A plain generator: run on an executor thread as grpc.aio would, its abort() sent
+            # in order after the messages before it (gateway/sync_stream.py).
+            inner_s = functools.partial(sync_stream, inner_s)
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
             token, rid, t0 = begin(context)
             exc: BaseException | None = None
+            result: Any = None
             try:
                 result = inner_s(request, context)
                 if hasattr(result, "__aiter__"):
@@ -865,12 +875,14 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     await result  # a handler that writes with context.write()
             except BaseException as e:
                 exc = e
+                if isinstance(e, GeneratorExit) and hasattr(result, "aclose"):
+                    # Closed mid-stream (cancelled): close the method's generator now, not
+                    # whenever it is collected, so a plain one's thread stops at once.
+                    await result.aclose()
                 raise
             finally:
                 end(token, rid, t0, exc, context)
 
-        make_s = (grpc.stream_stream_rpc_method_handler if h.request_streaming
-                  else grpc.unary_stream_rpc_method_handler)
         return make_s(stream, request_deserializer=h.request_deserializer,
                       response_serializer=h.response_serializer)
 

@@ -82,6 +82,9 @@ class MuxContext:
         self._code = code
 
     def set_details(self, details: str) -> None:
+        if not isinstance(details, str):  # refused here, as grpc does
+            raise TypeError(f"Argument 'details' has incorrect type (expected str, got "
+                            f"{type(details).__name__})")
         self._details = details
 
     def code(self) -> grpc.StatusCode | None:
@@ -223,6 +226,23 @@ def capture_unary_handlers(registrars: list[Any], servicer: Any) -> dict[str, An
     }
 
 
+def _status(code: Any) -> grpc.StatusCode:
+    """The status for a code a servicer set: a StatusCode, or its number as grpc accepts."""
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c
+    return grpc.StatusCode.UNKNOWN
+
+
+def _unexpected(frame: pb.MuxFrame, e: Exception) -> tuple[grpc.StatusCode, str]:
+    """A servicer bug: logged, and answered as grpc does."""
+    log.exception("servicer method %s raised", frame.method)
+    return grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}"
+
+
 def _drop(running: dict[int, Any], call_id: int, _task: Any) -> None:
     running.pop(call_id, None)
 
@@ -323,10 +343,10 @@ class MuxServer:
         ctx._finish()
         if ctx.cancelled_flag:
             return  # the gateway cancelled it: nobody waits for an answer
-        keys, values = to_lists(ctx.trailing_metadata())
-        ikeys, ivalues = to_lists(ctx._initial)
-        await done(
-            pb.MuxFrame(
+        try:
+            keys, values = to_lists(ctx.trailing_metadata())
+            ikeys, ivalues = to_lists(ctx._initial)
+            result = pb.MuxFrame(
                 call_id=frame.call_id,
                 kind=RESULT,
                 code=code.value[0],
@@ -337,7 +357,14 @@ class MuxServer:
                 initial_md_keys=ikeys,
                 initial_md_values=ivalues,
             )
-        )
+        except Exception as e:
+            # Status or metadata the servicer set that grpc would refuse too: the call still
+            # gets its answer, as over plain gRPC (a missing one would hold its slot forever).
+            code, details = _unexpected(frame, e)
+            result = pb.MuxFrame(
+                call_id=frame.call_id, kind=RESULT, code=code.value[0], details=details
+            )
+        await done(result)
         if self.on_call is not None:
             try:
                 self.on_call(frame.method, ctx, code, time.perf_counter() - t0)
@@ -362,21 +389,31 @@ class MuxServer:
                 else:
                     result = await result
         except _Abort:
-            return ctx._code or grpc.StatusCode.UNKNOWN, ctx._details, b""
-        except TimeoutError:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", b""
+            return _status(ctx._code), ctx._details, b""
+        except TimeoutError as e:
+            if ctx._deadline is not None and time.monotonic() >= ctx._deadline:
+                return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", b""
+            # The method's own TimeoutError (a backend's, say): as any other exception.
+            return (*_unexpected(frame, e), b"")
         except asyncio.CancelledError:
             # Cancelled by the gateway (then nobody reads this), or the method's own await
             # was cancelled: grpc answers that with CANCELLED too.
             return grpc.StatusCode.CANCELLED, "Cancelled", b""
         except Exception as e:
-            log.exception("servicer method %s raised", frame.method)
-            return grpc.StatusCode.UNKNOWN, f"Unexpected {type(e)}: {e}", b""
+            code, details = _unexpected(frame, e)
+            if ctx._code is not None and ctx._code is not grpc.StatusCode.OK:
+                code = _status(ctx._code)  # grpc keeps a code the method set before it raised
+            return code, details, b""
         if ctx._code is not None and ctx._code is not grpc.StatusCode.OK:
-            return ctx._code, ctx._details, b""
+            code = _status(ctx._code)
+            if code is not grpc.StatusCode.OK:
+                return code, ctx._details, b""
         if result is None:
             return grpc.StatusCode.INTERNAL, "servicer returned no response", b""
-        payload = handler.response_serializer(result)
+        try:
+            payload = handler.response_serializer(result)
+        except Exception as e:  # the method returned something else than its response type
+            return (*_unexpected(frame, e), b"")
         if len(payload) > self.max_message_bytes:
             return (
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -21,8 +21,11 @@ class SyncText(text_model_pb2_grpc.TextModelServicer):
     """Plain (sync) methods, as the generated base class declares them."""
 
     barrier = threading.Barrier(2, timeout=10)
+    closed = 0
 
     def Predict(self, request: Any, context: Any) -> Any:
+        if request.text == "closed":
+            return PredictResponse(label=str(SyncText.closed))
         if request.fail_code:
             context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
             return PredictResponse(label="abort did not stop the method")
@@ -30,6 +33,28 @@ class SyncText(text_model_pb2_grpc.TextModelServicer):
             # Passes only when two calls run at the same time, on two threads.
             self.barrier.wait()
         return PredictResponse(label="ok", replica=threading.current_thread().name)
+
+    def PredictStream(self, request: Any, context: Any) -> Any:
+        try:
+            for i in range(request.repeat):
+                if request.fail_code and i == 1:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "stream aborted")
+                yield PredictResponse(label="stream", index=i)
+        finally:
+            SyncText.closed += 1
+
+    def PredictBatch(self, request_iterator: Any, context: Any) -> Any:
+        texts = [r.text for r in request_iterator]
+        if "fail" in texts:
+            context.abort(grpc.StatusCode.NOT_FOUND, "batch aborted")
+        return PredictResponse(label=" ".join(texts))
+
+    def Chat(self, request_iterator: Any, context: Any) -> Any:
+        # Reads all requests first: an abort while the client still sends races in the gateway.
+        for i, r in enumerate(list(request_iterator)):
+            if r.text == "fail":
+                context.abort(grpc.StatusCode.NOT_FOUND, "chat aborted")
+            yield PredictResponse(label=r.text, index=i)
 
 
 class Hooks(TextModel):
@@ -50,6 +75,46 @@ class Hooks(TextModel):
         await context.send_initial_metadata((("x-model-version", "7"),))
         for i in range(2):
             yield PredictResponse(label="ok", index=i)
+
+
+class Mistakes(TextModel):
+    """Servicer bugs grpc answers at once (UNKNOWN); `text` picks one. "count": done callbacks."""
+
+    done = 0
+
+    async def Predict(self, request: Any, context: Any) -> Any:
+        t = request.text
+        if t == "count":
+            return PredictResponse(label=str(Mistakes.done))
+        context.add_done_callback(lambda _ctx: setattr(Mistakes, "done", Mistakes.done + 1))
+        if t == "dict":
+            return {"label": "not a message"}
+        if t == "timeout":  # the method's own, not the call's deadline
+            raise TimeoutError("backend timed out")
+        if t == "wait-for":
+            await asyncio.wait_for(asyncio.sleep(5), 0.01)
+        if t == "md-int-key":
+            context.set_trailing_metadata(((1, "v"),))
+        elif t == "md-not-pairs":
+            context.set_trailing_metadata((("x-a",),))
+        elif t == "initial-md-bad":
+            await context.send_initial_metadata(((2, 3),))
+        elif t == "set-code-int":
+            context.set_code(5)
+            return None
+        elif t == "details-int":
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(404)
+        return PredictResponse(label="ok")
+
+
+class SyncMistakes(text_model_pb2_grpc.TextModelServicer):
+    def Predict(self, request: Any, context: Any) -> Any:
+        if request.text == "timeout":
+            raise TimeoutError("backend timed out")
+        if request.text == "sleep":
+            time.sleep(1)
+        return {"label": "not a message"}
 
 
 class Echo(TextModel):

@@ -96,6 +96,118 @@ async def test_sync_servicer_methods_run_on_threads(start_gateway: Any) -> None:
         assert all(r.replica != "MainThread" for r in results)
 
 
+async def messages(call: Any) -> tuple[list[str], str]:
+    """The labels a streaming call received, and how it ended."""
+    got: list[str] = []
+    try:
+        async for m in call:
+            got.append(m.label)
+        return got, "OK"
+    except grpc.aio.AioRpcError as e:
+        return got, f"{e.code().name}: {e.details()}"
+
+
+async def test_sync_streaming_methods_stream_and_abort(start_gateway: Any) -> None:
+    """9b item 1: plain methods of every shape send their messages; abort() ends the call
+    with its code after the messages sent before it, as on a plain grpc.aio server."""
+    async with start_gateway([app("sync", "SyncText")]) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        sync = md("sync")
+
+        async def reqs(*texts: str) -> Any:
+            for t in texts:
+                yield PredictRequest(text=t)
+
+        assert await outcome(stub.Predict(PredictRequest(fail_code=5), metadata=sync,
+                                          timeout=10)) == "NOT_FOUND: no such model"
+        got = await messages(stub.PredictStream(PredictRequest(repeat=3), metadata=sync,
+                                                timeout=10))
+        assert got == (["stream"] * 3, "OK")
+        r = await stub.PredictBatch(reqs("a", "b"), metadata=sync, timeout=10)
+        assert r.label == "a b"
+        assert await outcome(stub.PredictBatch(reqs("a", "fail"), metadata=sync,
+                                               timeout=10)) == "NOT_FOUND: batch aborted"
+        got = await messages(stub.Chat(reqs("a", "b"), metadata=sync, timeout=10))
+        assert got == (["a", "b"], "OK")
+        for _ in range(5):  # the abort follows a message still on its way: no race
+            got = await messages(stub.PredictStream(PredictRequest(repeat=3, fail_code=5),
+                                                    metadata=sync, timeout=10))
+            assert got == (["stream"], "NOT_FOUND: stream aborted")
+            got = await messages(stub.Chat(reqs("a", "fail", "c"), metadata=sync, timeout=10))
+            assert got == (["a"], "NOT_FOUND: chat aborted")
+        # A cancelled endless stream stops its generator (its thread goes back to the pool).
+        closed = int((await stub.Predict(PredictRequest(text="closed"), metadata=sync)).label)
+        call = stub.PredictStream(PredictRequest(repeat=1 << 30), metadata=sync, timeout=10)
+        assert (await call.read()).label == "stream"
+        call.cancel()
+        now = closed
+        for _ in range(50):
+            now = int((await stub.Predict(PredictRequest(text="closed"), metadata=sync)).label)
+            if now > closed:
+                break
+            await asyncio.sleep(0.1)
+        assert now == closed + 1
+
+
+async def test_servicer_mistakes_get_an_answer_and_free_the_slot(start_gateway: Any) -> None:
+    """9b item 2: a return value or status the replica cannot send is answered at once, as
+    over plain gRPC, even without a deadline; the call's slot and done callbacks follow."""
+    apps = [app("bad", "Mistakes", max_ongoing_requests=1),
+            app("sync", "SyncMistakes", max_ongoing_requests=1)]
+    async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+
+        async def call(name: str, text: str) -> str:
+            # No deadline: a missing answer would hang; bounded here instead.
+            return await asyncio.wait_for(
+                outcome(stub.Predict(PredictRequest(text=text), metadata=md(name))), 10)
+
+        unexpected = "UNKNOWN: Unexpected <class"
+        not_a_message = ("UNKNOWN: Unexpected <class 'TypeError'>: descriptor 'SerializeToString'"
+                         " for 'google._upb._message.Message' objects doesn't apply to a 'dict'"
+                         " object")
+        for text in ("dict", "md-int-key", "md-not-pairs", "initial-md-bad"):
+            got = await call("bad", text)
+            assert got.startswith(unexpected), (text, got)
+        assert await call("sync", "dict") == not_a_message
+        assert await call("bad", "set-code-int") == "NOT_FOUND: "
+        got = await call("bad", "details-int")
+        assert got.startswith("NOT_FOUND: Unexpected <class 'TypeError'>"), got
+        # max_ongoing_requests=1: a slot still held would queue these until their deadline.
+        assert await outcome(stub.Predict(PredictRequest(text="fine"), metadata=md("bad"),
+                                          timeout=5)) == "OK"
+        assert await outcome(stub.Predict(PredictRequest(text="fine"), metadata=md("sync"),
+                                          timeout=5)) == not_a_message
+        count = ""
+        for _ in range(50):  # over plain gRPC the callbacks run just after the call ends
+            r = await stub.Predict(PredictRequest(text="count"), metadata=md("bad"), timeout=5)
+            count = r.label
+            if count == "7":
+                break
+            await asyncio.sleep(0.1)
+        assert count == "7"  # one per call above
+
+
+async def test_servicer_timeout_error_is_not_the_deadline(start_gateway: Any) -> None:
+    """9b item 3: a TimeoutError the method raises itself is UNKNOWN, as over plain gRPC;
+    only the call's own deadline is DEADLINE_EXCEEDED."""
+    apps = [app("bad", "Mistakes"), app("sync", "SyncMistakes")]
+    async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        own = "UNKNOWN: Unexpected <class 'TimeoutError'>: "
+        for timeout in (None, 10.0):
+            for name, text, details in (("bad", "timeout", "backend timed out"),
+                                        ("bad", "wait-for", ""),
+                                        ("sync", "timeout", "backend timed out")):
+                got = await asyncio.wait_for(outcome(stub.Predict(
+                    PredictRequest(text=text), metadata=md(name), timeout=timeout)), 10)
+                assert got == own + details, (name, text, timeout)
+        got = await outcome(stub.Predict(PredictRequest(text="sleep"), metadata=md("sync"),
+                                         timeout=0.3))
+        assert got.startswith("DEADLINE_EXCEEDED"), got
+
+
 async def test_done_callbacks_fire(start_gateway: Any) -> None:
     """Item 6: context.add_done_callback runs when a call ends, whichever transport."""
     async with start_gateway([app("hooks", "Hooks")]) as gw, \
