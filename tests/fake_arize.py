@@ -62,6 +62,7 @@ class FakeArize:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each answer waits ~40 ms for a delayed ACK
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
