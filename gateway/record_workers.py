@@ -171,7 +171,7 @@ class ExporterWorker:
 
     def stop(self, deadline: float) -> None:
         """Send what is queued until `deadline` (monotonic), drop the rest (counted
-        `shutdown`), shut the exporter. Returns by about the deadline plus a second."""
+        `shutdown`), shut the exporter. Returns by about the deadline plus half a second."""
         with self._cond:
             self._stopping = True
             self._deadline = deadline
@@ -183,14 +183,14 @@ class ExporterWorker:
                 log.warning("record exporter %s failed to begin its shutdown", self.name)
         alive = False
         if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()) + 0.5)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive() and self.exporter is not None:
-                # Still in export past the deadline: tell it to give up now.
+                # Still in export at the deadline: tell it to give up now.
                 try:
                     self.exporter.shutdown(0)
                 except Exception:
                     log.warning("record exporter %s failed to shut down", self.name)
-                self._thread.join(1.0)
+                self._thread.join(0.5)
             alive = self._thread.is_alive()
             if alive:
                 log.warning("record exporter %s did not stop in time; leaving it", self.name)
