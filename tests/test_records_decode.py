@@ -181,7 +181,7 @@ def test_rows_over_the_cap_keep_their_features_and_count_each_lost_record() -> N
     assert p.calls_dropped["too_many_rows"] == 3
 
 
-# -- item 13: too large payloads keep their record --------------------------------------------------
+# -- item 13: too large payloads keep their record ------------------------------------------------
 
 
 def test_a_payload_over_the_cap_keeps_its_record_without_it(tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_a_payload_over_the_cap_keeps_its_record_without_it(tmp_path: Path) -> N
     assert p.calls_dropped["payload_too_large"] == 1
 
 
-# -- item 12: per-replica series of removed replicas ------------------------------------------------
+# -- item 12: per-replica series of removed replicas ----------------------------------------------
 
 
 def test_stopped_replicas_leave_no_series_and_totals_keep_counting() -> None:

@@ -64,10 +64,11 @@ def oip_call(rid: str, rows: int = 1) -> CallRecord:
     return call_record(req.SerializeToString(), resp.SerializeToString(), rid=rid)
 
 
-def arize_config(port: int, **arize_extra: Any) -> GatewayConfig:
+def arize_config(port: int, records: dict[str, Any] | None = None,
+                 **arize_extra: Any) -> GatewayConfig:
     a = {"api_key": KEY, "space_id": SPACE, "api_scheme": "http", "api_host": "127.0.0.1",
          "api_port": port, **arize_extra}
-    return parse_config({"records": {"arize": a, "flush_interval_s": 0.01},
+    return parse_config({"records": {"arize": a, "flush_interval_s": 0.01, **(records or {})},
                          "applications": [{**IRIS_APP, "prediction_records": {"enabled": True}}]})
 
 
