@@ -16,10 +16,13 @@ from exporters.base import ExportResult, Record, RecordExporter
 from gateway.admin import AdminClient
 from gateway.config import parse_config
 from gateway.pb import admin_pb2, text_model_pb2, text_model_pb2_grpc
-from gateway.records import CALL_DROP_REASONS, EXPORTER_DROP_REASONS
 from tests.conftest import TEXT_APP
 from tests.test_records import flush, scrape
 
+CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", "no_rows", "too_many_rows",
+                     "tensor_skipped", "payload_too_large")
+EXPORTER_DROP_REASONS = ("queue_full", "invalid", "shutdown", "exporter_unavailable")
+"""The reasons the README documents."""
 MAPPING = {"features": ["text"], "prediction_label": "label", "prediction_score": "score"}
 Req = text_model_pb2.PredictRequest
 
@@ -87,6 +90,10 @@ async def test_every_drop_reason_is_on_the_scrape_from_the_start(start_gateway: 
         if line.startswith("grpc_gateway_records_dropped_total{"):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             values[(labels["exporter"], labels["reason"])] = line.rsplit(" ", 1)[1]
+    from gateway import records
+
+    assert set(CALL_DROP_REASONS) == set(records.CALL_DROP_REASONS)
+    assert set(EXPORTER_DROP_REASONS) == set(records.EXPORTER_DROP_REASONS)
     for reason in CALL_DROP_REASONS:
         assert values[("", reason)] == "0.0", reason
     for reason in EXPORTER_DROP_REASONS:
