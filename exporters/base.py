@@ -78,12 +78,12 @@ class ExportResult:
     """Sent but refused, or not sent after the retries ran out."""
     invalid: int = 0
     """Rejected before sending (the destination's validation rules)."""
-    dropped: int = 0
-    """Not sent (or outcome unknown) because the gateway was stopping: counted `shutdown`."""
     retries: int = 0
     """Extra attempts made for this batch."""
     error: str | None = None
     """A short reason for failures, for the pipeline's log (never a secret)."""
+    dropped: int = 0
+    """Not sent (or outcome unknown) because the gateway was stopping: counted `shutdown`."""
 
     @property
     def ok(self) -> bool:
