@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
@@ -316,8 +317,8 @@ class ArizeExporter(RecordExporter):
             attempt += 1
             res.retries += len(retry)
             pending = retry
-        if sender.past_deadline():
-            sender.settle_late(res, self._classify)
+        if sender.deadline < math.inf and sender.late:  # stopping: settle, never resend now
+            res.dropped += len(sender.settle_late(res, self._classify, final=True))
         if res.error:
             res.error = self.scrub(res.error)
         return res

@@ -130,17 +130,20 @@ class Sender:
         return n
 
     def settle_late(self, res: ExportResult,
-                    classify: Callable[[cf.Future[Any], ExportResult], str]
-                    ) -> list[dict[str, Any]]:
+                    classify: Callable[[cf.Future[Any], ExportResult], str],
+                    final: bool = False) -> list[dict[str, Any]]:
         """Count the set-aside sends that have ended; returns those to send again. Past the
-        deadline, the ones still running are counted dropped."""
+        deadline (or when `final`), the ones still running are counted dropped."""
+        if final:
+            while self._late and not self.past_deadline() and self.deadline < math.inf:
+                time.sleep(0.02)  # the gateway is stopping: give them until its deadline
         again = []
         for f, kw in list(self._late.items()):
             if f.done():
                 del self._late[f]
                 if classify(f, res) == RETRY:
                     again.append(kw)
-            elif self.past_deadline():
+            elif final or self.past_deadline():
                 del self._late[f]
                 f.cancel()
                 res.dropped += 1
