@@ -70,7 +70,7 @@ def test_actuals_reach_the_model_their_predictions_used_after_a_restart(tmp_path
     assert (actual["model_name"], actual["prediction_id"]) == (pred.model_name, "req-1:0")
     assert pred.tags["oip_model"] == "iris"  # the request's own model name is kept as a tag
     # With model_name in the config, both use it.
-    named = pipeline(model_name="flowers")
+    named = pipeline(tmp_path / "named", model_name="flowers")
     (p2,) = decode(named, *oip(1))
     assert p2.model_name == "flowers"
     assert "model 'flowers'" in named.log_actuals("classifier", [
