@@ -36,6 +36,11 @@ run: $(PB_STAMP)
 test: $(PB_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Fault injection (long runs, deselected from `make test`): tests marked `faults`.
+.PHONY: faults
+faults: $(PB_STAMP)
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gateway exporters tests examples bench
 	$(VENV)/bin/mypy

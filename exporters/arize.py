@@ -1,13 +1,14 @@
 """Prediction records and actuals to Arize, through the real `arize` SDK (`ml.log_stream`).
 
 The SDK sends one HTTP POST per record from its own thread pool and gives back a future. It
-neither retries nor times out by default, and blocks its caller when its pool's queue is full;
-so this exporter (already on its own thread behind a bounded queue) sends one batch at a time,
-passes a timeout, and retries connection errors, 429 and 5xx with exponential backoff up to a
-bound. Other 4xx answers (a wrong key, a refused record) are not retried: counted as failed and
-logged once per status. Records are shaped to pass the SDK's validation first (prediction id
-length, float scores, reserved tag names, whole-second timestamps), so a bad value costs one
-record, never the batch.
+neither retries nor times out by default, and blocks its caller when its pool's queue is full
+(`arize_send.Sender` never lets it: see there); so this exporter (already on its own thread
+behind a bounded queue) sends one batch at a time, passes a timeout, and retries connection
+errors, 429 and 5xx with exponential backoff up to a bound; a record is sent again only once its
+earlier send has ended. Other 4xx answers (a wrong key, a refused record) are not retried:
+counted as failed and logged once per status. Records are shaped to pass the SDK's validation
+first (prediction id length, float scores, reserved tag names, whole-second timestamps), so a
+bad value costs one record, never the batch.
 
 `import arize` is slow (pandas, pyarrow) and attaches a stdout log handler unless
 `ARIZE_LOG_ENABLE=false`: it happens only when this exporter is built. The API key and space
@@ -20,12 +21,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import hashlib
 import logging
+import math
 import os
 import random
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from exporters.arize_send import DONE, RETRY, Sender
 from exporters.base import (
     ActualRecord,
     ExporterContext,
@@ -124,8 +128,9 @@ def prediction_label(rec: PredictionRecord) -> Any:
     if score is not None:
         return score
     status = rec.tags.get("status_code")
-    if status not in (None, "OK"):
-        # A failed call has no prediction: its status stands in, so it still shows up.
+    if status not in (None, "OK") or (status and "payload_dropped" in rec.tags):
+        # A failed call (or one whose payload was too large to keep) has no prediction: its
+        # status stands in, so it still shows up.
         return str(status)
     raise InvalidRecord("no prediction label or score")
 
@@ -136,7 +141,7 @@ def actual_label(rec: ActualRecord) -> Any:
         if value is None:
             raise InvalidRecord(f"{rec.model_type} model: actual is not a number")
         return float(value)
-    if rec.actual_label:
+    if rec.actual_label is not None and rec.actual_label != "":
         return rec.actual_label
     if rec.actual_score is not None:
         return float(rec.actual_score)
@@ -170,6 +175,7 @@ class ArizeExporter(RecordExporter):
             endpoint.get("api_scheme", "https"), endpoint.get("api_host", "api.arize.com"),
             f":{endpoint['api_port']}" if endpoint.get("api_port") else "")
         self._stopping = threading.Event()
+        self._retry_after = 0.0
         self._warned: set[str] = set()
         self._warn_lock = threading.Lock()
         # Must precede the import: the SDK configures its logging at import time.
@@ -180,12 +186,15 @@ class ArizeExporter(RecordExporter):
         self._model_types = ModelTypes
         self._environments = Environments
         try:
+            bound = max(workers * 4, 16)
             self._client = ArizeClient(
                 api_key=self._key, stream_max_workers=workers,
-                stream_max_queue_bound=max(workers * 4, 16), enable_caching=False, **endpoint,
+                stream_max_queue_bound=bound, enable_caching=False, **endpoint,
             )
         except Exception as e:
             raise ValueError(f"cannot set up the Arize client: {self.scrub(str(e))}") from None
+        # As many sends at once as the SDK's queue holds: its submit then never blocks.
+        self._sender = Sender(self._send, bound + workers, stall_s=2 * self.timeout_s + 1)
         # Where records really go (the SDK also honours ARIZE_API_SCHEME/HOST/PORT).
         url = getattr(getattr(self._client, "sdk_config", None), "records_url", None)
         if isinstance(url, str):
@@ -222,7 +231,9 @@ class ArizeExporter(RecordExporter):
         if not rec.model_name:
             raise InvalidRecord("no model name")
         if isinstance(rec, ActualRecord):
-            return {**common, "actual_label": actual_label(rec)}
+            # `tags={}`: the SDK builds an actual only from a truthy label or with tags, and
+            # a numeric actual of 0 is a real one.
+            return {**common, "actual_label": actual_label(rec), "tags": {}}
         if rec.model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidRecord(f"model type {rec.model_type} is not supported by the gateway")
         return {
@@ -238,11 +249,45 @@ class ArizeExporter(RecordExporter):
         future: cf.Future[Any] = self._client.ml.log_stream(**kwargs)
         return future
 
+    def _classify(self, fut: cf.Future[Any], res: ExportResult) -> str:
+        """Count one ended send; RETRY when it may be sent again (it is over either way)."""
+        if fut.cancelled():
+            return RETRY  # never started
+        try:
+            resp = fut.result(0)
+        except Exception as e:  # connection refused, reset, timed out
+            res.error = type(e).__name__
+            return RETRY
+        status = int(resp.status_code)
+        if 200 <= status < 300:
+            res.exported += 1
+            return DONE
+        res.error = f"HTTP {status}"
+        if status == 429 or status >= 500:
+            ra = _float(resp.headers.get("retry-after"))
+            if ra is not None:
+                self._retry_after = max(self._retry_after, ra)
+            return RETRY
+        res.failed += 1
+        self._warn_once(f"http:{status}", "Arize at %s answered HTTP %d: not retried (records "
+                        "counted as failed; logged once)", self.endpoint, status)
+        return DONE
+
+    def _refused(self, e: Exception, res: ExportResult) -> None:
+        if isinstance(e, RuntimeError) and (self._stopping.is_set()
+                                            or "after" in str(e)):
+            res.dropped += 1  # the session is closed: the gateway is stopping
+            return
+        res.invalid += 1
+        self._warn_once(f"sdk:{type(e).__name__}", "the Arize SDK refused a record: %s: %s",
+                        type(e).__name__, str(e))
+
     # -- RecordExporter -----------------------------------------------------------------------
 
     def export(self, batch: Sequence[Record]) -> ExportResult:
         res = ExportResult()
-        pending: list[dict[str, Any]] = []
+        sender = self._sender
+        pending = sender.settle_late(res, self._classify)  # ended since: count, maybe resend
         for rec in batch:
             try:
                 pending.append(self._kwargs(rec))
@@ -253,68 +298,66 @@ class ArizeExporter(RecordExporter):
                                 "ones quietly", self.scrub(str(e)))
         attempt = 0
         while pending:
-            retry: list[dict[str, Any]] = []
-            retry_after = 0.0
-            sent: list[tuple[dict[str, Any], cf.Future[Any]]] = []
-            for kw in pending:
-                try:
-                    sent.append((kw, self._send(kw)))
-                except Exception as e:  # the SDK's own validation
-                    res.invalid += 1
-                    self._warn_once(f"sdk:{type(e).__name__}",
-                                    "the Arize SDK refused a record: %s: %s",
-                                    type(e).__name__, str(e))
-            cf.wait([f for _, f in sent], timeout=self.timeout_s * 2 + 1)
-            for kw, fut in sent:
-                if not fut.done():
-                    retry.append(kw)
-                    res.error = "timeout"
-                    continue
-                try:
-                    resp = fut.result(0)
-                except Exception as e:  # connection refused, reset, timed out
-                    retry.append(kw)
-                    res.error = type(e).__name__
-                    continue
-                status = int(resp.status_code)
-                if 200 <= status < 300:
-                    res.exported += 1
-                elif status == 429 or status >= 500:
-                    retry.append(kw)
-                    res.error = f"HTTP {status}"
-                    ra = _float(resp.headers.get("retry-after"))
-                    if ra is not None:
-                        retry_after = max(retry_after, ra)
-                else:
-                    res.failed += 1
-                    res.error = f"HTTP {status}"
-                    self._warn_once(f"http:{status}",
-                                    "Arize at %s answered HTTP %d: not retried (records counted "
-                                    "as failed; logged once)", self.endpoint, status)
+            self._retry_after = 0.0
+            retry = sender.round(pending, res, self._classify, self._refused)
             if not retry:
                 break
-            if attempt >= self.max_retries or self._stopping.is_set():
+            if attempt >= self.max_retries:
                 res.failed += len(retry)
                 self._warn_once(f"gaveup:{res.error}",
                                 "Arize at %s: %d record(s) not sent after %d attempt(s) (%s)",
                                 self.endpoint, len(retry), attempt + 1, res.error)
                 break
             delay = min(self.backoff_max_s, self.backoff_initial_s * (2 ** attempt))
-            delay = min(self.backoff_max_s, max(delay * random.uniform(0.5, 1.0), retry_after))
+            delay = min(self.backoff_max_s, max(delay * random.uniform(0.5, 1.0),
+                                                self._retry_after))
+            if not self._backoff(delay):
+                res.dropped += len(retry)  # the gateway stops before the next attempt
+                break
             attempt += 1
             res.retries += len(retry)
-            self._stopping.wait(delay)
             pending = retry
+        if sender.deadline < math.inf and sender.late:  # stopping: settle, never resend now
+            res.dropped += len(sender.settle_late(res, self._classify, final=True))
         if res.error:
             res.error = self.scrub(res.error)
         return res
 
+    def _backoff(self, delay: float) -> bool:
+        """Sleep `delay` unless the gateway stops before it ends: False then."""
+        end = time.monotonic() + delay
+        while True:
+            if end > self._sender.deadline:
+                return False
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            self._sender.changed.wait(left)
+            self._sender.changed.clear()
+
+    def outstanding(self) -> int:
+        return self._sender.late
+
+    def force_flush(self, timeout_millis: float = 30_000) -> bool:
+        return self._sender.wait_idle(timeout_millis / 1000.0) and not self._sender.late
+
+    def begin_shutdown(self, deadline: float) -> None:
+        self._sender.deadline = min(self._sender.deadline, deadline)
+        self._sender.changed.set()
+
     def shutdown(self, timeout_millis: float = 30_000) -> None:
-        self._stopping.set()  # a batch waiting to retry gives up now
+        """Bounded: sends still running get until the timeout, queued ones are cancelled,
+        and the SDK's threads are told to stop without waiting for them."""
+        self._stopping.set()
+        self.begin_shutdown(time.monotonic() + timeout_millis / 1000.0)
+        idle = self._sender.wait_idle(timeout_millis / 1000.0)
         session = getattr(self._client.ml, "_session", None)
-        if session is not None:
-            try:
+        if session is None:
+            return
+        try:
+            inner = getattr(session.executor, "executor", session.executor)
+            inner.shutdown(wait=False, cancel_futures=True)
+            if idle:  # closing waits for running requests: only when there are none
                 session.close()
-                session.executor.shutdown(wait=False)
-            except Exception:
-                pass
+        except Exception:
+            pass

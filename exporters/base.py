@@ -70,7 +70,8 @@ Record = PredictionRecord | ActualRecord
 
 @dataclass(slots=True)
 class ExportResult:
-    """What happened to a batch: every record is exactly one of exported, failed or invalid."""
+    """What happened to a batch: every record is exactly one of exported, failed, invalid or
+    dropped (an exporter may also settle records of an earlier batch whose outcome came late)."""
 
     exported: int = 0
     failed: int = 0
@@ -81,10 +82,12 @@ class ExportResult:
     """Extra attempts made for this batch."""
     error: str | None = None
     """A short reason for failures, for the pipeline's log (never a secret)."""
+    dropped: int = 0
+    """Not sent (or outcome unknown) because the gateway was stopping: counted `shutdown`."""
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and self.invalid == 0
+        return self.failed == 0 and self.invalid == 0 and self.dropped == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,15 @@ class RecordExporter(abc.ABC):
     def force_flush(self, timeout_millis: float = 30_000) -> bool:
         """Push out anything buffered inside the exporter; True when done in time."""
         return True
+
+    def begin_shutdown(self, deadline: float) -> None:  # noqa: B027 - optional hook
+        """The gateway is stopping: an `export` in progress should return by `deadline`
+        (`time.monotonic()`), reporting what it could not send as `dropped`."""
+
+    def outstanding(self) -> int:
+        """Records sent whose outcome is not known yet; at shutdown the pipeline calls
+        `export([])` once to settle them."""
+        return 0
 
     def shutdown(self, timeout_millis: float = 30_000) -> None:  # noqa: B027 - optional hook
         """Release resources; later exports may fail. Must not raise."""

@@ -156,7 +156,8 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
                 "actuals need the prediction record pipeline, which this gateway does not run",
             )
             raise AssertionError("abort raises")
-        result = handler(request.application, list(request.actuals))
+        # Off the loop: the first actuals may build an exporter (and import its SDK).
+        result = await asyncio.to_thread(handler, request.application, list(request.actuals))
         if inspect.isawaitable(result):
             result = await result
         accepted, rejected, message = result

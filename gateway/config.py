@@ -86,7 +86,7 @@ class PredictionRecordsConfig(_Model):
     exporters: list[str] = Field(default_factory=lambda: ["default"])
     """Names of record exporters ("default": Arize when keys are set, JSONL otherwise)."""
     model_name: str | None = None
-    """Model name sent with each record (default: the request's own, then the application)."""
+    """Model name sent with each record and actual (default: the application's name)."""
     model_version: str | None = None
     model_type: Literal[
         "SCORE_CATEGORICAL", "BINARY_CLASSIFICATION", "NUMERIC", "REGRESSION"

@@ -103,7 +103,7 @@ class _Counted:
 class AppRoute:
     """Everything the proxy needs for one application, built when the config is applied."""
 
-    __slots__ = ("capture", "deployment", "name", "router")
+    __slots__ = ("capture", "deployment", "name", "router", "stream_capture")
 
     def __init__(self, name: str, router: Router) -> None:
         self.name = name
@@ -111,6 +111,9 @@ class AppRoute:
         self.router = router
         self.capture: Callable[[str], bool] | None = None
         """Set by the record pipeline: decides per method whether to keep the payloads."""
+        self.stream_capture: Callable[[str], Any] | None = None
+        """Set by the record pipeline: for a sampled streaming call, an object that keeps its
+        messages (`requests_of`, `response`, `done`; gateway/record_capture.py), else None."""
 
 
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -298,6 +301,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         gw_err = False
         response: bytes | None = None
         captured = False
+        stream: Any = None
         if shape == UNARY_UNARY:
             req_size = len(request)
         else:
@@ -307,6 +311,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
             captured = route.capture is not None and shape == UNARY_UNARY and route.capture(path)
+            if route.stream_capture is not None and shape != UNARY_UNARY:
+                stream = route.stream_capture(path)
+                request = request if stream is None else stream.requests_of(request)
             deadline = self._deadline(ctx)
             router = route.router
             replica: Replica | None = None
@@ -372,13 +379,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             self.ongoing -= 1
             if shape != UNARY_UNARY:
                 req_size = counted.size
-            self._finish(
-                CallRecord(
-                    app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
-                    rid, req_size, len(response) if response is not None else 0, gw_err,
-                    request if captured else None, response if captured else None,
-                )
+            rec = CallRecord(
+                app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
+                rid, req_size, len(response) if response is not None else 0, gw_err,
+                request if captured else None, response if captured else None,
             )
+            self._finish(rec)
+            if stream is not None:
+                stream.done(rec, response)
         return None  # pragma: no cover - abort raises
 
     async def _forward_stream(
@@ -394,6 +402,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         details = ""
         gw_err = False
         sent = 0
+        stream: Any = None
         if shape == UNARY_STREAM:
             req_size = len(request)
         else:
@@ -402,6 +411,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         try:
             route, rid, md = self._prepare(ctx)
             app, dep = route.name, route.deployment
+            if route.stream_capture is not None:
+                stream = route.stream_capture(path)
+                request = request if stream is None else stream.requests_of(request)
             router = route.router
             if label is OTHER and router.methods_known:
                 # Answered here: a replica rejecting a call it cannot parse races with the
@@ -425,6 +437,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     async for msg in call:
                         got_any = True
                         sent += len(msg)
+                        if stream is not None:
+                            stream.response(msg)
                         yield msg
                     ctx.set_trailing_metadata(self._trailers(await call.trailing_metadata(), rid))
                     return
@@ -468,9 +482,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             self.ongoing -= 1
             if shape != UNARY_STREAM:
                 req_size = counted.size
-            self._finish(
-                CallRecord(
-                    app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
-                    rid, req_size, sent, gw_err,
-                )
+            rec = CallRecord(
+                app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
+                rid, req_size, sent, gw_err,
             )
+            self._finish(rec)
+            if stream is not None:
+                stream.done(rec)

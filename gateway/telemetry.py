@@ -213,6 +213,19 @@ class _Series:
         """A failure of the replica: not a client's cancel or a deadline that ran out."""
 
 
+def _merge(into: _Series, s: _Series) -> None:
+    into.n += s.n
+    into.start_ns = min(into.start_ns, s.start_ns)
+    for name in ("lat", "s", "sent", "rcvd"):
+        dst, src = getattr(into, name), getattr(s, name)
+        for i, v in enumerate(src):
+            dst[i] += v
+    for name in ("lat", "sent", "rcvd"):
+        setattr(into, f"{name}_sum", getattr(into, f"{name}_sum") + getattr(s, f"{name}_sum"))
+        setattr(into, f"{name}_min", min(getattr(into, f"{name}_min"), getattr(s, f"{name}_min")))
+        setattr(into, f"{name}_max", max(getattr(into, f"{name}_max"), getattr(s, f"{name}_max")))
+
+
 class _Hist:
     """Buckets being summed over series for one label set at collection time."""
 
@@ -328,8 +341,30 @@ class Telemetry:
         """Controller listener: remember the replicas to report, forget stopped ones."""
         if event == "stopped":
             self._slots.pop(slot.replica_id, None)
+            self._retire(slot.replica_id)
         else:
             self._slots[slot.replica_id] = slot
+
+    def _retire(self, replica_id: str) -> None:
+        """Fold a stopped replica's series into replica-less ones: its per-replica series end,
+        while every application, deployment and method total keeps counting it. The new dict
+        is swapped in whole, so a reader thread sees either before or after, never half."""
+        gone = [k for k in self._series if k[2] == replica_id]
+        if not gone:
+            return
+        series = dict(self._series)
+        for key in gone:
+            old = series.pop(key)
+            into_key = (key[0], key[1], "", key[3], key[4], key[5])
+            into = series.get(into_key)
+            merged = _Series(into_key, self._n_lat)
+            merged.reached_replica = False
+            merged.replica_error = False
+            for part in (into, old):
+                if part is not None:
+                    _merge(merged, part)
+            series[into_key] = merged
+        self._series = series
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -2,12 +2,17 @@
 `/v1/log` and decodes each JSON body into the SDK's own `Record` protobuf message.
 
 It can answer with a chosen status, answer slowly, and be stopped and started again on the
-same port (to play an Arize that is down for a while).
+same port (to play an Arize that is down for a while). Stopping closes the idle keep-alive
+connections too (a real outage), but never one whose request it has taken: a request is either
+recorded and answered 200, or refused without being recorded, so a client that retries what
+failed can be checked for duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +40,15 @@ class Received:
     body: dict[str, Any]
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (a timeout, a cut connection) is part of the game: no noise.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class FakeArize:
     """`with FakeArize() as fake:` then point the SDK at `fake.host` / `fake.port`."""
 
@@ -54,30 +68,56 @@ class FakeArize:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._release = threading.Event()
+        self._closing = False
+        self._conns: set[socket.socket] = set()
+        self._busy: set[socket.socket] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> FakeArize:
         fake = self
+        self._closing = False
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else each answer waits ~40 ms for a delayed ACK
+
+            def setup(self) -> None:
+                super().setup()
+                with fake._lock:
+                    fake._conns.add(self.connection)
+
+            def finish(self) -> None:
+                with fake._lock:
+                    fake._conns.discard(self.connection)
+                super().finish()
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
-                status = fake._on_request(self.path, dict(self.headers.items()), raw)
-                body = b"{}"
-                self.send_response(status)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                with fake._lock:
+                    taken = not fake._closing and len(raw) == length
+                    if taken:
+                        fake._busy.add(self.connection)
+                try:
+                    status = (fake._on_request(self.path, dict(self.headers.items()), raw)
+                              if taken else 503)
+                    body = b"{}"
+                    self.send_response(status)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                finally:
+                    with fake._lock:
+                        fake._busy.discard(self.connection)
+                        if fake._closing:
+                            self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        server = _Server((self.host, self.port), Handler)
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -87,6 +127,12 @@ class FakeArize:
         return self
 
     def stop(self) -> None:
+        with self._lock:
+            self._closing = True
+            idle = self._conns - self._busy
+        for conn in idle:  # waiting for a next request: cut, as an outage would
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
         self._release.set()
         if self._server is not None:
             self._server.shutdown()

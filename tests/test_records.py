@@ -149,8 +149,8 @@ async def test_oip_batched_call_becomes_one_arize_record_per_row(
             assert t["request_id"] == "req-oip-1"
             assert 0 < t["latency_ms"] < 10_000
             assert rec.environment_params.HasField("production")
-        # Raw contents decode to the same features; a one-row call keeps the request id as is.
-        raw = got["req-oip-raw"]
+        # Raw contents decode to the same features; a one-row call's id ends in :0 too.
+        raw = got["req-oip-raw:0"]
         assert features(raw) == pytest.approx(dict(zip(COLUMNS, ROWS[0], strict=True)))
         assert raw.prediction.prediction_label.score_categorical.score_category.category == (
             raw_resp.outputs[0].contents.bytes_contents[0].decode())
@@ -181,14 +181,14 @@ async def test_custom_proto_mapped_by_config(start_gateway: Any) -> None:
             await flush(gw)
             fake.wait_for(2)
         got = fake.by_prediction_id()
-        ok = got["txt-1"]
+        ok = got["txt-1:0"]
         assert ok.model_id == "sentiment"
         assert features(ok) == {"text": "I love this, great"}
         sc = ok.prediction.prediction_label.score_categorical.score_category
         assert sc.category == "positive" and 0.9 < sc.score <= 1.0
         assert tags(ok)["method"] == PREDICT and tags(ok)["status_code"] == "OK"
         # A failed call is recorded too: features from the request, its status in the tags.
-        bad = got["txt-fail"]
+        bad = got["txt-fail:0"]
         assert features(bad) == {"text": "bad"}
         assert tags(bad)["status_code"] == "INVALID_ARGUMENT"
         assert "failing as asked" in tags(bad)["status_details"]
@@ -255,7 +255,7 @@ async def test_exporter_from_the_test_suite_is_loaded_through_config(start_gatew
         assert gw.records.stats["mine"].exported == 1
     (rec,) = CollectingExporter.seen
     assert isinstance(rec, PredictionRecord)
-    assert rec.prediction_id == "mine-1" and rec.prediction_label == "positive"
+    assert rec.prediction_id == "mine-1:0" and rec.prediction_label == "positive"
     assert rec.features == {"text": "good"} and rec.model_name == "text"
     assert CollectingExporter.shut == 1
 
@@ -277,7 +277,7 @@ async def test_actuals_through_the_admin_rpc_and_the_cli(
                 with AdminClient(addr) as c:
                     return c._call("LogActuals", admin_pb2.LogActualsRequest(
                         application="classifier", actuals=[
-                            admin_pb2.Actual(prediction_id="act-1", actual_label="setosa"),
+                            admin_pb2.Actual(prediction_id="act-1:0", actual_label="setosa"),
                             admin_pb2.Actual(prediction_id="", actual_label="x"),
                         ]))
 
@@ -285,7 +285,7 @@ async def test_actuals_through_the_admin_rpc_and_the_cli(
             assert (resp.accepted, resp.rejected) == (1, 1), resp.message
             assert "prediction id" in resp.message
             csv = tmp_path / "actuals.csv"
-            csv.write_text("prediction_id,actual\nact-2,virginica\n")
+            csv.write_text("prediction_id,actual\nact-2:0,virginica\n")
             rc = await loop.run_in_executor(None, cli.main, [
                 "actuals", "--address", addr, "--application", "classifier", str(csv)])
             assert rc == cli.EXIT_OK
@@ -302,8 +302,8 @@ async def test_actuals_through_the_admin_rpc_and_the_cli(
         assert rc_bad == cli.EXIT_USAGE and "line 1: want 2 columns" in out.err
         assert rc_app == cli.EXIT_FAILED and "'nope' has no prediction records" in out.out
         actuals = {r.prediction_id: r for r in fake.records() if r.HasField("actual")}
-        assert set(actuals) == {"act-1", "act-2"}
-        for pid, label in (("act-1", "setosa"), ("act-2", "virginica")):
+        assert set(actuals) == {"act-1:0", "act-2:0"}
+        for pid, label in (("act-1:0", "setosa"), ("act-2:0", "virginica")):
             a = actuals[pid]
             assert a.model_id == "iris"  # joined by model and prediction id
             assert a.actual.actual_label.score_categorical.category.category == label
@@ -332,7 +332,7 @@ async def test_receiver_down_calls_succeed_and_records_flow_again_after(
                 await infer(gw.address, infer_request(ROWS[:1]), f"up-{i}")
             await flush(gw)
             recs = fake.wait_for(3)
-            assert sorted(r.prediction_id for r in recs) == ["up-0", "up-1", "up-2"]
+            assert sorted(r.prediction_id for r in recs) == ["up-0:0", "up-1:0", "up-2:0"]
             assert gw.records.stats["arize"].exported == 3
     finally:
         fake.stop()
@@ -395,7 +395,7 @@ async def test_no_keys_records_land_in_the_jsonl_file(start_gateway: Any, tmp_pa
     path = tmp_path / "logs" / "records.jsonl"
     lines = [json.loads(s) for s in path.read_text().splitlines()]
     by_id = {d["prediction_id"]: d for d in lines if d["kind"] == "prediction"}
-    assert set(by_id) == {"file-1:0", "file-1:1", "file-2"}
+    assert set(by_id) == {"file-1:0", "file-1:1", "file-2:0"}
     first = by_id["file-1:0"]
     assert first["model_name"] == "iris" and first["model_version"] == "1"
     assert first["features"] == pytest.approx(dict(zip(COLUMNS, ROWS[0], strict=True)))
@@ -403,7 +403,7 @@ async def test_no_keys_records_land_in_the_jsonl_file(start_gateway: Any, tmp_pa
     assert isinstance(first["prediction_score"], float)
     assert isinstance(first["prediction_timestamp"], int)
     assert first["tags"]["status_code"] == "OK" and first["tags"]["row"] == 0
-    assert by_id["file-2"]["prediction_label"] == "positive"
+    assert by_id["file-2:0"]["prediction_label"] == "positive"
     (actual,) = [d for d in lines if d["kind"] == "actual"]
     assert actual["prediction_id"] == "file-1:0" and actual["actual_label"] == "setosa"
 

@@ -169,7 +169,9 @@ def test_oip_probabilities_bytes_inputs_and_long_ids() -> None:
                                               resp.SerializeToString(), rid=rid))
     assert [r.features for r in recs] == [{"text": "hi", "n": 4}, {"text": "yo", "n": 5}]
     assert [(r.prediction_label, r.prediction_score) for r in recs] == [("1", 0.7), ("0", 0.6)]
-    assert recs[0].model_name == "m" and recs[0].model_version == "7"
+    # The model name comes from the config (here: the application), the request's is a tag.
+    assert recs[0].model_name == "classifier" and recs[0].tags["oip_model"] == "m"
+    assert recs[0].model_version == "7"
     # Too long with the row suffix: hashed, still distinct per row and within Arize's 512.
     assert all(len(r.prediction_id) <= 512 for r in recs)
     assert recs[0].prediction_id != recs[1].prediction_id
@@ -180,7 +182,7 @@ def test_oip_probabilities_bytes_inputs_and_long_ids() -> None:
         contents=pb.InferTensorContents(int_contents=[4, 5]))])
     (failed,) = pipeline._decode(plan, call_record(
         one_row.SerializeToString(), None, grpc.StatusCode.INVALID_ARGUMENT))
-    assert failed.features == {"n_0": 4, "n_1": 5} and failed.prediction_id == "r-1"
+    assert failed.features == {"n_0": 4, "n_1": 5} and failed.prediction_id == "r-1:0"
     assert failed.prediction_label is None and failed.tags["status_code"] == "INVALID_ARGUMENT"
 
 
@@ -195,8 +197,11 @@ def test_the_call_path_only_queues_and_drops_what_does_not_fit() -> None:
     pipeline.observe(CallRecord("classifier", "", "", OIP_INFER, OIP_INFER, grpc.StatusCode.OK,
                                 "", 0.0, 0.0, "r", 0, 0, False))  # not sampled: ignored
     assert pipeline.calls_sampled == 4
-    assert dict(pipeline.calls_dropped) == {"payload_too_large": 1, "queue_full": 1}
+    # The too-large call is queued without its payload (its record says so).
+    dropped = {k: v for k, v in pipeline.calls_dropped.items() if v}
+    assert dropped == {"payload_too_large": 1, "queue_full": 2}
     assert pipeline.snapshot()["intake_depth"] == 2
+    assert pipeline._intake[0][1].request is None and pipeline._intake[0][3] is not None
 
 
 # -- Arize exporter: validation rules, retries (real SDK, fake receiver) -----------------------
