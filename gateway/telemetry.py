@@ -153,6 +153,12 @@ _Key = tuple[str, str, str, str, grpc.StatusCode, bool]
 """application, deployment, replica, method label, status, made by the gateway."""
 
 
+def a66_method(path: str) -> str:
+    """gRFC A66's `grpc.method` is the full method name without the leading slash
+    (`pkg.Service/Method`); Ray's `method` label keeps the path as it is."""
+    return path[1:] if path.startswith("/") else path
+
+
 class _Series:
     """Everything counted for one (application, deployment, replica, method, status)."""
 
@@ -470,6 +476,9 @@ class Telemetry:
               self._rss)
         gauge("ray_component_mem_shared_bytes", "Shared memory of the component, in bytes.",
               self._shared)
+        gauge("ray_component_cpu_percentage",
+              "CPU use of the component since the previous scrape, in percent of one core.",
+              self._cpu)
 
     # Counters: sums over the per-call series, projected on each metric's labels.
 
@@ -520,7 +529,7 @@ class Telemetry:
             ("route", s.app)))
 
     def _calls_started(self) -> list[Observation]:
-        return self._project(lambda s: (("grpc.method", s.method),))
+        return self._project(lambda s: (("grpc.method", a66_method(s.method)),))
 
     # Gauges and replica counters: live state.
 
@@ -610,6 +619,19 @@ class Telemetry:
     def _shared(self) -> list[Observation]:
         return [Observation(shared, a) for a, _, shared in self._memory()]
 
+    def _cpu(self) -> list[Observation]:
+        # psutil measures from this Process object's previous call (kept in self._procs by
+        # _memory, which runs first in a collection), so each scrape sees its own interval;
+        # a process seen for the first time reports 0.
+        out = []
+        for a, _, _ in self._memory():
+            p = self._procs.get(int(a["pid"]))
+            try:
+                out.append(Observation(p.cpu_percent(None) if p is not None else 0.0, a))
+            except (psutil.Error, OSError):
+                continue
+        return out
+
     # Histograms: buckets counted by `observe`, turned into SDK points here.
 
     def extra_metrics(self) -> list[Metric]:
@@ -642,7 +664,7 @@ class Telemetry:
                        ("replica", s.replica), ("route", s.app))
                 group(processing, key, n_lat, s.start_ns).add(
                     lat, s.lat_sum, s.lat_min, s.lat_max, s.start_ns)
-            key = (("grpc.method", s.method), ("grpc.status", s.status))
+            key = (("grpc.method", a66_method(s.method)), ("grpc.status", s.status))
             group(duration, key, n_s, s.start_ns).add(
                 list(s.s), s.lat_sum / 1000.0, s.lat_min / 1000.0, s.lat_max / 1000.0, s.start_ns)
             group(sent, key, n_b, s.start_ns).add(

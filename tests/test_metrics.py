@@ -50,6 +50,7 @@ LABELS: dict[str, set[str]] = {
     "ray_serve_handle_request_counter_total": {"application", "deployment", "handle", "route"},
     "ray_component_rss_mb": {"Component", "ip", "pid"},
     "ray_component_mem_shared_bytes": {"Component", "ip", "pid"},
+    "ray_component_cpu_percentage": {"Component", "ip", "pid"},
     "grpc_server_call_started_total": {"grpc_method"},
     "grpc_server_call_duration_seconds_count": {"grpc_method", "grpc_status"},
     "grpc_server_call_sent_total_compressed_message_size_bytes_sum": {
@@ -162,9 +163,9 @@ async def test_catalogue_after_real_traffic(start_gateway: Any) -> None:
         assert s.get("ray_serve_replica_pending_queries", **rl) == 0
 
         # gRFC A66.
-        assert s.get("grpc_server_call_started_total", grpc_method=PREDICT) == 8
+        assert s.get("grpc_server_call_started_total", grpc_method=PREDICT.lstrip("/")) == 8
         assert s.get("grpc_server_call_started_total", grpc_method="other") == 1
-        a66 = {"grpc_method": PREDICT, "grpc_status": "OK"}
+        a66 = {"grpc_method": PREDICT.lstrip("/"), "grpc_status": "OK"}
         assert s.get("grpc_server_call_duration_seconds_count", **a66) == 3
         dur = s.get("grpc_server_call_duration_seconds_sum", **a66)
         lat_ms = s.get("ray_serve_grpc_request_latency_ms_sum", application="text",
@@ -184,6 +185,14 @@ async def test_catalogue_after_real_traffic(start_gateway: Any) -> None:
         assert all(10 < mb < 10_000 for _, mb in by_pid.values())
         shared = s.where("ray_component_mem_shared_bytes", pid=str(slot.pid))
         assert len(shared) == 1 and next(iter(shared.values())) > 0
+        # CPU since the previous scrape, for the gateway and the replica (Ray's name and labels).
+        for _ in range(50):
+            await stub.Predict(PredictRequest(text="good"), metadata=md())
+        cpu = {dict(k)["pid"]: (dict(k)["Component"], v)
+               for k, v in (await scrape(gw)).series("ray_component_cpu_percentage").items()}
+        assert cpu[str(os.getpid())][0] == "ray::ProxyActor"
+        assert cpu[str(slot.pid)][0] == "ray::ServeReplica:text:TextModel"
+        assert cpu[str(os.getpid())][1] > 0 and cpu[str(slot.pid)][1] > 0
 
         # Nothing in flight any more.
         assert s.series("ray_serve_num_ongoing_grpc_requests") and all(
@@ -392,7 +401,7 @@ async def test_streamed_message_sizes_are_counted(start_gateway: Any) -> None:
         chat = [r async for r in stub.Chat(reqs(), metadata=md())]
         for method, sent in (("/demo.text.TextModel/PredictBatch", batch.ByteSize()),
                              ("/demo.text.TextModel/Chat", sum(r.ByteSize() for r in chat))):
-            a66 = {"grpc_method": method, "grpc_status": "OK"}
+            a66 = {"grpc_method": method.lstrip("/"), "grpc_status": "OK"}
             s = await scrape_until(gw, lambda s, a=a66: s.get(
                 "grpc_server_call_rcvd_total_compressed_message_size_bytes_count", **a) == 1)
             got = s.get("grpc_server_call_rcvd_total_compressed_message_size_bytes_sum", **a66)
