@@ -46,6 +46,8 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_ID_KEYS = ("x-request-id", "request_id")
 MAX_REQUEST_ID_LEN = 512
+HOLD_REFUSAL_S = 2.0
+"""Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
 
 
 def valid_request_id(rid: str) -> bool:
@@ -130,6 +132,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.observers: list[Observer] = []
         self.ongoing = 0
         self.draining = False
+        self.refusal_gate: asyncio.Event | None = None
+        """Set by the gateway for the end of a drain (Gateway._shut_listener): a call refused
+        while draining waits for it (at most HOLD_REFUSAL_S), so its client is not sending
+        another call at the moment grpc shuts the listener down."""
+        self.held = 0
+        """Refused calls waiting on `refusal_gate`; counted in `ongoing` too."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
         self._handlers: dict[str, Any] = {}
@@ -231,6 +239,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise err
         assert route is not None
         return route, rid, fwd
+
+    async def _hold_refusal(self, gate: asyncio.Event) -> None:
+        """Answer a refusal only once the gateway has begun shutting its listener down."""
+        self.held += 1
+        try:
+            await asyncio.wait_for(gate.wait(), HOLD_REFUSAL_S)
+        except TimeoutError:
+            pass
+        finally:
+            self.held -= 1
 
     @staticmethod
     def _cancel_code(ctx: Any) -> grpc.StatusCode:
@@ -354,6 +372,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
+            if self.refusal_gate is not None and not rep_id:
+                await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)
@@ -450,6 +470,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
+            if self.refusal_gate is not None and not rep_id:
+                await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)

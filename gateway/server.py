@@ -25,6 +25,9 @@ from gateway.replicas import channel_options
 
 log = logging.getLogger("gateway.server")
 
+QUIET_S = 0.2
+"""At the end of a drain, how long refused calls are held before the listener shuts."""
+
 
 class ProxyState:
     STARTING = "STARTING"
@@ -210,7 +213,7 @@ class Gateway:
             log.warning("drained with %d call(s) still in flight after %gs",
                         self.proxy.ongoing, grace)
         if self.server is not None:
-            await self.server.stop(max(0.0, end - time.monotonic()))
+            await self._shut_listener(self.server, end)
         self.state = ProxyState.DRAINED
         # Every call has ended (and been observed): send the queued records, within a bound.
         await asyncio.get_running_loop().run_in_executor(None, self.records.shutdown)
@@ -220,6 +223,28 @@ class Gateway:
         await self.admin.stop()
         self.logging.stop()
         self._stopped.set()
+
+    async def _shut_listener(self, server: grpc.aio.Server, end: float) -> None:
+        """Stop the grpc server so that no client sees CANCELLED for a call it sent.
+
+        Once grpc core begins its shutdown, it cancels (CANCELLED, "CANCELLED") every call it
+        has not handed to us yet: calls queued while the loop was busy, and calls a client
+        sent before it read the GOAWAY. Clients retrying on "draining" would keep sending
+        such calls. So calls refused from now on are held, for QUIET_S, while core's queue
+        empties into our handler; then the shutdown begins (GOAWAY, listener closed) and only
+        then are the held calls answered UNAVAILABLE "draining". A client's next call opens
+        a new connection, which the closed port refuses (UNAVAILABLE).
+        """
+        gate = asyncio.Event()
+        quiet = min(QUIET_S, end - time.monotonic())
+        if quiet > 0:
+            self.proxy.refusal_gate = gate
+            await asyncio.sleep(quiet)
+        stopping = asyncio.ensure_future(server.stop(max(0.0, end - time.monotonic())))
+        # grpc sends the GOAWAY before its stop first waits; written before the held answers.
+        await asyncio.sleep(0.01)
+        gate.set()
+        await stopping
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
