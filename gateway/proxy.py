@@ -138,6 +138,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         another call at the moment grpc shuts the listener down."""
         self.held = 0
         """Refused calls waiting on `refusal_gate`; counted in `ongoing` too."""
+        self.drain_refusals = 0
+        """Calls refused because the gateway is draining."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
         self._handlers: dict[str, Any] = {}
@@ -230,6 +232,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             if route is None:
                 err = errors.application_unknown(app, self.routes)
         if self.draining:
+            self.drain_refusals += 1
             err = errors.draining()
         err = err or bad
         if err is not None:

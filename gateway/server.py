@@ -25,8 +25,10 @@ from gateway.replicas import channel_options
 
 log = logging.getLogger("gateway.server")
 
-QUIET_S = 0.2
-"""At the end of a drain, how long refused calls are held before the listener shuts."""
+QUIET_S = 0.1
+"""At the end of a drain, refused calls are held until none has come for this long..."""
+QUIET_MAX_S = 1.0
+"""...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
 
 
 class ProxyState:
@@ -230,16 +232,24 @@ class Gateway:
         Once grpc core begins its shutdown, it cancels (CANCELLED, "CANCELLED") every call it
         has not handed to us yet: calls queued while the loop was busy, and calls a client
         sent before it read the GOAWAY. Clients retrying on "draining" would keep sending
-        such calls. So calls refused from now on are held, for QUIET_S, while core's queue
-        empties into our handler; then the shutdown begins (GOAWAY, listener closed) and only
-        then are the held calls answered UNAVAILABLE "draining". A client's next call opens
-        a new connection, which the closed port refuses (UNAVAILABLE).
+        such calls. So calls refused from now on are held until no new one has come for
+        QUIET_S (at most QUIET_MAX_S): their clients wait instead of sending, and core's queue
+        empties into our handler. Then the shutdown begins (GOAWAY, listener closed) and only
+        then are the held calls answered UNAVAILABLE "draining"; a client's next call opens a
+        new connection, which the closed port refuses (UNAVAILABLE).
         """
         gate = asyncio.Event()
-        quiet = min(QUIET_S, end - time.monotonic())
-        if quiet > 0:
+        # No refusal yet: no client is retrying, so nothing to quieten (and no delay).
+        if self.proxy.drain_refusals:
             self.proxy.refusal_gate = gate
-            await asyncio.sleep(quiet)
+            stop_at = min(end, time.monotonic() + QUIET_MAX_S)
+            seen, quiet_since = -1, time.monotonic()
+            while time.monotonic() < stop_at:
+                if self.proxy.drain_refusals != seen:
+                    seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
+                elif time.monotonic() - quiet_since >= QUIET_S:
+                    break
+                await asyncio.sleep(0.01)
         stopping = asyncio.ensure_future(server.stop(max(0.0, end - time.monotonic())))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.
         await asyncio.sleep(0.01)

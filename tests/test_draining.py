@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,36 @@ applications:
 """
 CLIENTS = 6
 CALL_SLEEP_S = 0.2
-LONG_CALL_S = 2.0
+# Long enough that the drain outlasts the checks made from outside (CLI start-ups are slow
+# on a loaded machine); the tests wait for it to be in flight instead of sleeping.
+LONG_CALL_S = 5.0
 
 
 def start(tmp_path: Path) -> GatewayProcess:
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs")))
     return GatewayProcess(cfg)
+
+
+def ongoing(gp: GatewayProcess) -> int:
+    """The gateway's own count of calls in flight (its Prometheus gauge)."""
+    url = gp.wait_for(r"metrics on (\S+)", 5)
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("ray_serve_num_ongoing_grpc_requests"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def wait_ongoing(gp: GatewayProcess, n: int, timeout: float = 20) -> None:
+    """Wait (bounded) until the gateway has at least `n` calls in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ongoing(gp) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never {n} call(s) in flight")
 
 
 class Load:
@@ -140,15 +164,20 @@ def test_sigterm_drains_under_load_without_losing_accepted_calls(tmp_path: Path)
                 stub.Predict(text_model_pb2.PredictRequest(text="good", sleep_s=LONG_CALL_S),
                              metadata=(("x-request-id", "long-1"),), timeout=30).label))
             longer.start()
-            time.sleep(0.3)
+            # Each load client has at most one call in flight: one more is the long call.
+            wait_ongoing(gp, CLIENTS + 1)
             gp.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and health.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5
+            ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                time.sleep(0.02)
 
             # DRAINING, seen from every side.
             assert list(admin_status(gp.admin)["proxies"].values()) == ["DRAINING"]
-            health = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             try:
                 ray_serve_pb2_grpc.RayServeAPIServiceStub(ch).Healthz(
                     ray_serve_pb2.HealthzRequest(), timeout=5)
@@ -160,7 +189,7 @@ def test_sigterm_drains_under_load_without_losing_accepted_calls(tmp_path: Path)
                 raise AssertionError("a new call was accepted while draining")
             except grpc.RpcError as e:
                 assert e.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-                assert "draining" in e.details()  # type: ignore[attr-defined]
+                assert "draining" in (e.details() or "")  # type: ignore[attr-defined]
             longer.join(30)
         rc = gp.wait(60)
         load.join()
@@ -190,9 +219,11 @@ def test_shutdown_command_drains_and_exits_zero(tmp_path: Path) -> None:
         with grpc.insecure_channel(gp.address) as ch:
             stub = text_model_pb2_grpc.TextModelStub(ch)
             t = threading.Thread(target=lambda: result.append(stub.Predict(
-                text_model_pb2.PredictRequest(text="good", sleep_s=1.0), timeout=30).label))
+                text_model_pb2.PredictRequest(text="good", sleep_s=LONG_CALL_S),
+                timeout=30).label))
             t.start()
-            time.sleep(0.3)
+            # In flight before the CLI (slow to start on a loaded machine) asks to shut down.
+            wait_ongoing(gp, 1)
             out = subprocess.run(
                 [sys.executable, "-m", "gateway.cli", "shutdown", "--address", gp.admin],
                 cwd=REPO, capture_output=True, text=True, timeout=30)
