@@ -131,13 +131,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.default_route: AppRoute | None = None
         self.observers: list[Observer] = []
         self.ongoing = 0
+        self.admitted = 0
+        """Calls in flight that were accepted (not refused): what a drain waits for."""
         self.draining = False
         self.refusal_gate: asyncio.Event | None = None
         """Set by the gateway for the end of a drain (Gateway._shut_listener): a call refused
         while draining waits for it (at most HOLD_REFUSAL_S), so its client is not sending
         another call at the moment grpc shuts the listener down."""
-        self.held = 0
-        """Refused calls waiting on `refusal_gate`; counted in `ongoing` too."""
         self.drain_refusals = 0
         """Calls refused because the gateway is draining."""
         self.on_unreachable: Callable[[Replica], None] | None = None
@@ -245,13 +245,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     async def _hold_refusal(self, gate: asyncio.Event) -> None:
         """Answer a refusal only once the gateway has begun shutting its listener down."""
-        self.held += 1
         try:
             await asyncio.wait_for(gate.wait(), HOLD_REFUSAL_S)
         except TimeoutError:
             pass
-        finally:
-            self.held -= 1
 
     @staticmethod
     def _cancel_code(ctx: Any) -> grpc.StatusCode:
@@ -312,6 +309,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         t0 = time.perf_counter()
         wall = time.time()
         self.ongoing += 1
+        admitted = False
         app = dep = rep_id = ""
         rid = ""
         code = OK
@@ -326,6 +324,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
+            admitted = True
+            self.admitted += 1
             app, dep = route.name, route.deployment
             captured = route.capture is not None and shape == UNARY_UNARY and route.capture(path)
             deadline = self._deadline(ctx)
@@ -393,6 +393,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
+            if admitted:
+                self.admitted -= 1
             if shape != UNARY_UNARY:
                 req_size = counted.size
             self._finish(
@@ -411,6 +413,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         t0 = time.perf_counter()
         wall = time.time()
         self.ongoing += 1
+        admitted = False
         app = dep = rep_id = ""
         rid = ""
         code = OK
@@ -424,6 +427,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
+            admitted = True
+            self.admitted += 1
             app, dep = route.name, route.deployment
             router = route.router
             if label is OTHER and router.methods_known:
@@ -491,6 +496,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
+            if admitted:
+                self.admitted -= 1
             if shape != UNARY_STREAM:
                 req_size = counted.size
             self._finish(

@@ -209,11 +209,12 @@ class Gateway:
         log.info("draining: %d call(s) in flight get up to %gs", self.proxy.ongoing, grace)
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
-        while self.proxy.ongoing > 0 and time.monotonic() < end:
+        # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
+        while self.proxy.admitted > 0 and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        if self.proxy.ongoing:
+        if self.proxy.admitted:
             log.warning("drained with %d call(s) still in flight after %gs",
-                        self.proxy.ongoing, grace)
+                        self.proxy.admitted, grace)
         if self.server is not None:
             await self._shut_listener(self.server, end)
         self.state = ProxyState.DRAINED

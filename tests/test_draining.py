@@ -69,15 +69,18 @@ def wait_ongoing(gp: GatewayProcess, n: int, timeout: float = 20) -> None:
 class Load:
     """Client threads calling until told to stop; every outcome is kept."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, clients: int = CLIENTS, retry_after_s: float = 0.05,
+                 sleep_s: float = CALL_SLEEP_S) -> None:
         self.address = address
+        self.retry_after_s = retry_after_s
+        self.sleep_s = sleep_s
         self.ok: list[str] = []
         self.refused: list[str] = []
         self.lost: list[str] = []
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(CLIENTS)]
+                        for i in range(clients)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -91,7 +94,7 @@ class Load:
             while not self.stop.is_set() and time.monotonic() < deadline and i < 500:
                 rid = f"load-{n}-{i}"
                 i += 1
-                self.call(stub, rid, CALL_SLEEP_S)
+                self.call(stub, rid, self.sleep_s)
 
     def call(self, stub: Any, rid: str, sleep_s: float) -> None:
         try:
@@ -108,7 +111,7 @@ class Load:
             with self._lock:
                 (self.refused if refused else self.lost).append(f"{rid}: {code.name} {details}")
             if refused:
-                time.sleep(0.05)
+                time.sleep(self.retry_after_s)
 
     def join(self) -> None:
         self.stop.set()
@@ -235,3 +238,27 @@ def test_shutdown_command_drains_and_exits_zero(tmp_path: Path) -> None:
         gp.kill()
     assert result == ["positive"]
     assert gone(pids, 10)
+
+
+def test_clients_retrying_at_once_never_see_cancelled(tmp_path: Path) -> None:
+    """Clients that retry a refused call at once keep calls arriving while the listener shuts.
+
+    grpc core cancels (CANCELLED) the calls it has not handed to the gateway when its
+    shutdown begins; the gateway holds refusals until its clients are quiet, so none is sent
+    into the shutdown and every call ends OK or UNAVAILABLE.
+    """
+    gp = start(tmp_path)
+    load = Load(gp.address, clients=12, retry_after_s=0.0, sleep_s=0.0)
+    try:
+        load.start()
+        wait_ongoing(gp, 1)
+        time.sleep(0.5)
+        gp.proc.send_signal(signal.SIGTERM)
+        rc = gp.wait(60)
+        load.join()
+    finally:
+        load.stop.set()
+        gp.kill()
+    assert rc == 0, gp.console()
+    assert load.lost == [], load.lost
+    assert load.ok and load.refused
