@@ -375,7 +375,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
-            if self.refusal_gate is not None and not rep_id:
+            if self.refusal_gate is not None and not admitted:
                 await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
@@ -478,7 +478,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
-            if self.refusal_gate is not None and not rep_id:
+            if self.refusal_gate is not None and not admitted:
                 await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
