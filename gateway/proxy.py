@@ -46,6 +46,8 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_ID_KEYS = ("x-request-id", "request_id")
 MAX_REQUEST_ID_LEN = 512
+HOLD_REFUSAL_S = 2.0
+"""Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
 
 
 def valid_request_id(rid: str) -> bool:
@@ -132,7 +134,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self.default_route: AppRoute | None = None
         self.observers: list[Observer] = []
         self.ongoing = 0
+        self.admitted = 0
+        """Calls in flight that were accepted (not refused): what a drain waits for."""
         self.draining = False
+        self.refusal_gate: asyncio.Event | None = None
+        """Set by the gateway for the end of a drain (Gateway._shut_listener): a call refused
+        while draining waits for it (at most HOLD_REFUSAL_S), so its client is not sending
+        another call at the moment grpc shuts the listener down."""
+        self.drain_refusals = 0
+        """Calls refused because the gateway is draining."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
         self._handlers: dict[str, Any] = {}
@@ -225,6 +235,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             if route is None:
                 err = errors.application_unknown(app, self.routes)
         if self.draining:
+            self.drain_refusals += 1
             err = errors.draining()
         err = err or bad
         if err is not None:
@@ -234,6 +245,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             raise err
         assert route is not None
         return route, rid, fwd
+
+    async def _hold_refusal(self, gate: asyncio.Event) -> None:
+        """Answer a refusal only once the gateway has begun shutting its listener down."""
+        try:
+            await asyncio.wait_for(gate.wait(), HOLD_REFUSAL_S)
+        except TimeoutError:
+            pass
 
     @staticmethod
     def _cancel_code(ctx: Any) -> grpc.StatusCode:
@@ -294,6 +312,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         t0 = time.perf_counter()
         wall = time.time()
         self.ongoing += 1
+        admitted = False
         app = dep = rep_id = ""
         rid = ""
         code = OK
@@ -309,6 +328,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
+            admitted = True
+            self.admitted += 1
             app, dep = route.name, route.deployment
             captured = route.capture is not None and shape == UNARY_UNARY and route.capture(path)
             if route.stream_capture is not None and shape != UNARY_UNARY:
@@ -361,6 +382,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
+            if self.refusal_gate is not None and not admitted:
+                await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)
@@ -377,6 +400,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
+            if admitted:
+                self.admitted -= 1
             if shape != UNARY_UNARY:
                 req_size = counted.size
             rec = CallRecord(
@@ -396,6 +421,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         t0 = time.perf_counter()
         wall = time.time()
         self.ongoing += 1
+        admitted = False
         app = dep = rep_id = ""
         rid = ""
         code = OK
@@ -410,6 +436,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             req_size = 0
         try:
             route, rid, md = self._prepare(ctx)
+            admitted = True
+            self.admitted += 1
             app, dep = route.name, route.deployment
             if route.stream_capture is not None:
                 stream = route.stream_capture(path)
@@ -464,6 +492,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             code, details, gw_err = e.code, e.details, True
             rid = rid or e.request_id
             app, dep = app or e.application, dep or e.deployment
+            if self.refusal_gate is not None and not admitted:
+                await self._hold_refusal(self.refusal_gate)
             await ctx.abort(e.code, e.details, self._trailers((), rid) if rid else ())
         except asyncio.CancelledError:
             code = self._cancel_code(ctx)
@@ -480,6 +510,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             await ctx.abort(err.code, err.details, self._trailers((), rid) if rid else ())
         finally:
             self.ongoing -= 1
+            if admitted:
+                self.admitted -= 1
             if shape != UNARY_STREAM:
                 req_size = counted.size
             rec = CallRecord(

@@ -25,6 +25,11 @@ from gateway.replicas import channel_options
 
 log = logging.getLogger("gateway.server")
 
+QUIET_S = 0.1
+"""At the end of a drain, refused calls are held until none has come for this long..."""
+QUIET_MAX_S = 1.0
+"""...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
+
 
 class ProxyState:
     STARTING = "STARTING"
@@ -204,13 +209,14 @@ class Gateway:
         log.info("draining: %d call(s) in flight get up to %gs", self.proxy.ongoing, grace)
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
-        while self.proxy.ongoing > 0 and time.monotonic() < end:
+        # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
+        while self.proxy.admitted > 0 and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        if self.proxy.ongoing:
+        if self.proxy.admitted:
             log.warning("drained with %d call(s) still in flight after %gs",
-                        self.proxy.ongoing, grace)
+                        self.proxy.admitted, grace)
         if self.server is not None:
-            await self.server.stop(max(0.0, end - time.monotonic()))
+            await self._shut_listener(self.server, end)
         self.state = ProxyState.DRAINED
         # Every call has ended (and been observed): send the queued records, within a bound.
         await asyncio.get_running_loop().run_in_executor(None, self.records.shutdown)
@@ -220,6 +226,36 @@ class Gateway:
         await self.admin.stop()
         self.logging.stop()
         self._stopped.set()
+
+    async def _shut_listener(self, server: grpc.aio.Server, end: float) -> None:
+        """Stop the grpc server so that no client sees CANCELLED for a call it sent.
+
+        Once grpc core begins its shutdown, it cancels (CANCELLED, "CANCELLED") every call it
+        has not handed to us yet: calls queued while the loop was busy, and calls a client
+        sent before it read the GOAWAY. Clients retrying on "draining" would keep sending
+        such calls. So calls refused from now on are held until no new one has come for
+        QUIET_S (at most QUIET_MAX_S): their clients wait instead of sending, and core's queue
+        empties into our handler. Then the shutdown begins (GOAWAY, listener closed) and only
+        then are the held calls answered UNAVAILABLE "draining"; a client's next call opens a
+        new connection, which the closed port refuses (UNAVAILABLE).
+        """
+        gate = asyncio.Event()
+        # No refusal yet: no client is retrying, so nothing to quieten (and no delay).
+        if self.proxy.drain_refusals:
+            self.proxy.refusal_gate = gate
+            stop_at = min(end, time.monotonic() + QUIET_MAX_S)
+            seen, quiet_since = -1, time.monotonic()
+            while time.monotonic() < stop_at:
+                if self.proxy.drain_refusals != seen:
+                    seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
+                elif time.monotonic() - quiet_since >= QUIET_S:
+                    break
+                await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(server.stop(max(0.0, end - time.monotonic())))
+        # grpc sends the GOAWAY before its stop first waits; written before the held answers.
+        await asyncio.sleep(0.01)
+        gate.set()
+        await stopping
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

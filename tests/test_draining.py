@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ applications:
 """
 CLIENTS = 6
 CALL_SLEEP_S = 0.2
-LONG_CALL_S = 2.0
+# Long enough that the drain outlasts the checks made from outside (CLI start-ups are slow
+# on a loaded machine); the tests wait for it to be in flight instead of sleeping.
+LONG_CALL_S = 5.0
 
 
 def start(tmp_path: Path) -> GatewayProcess:
@@ -42,18 +45,42 @@ def start(tmp_path: Path) -> GatewayProcess:
     return GatewayProcess(cfg)
 
 
+def ongoing(gp: GatewayProcess) -> int:
+    """The gateway's own count of calls in flight (its Prometheus gauge)."""
+    url = gp.wait_for(r"metrics on (\S+)", 5)
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith("ray_serve_num_ongoing_grpc_requests"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def wait_ongoing(gp: GatewayProcess, n: int, timeout: float = 20) -> None:
+    """Wait (bounded) until the gateway has at least `n` calls in flight."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ongoing(gp) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"never {n} call(s) in flight")
+
+
 class Load:
     """Client threads calling until told to stop; every outcome is kept."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, clients: int = CLIENTS, retry_after_s: float = 0.05,
+                 sleep_s: float = CALL_SLEEP_S) -> None:
         self.address = address
+        self.retry_after_s = retry_after_s
+        self.sleep_s = sleep_s
         self.ok: list[str] = []
         self.refused: list[str] = []
         self.lost: list[str] = []
         self.stop = threading.Event()
         self._lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                        for i in range(CLIENTS)]
+                        for i in range(clients)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -67,7 +94,7 @@ class Load:
             while not self.stop.is_set() and time.monotonic() < deadline and i < 500:
                 rid = f"load-{n}-{i}"
                 i += 1
-                self.call(stub, rid, CALL_SLEEP_S)
+                self.call(stub, rid, self.sleep_s)
 
     def call(self, stub: Any, rid: str, sleep_s: float) -> None:
         try:
@@ -84,7 +111,7 @@ class Load:
             with self._lock:
                 (self.refused if refused else self.lost).append(f"{rid}: {code.name} {details}")
             if refused:
-                time.sleep(0.05)
+                time.sleep(self.retry_after_s)
 
     def join(self) -> None:
         self.stop.set()
@@ -140,15 +167,20 @@ def test_sigterm_drains_under_load_without_losing_accepted_calls(tmp_path: Path)
                 stub.Predict(text_model_pb2.PredictRequest(text="good", sleep_s=LONG_CALL_S),
                              metadata=(("x-request-id", "long-1"),), timeout=30).label))
             longer.start()
-            time.sleep(0.3)
+            # Each load client has at most one call in flight: one more is the long call.
+            wait_ongoing(gp, CLIENTS + 1)
             gp.proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and health.Check(
+                    health_pb2.HealthCheckRequest(service=""), timeout=5
+            ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+                time.sleep(0.02)
 
             # DRAINING, seen from every side.
             assert list(admin_status(gp.admin)["proxies"].values()) == ["DRAINING"]
-            health = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=5)
-            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             try:
                 ray_serve_pb2_grpc.RayServeAPIServiceStub(ch).Healthz(
                     ray_serve_pb2.HealthzRequest(), timeout=5)
@@ -160,7 +192,7 @@ def test_sigterm_drains_under_load_without_losing_accepted_calls(tmp_path: Path)
                 raise AssertionError("a new call was accepted while draining")
             except grpc.RpcError as e:
                 assert e.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
-                assert "draining" in e.details()  # type: ignore[attr-defined]
+                assert "draining" in (e.details() or "")  # type: ignore[attr-defined]
             longer.join(30)
         rc = gp.wait(60)
         load.join()
@@ -190,9 +222,11 @@ def test_shutdown_command_drains_and_exits_zero(tmp_path: Path) -> None:
         with grpc.insecure_channel(gp.address) as ch:
             stub = text_model_pb2_grpc.TextModelStub(ch)
             t = threading.Thread(target=lambda: result.append(stub.Predict(
-                text_model_pb2.PredictRequest(text="good", sleep_s=1.0), timeout=30).label))
+                text_model_pb2.PredictRequest(text="good", sleep_s=LONG_CALL_S),
+                timeout=30).label))
             t.start()
-            time.sleep(0.3)
+            # In flight before the CLI (slow to start on a loaded machine) asks to shut down.
+            wait_ongoing(gp, 1)
             out = subprocess.run(
                 [sys.executable, "-m", "gateway.cli", "shutdown", "--address", gp.admin],
                 cwd=REPO, capture_output=True, text=True, timeout=30)
@@ -204,3 +238,27 @@ def test_shutdown_command_drains_and_exits_zero(tmp_path: Path) -> None:
         gp.kill()
     assert result == ["positive"]
     assert gone(pids, 10)
+
+
+def test_clients_retrying_at_once_never_see_cancelled(tmp_path: Path) -> None:
+    """Clients that retry a refused call at once keep calls arriving while the listener shuts.
+
+    grpc core cancels (CANCELLED) the calls it has not handed to the gateway when its
+    shutdown begins; the gateway holds refusals until its clients are quiet, so none is sent
+    into the shutdown and every call ends OK or UNAVAILABLE.
+    """
+    gp = start(tmp_path)
+    load = Load(gp.address, clients=12, retry_after_s=0.0, sleep_s=0.0)
+    try:
+        load.start()
+        wait_ongoing(gp, 1)
+        time.sleep(0.5)
+        gp.proc.send_signal(signal.SIGTERM)
+        rc = gp.wait(60)
+        load.join()
+    finally:
+        load.stop.set()
+        gp.kill()
+    assert rc == 0, gp.console()
+    assert load.lost == [], load.lost
+    assert load.ok and load.refused
