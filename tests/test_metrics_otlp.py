@@ -160,7 +160,7 @@ async def test_otlp_push_arrives_decoded(
     assert ms["grpc.server.call.sent_total_compressed_message_size"].unit == "By"
     started = ms["grpc.server.call.started"]
     assert [(attrs(p), p.as_int) for p in started.sum.data_points] == [
-        ({"grpc.method": PREDICT}, 5)]
+        ({"grpc.method": PREDICT.lstrip("/")}, 5)]
     healthy = ms["ray_serve_deployment_replica_healthy"]
     assert [p.as_int for p in healthy.gauge.data_points] == [1]
 
