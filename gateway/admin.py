@@ -19,6 +19,7 @@ import grpc
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
+from gateway.config_source import DeployError, unescape_refs
 from gateway.pb import admin_pb2, admin_pb2_grpc
 from gateway.status import GatewayStatus, build_status, from_proto, to_proto
 
@@ -102,6 +103,7 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{source}: {left}: holds a ${{VAR}} reference; `gateway "
                                 "deploy` expands those in your environment before sending")
+        data = unescape_refs(data)  # `$${`: a literal `${` in a value
         try:
             config = parse_config(data, source, expand=False)
         except ConfigError as e:
@@ -113,6 +115,9 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
                      [a.name for a in config.applications])
             try:
                 problems = await gw.apply(config)
+            except DeployError as e:
+                log.error("deploy refused: %s", e)  # its message quotes no config value
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             except Exception as e:
                 log.exception("deploy failed")
                 await context.abort(grpc.StatusCode.INTERNAL,

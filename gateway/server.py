@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway import records, telemetry
 from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
+from gateway.config_source import DeployError
 from gateway.controller import Controller
 from gateway.logs import GatewayLogging
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
@@ -178,7 +179,15 @@ class Gateway:
         """
         import importlib
 
-        modules = [importlib.import_module(m) for m in config.proto_modules]
+        modules = []
+        for i, name in enumerate(config.proto_modules):
+            try:
+                modules.append(importlib.import_module(name))
+            except Exception as e:
+                # Neither the name nor the exception's text: either may quote a value the
+                # operator's environment put there (a secret, for all the gateway knows).
+                raise DeployError(f"proto_modules[{i}]: the module does not import "
+                                  f"({type(e).__name__}); nothing was changed") from None
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)

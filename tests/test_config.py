@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +231,35 @@ applications:
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2
     assert "module 'no.such.module' not found" in out.stderr
+
+
+def test_escaped_forms_of_an_expanded_value_are_masked_and_dollar_brace_escapes() -> None:
+    from gateway.config_source import hide_values
+
+    used = {"K": "sk-Abc\\d3f'SECRET\t\u00e9"}
+    for message in (repr(used["K"]), ascii(used["K"]), json.dumps(used["K"]), used["K"]):
+        masked = hide_values(f"bad value {message} here", used)
+        assert "SECRET" not in masked and "${K}" in masked, masked
+    cfg = parse_config({"admin": {"token": "$${NOT_A_VAR}x"}}, env={})
+    assert cfg.admin.token is not None
+    assert cfg.admin.token.get_secret_value() == "${NOT_A_VAR}x"
+
+
+def test_cli_check_masks_values_in_module_errors_and_reports_a_raising_package(
+        tmp_path: Path) -> None:
+    pkg = tmp_path / "raisingpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('broken package init')\n")
+    path = write(tmp_path, """
+proto_modules: ["${MOD}"]
+applications:
+  - {name: t, deployments: [{name: D, import_path: "raisingpkg.models:Model"}]}
+""")
+    env = {**os.environ, "MOD": "sk-AbcdSECRET", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(path)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "SECRET" not in out.stderr and "module '${MOD}' not found" in out.stderr
+    assert "deployment 'D': import_path" in out.stderr
+    assert "RuntimeError: broken package init" in out.stderr
