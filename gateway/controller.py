@@ -243,7 +243,17 @@ class Controller:
     async def _reconfigure_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> str:
         want = dep.config.user_config
         rep = slot.replica
-        if rep is None or slot.stopping or slot.reconfiguring or slot.user_config == want:
+        if rep is None or slot.stopping or slot.reconfiguring:
+            return ""
+        if slot.user_config == want:
+            if slot.reconfigure_failures:
+                # The config it still runs is wanted again (a revert after a failed
+                # reconfigure): nothing to send, and nothing keeps it out of rotation.
+                slot.reconfigure_failures = 0
+                slot.reconfigure_retry_at = 0.0
+                if slot.failures == 0 and slot.state is ReplicaState.UNHEALTHY:
+                    self._back_in_rotation(dep, slot)
+                slot.wake.set()  # a health check now confirms it either way
             return ""
         slot.reconfiguring = True
         slot.state = ReplicaState.UPDATING  # its replica keeps serving meanwhile
@@ -271,12 +281,15 @@ class Controller:
         slot.reconfigure_failures = 0
         if not slot.stopping:
             # Whatever a health check said while it was busy, it answered: back in rotation.
-            slot.set_state(ReplicaState.RUNNING, "")
-            slot.healthy = True
-            dep.note_health()
-            self._emit("healthy", slot)
-            dep.router.wake()
+            self._back_in_rotation(dep, slot)
         return ""
+
+    def _back_in_rotation(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
+        slot.set_state(ReplicaState.RUNNING, "")
+        slot.healthy = True
+        dep.note_health()
+        self._emit("healthy", slot)
+        dep.router.wake()
 
     # -- replicas ------------------------------------------------------------------------
 

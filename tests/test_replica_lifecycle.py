@@ -214,3 +214,24 @@ async def test_a_replica_crashing_soon_after_it_became_healthy_backs_off(
         assert "crash loop" in msg and "exited with code 3" in msg
     finally:
         await gw.stop(grace=1)
+
+
+async def test_reverting_a_failed_reconfigure_puts_the_replica_back_at_once(
+        tmp_path: Path) -> None:
+    base = dict(num_replicas=1, health_check_period_s=30)  # no health check to help
+    good = gateway_config(
+        [app("tests.control_models:BadReconfig", user_config={"prefix": "v1-"}, **base)],
+        tmp_path)
+    async with running_gateway(good, tmp_path) as gw:
+        bad = gateway_config(
+            [app("tests.control_models:BadReconfig", user_config={"fail": True}, **base)],
+            tmp_path)
+        assert await gw.apply(bad)
+        slot = slot_of(gw)
+        assert slot.state is ReplicaState.UNHEALTHY and slot.reconfigure_failures == 1
+        # The operator deploys the previous config back: the replica still runs it.
+        assert await gw.apply(good) == []
+        assert slot.state is ReplicaState.RUNNING and slot.reconfigure_failures == 0
+        assert slot.replica is not None and slot.replica.routable
+        assert build_status(gw).applications["text"].status == "RUNNING"
+        assert (await predict(gw, timeout=5)).label.startswith("v1-")
