@@ -20,6 +20,7 @@ import yaml
 
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
+from gateway.listen_address import grpc_address
 from gateway.pb import admin_pb2, admin_pb2_grpc
 from gateway.status import GatewayStatus, build_status, from_proto, to_proto
 
@@ -187,7 +188,7 @@ class AdminServer:
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            self.port = server.add_insecure_port(grpc_address(cfg.host, cfg.port))
         except RuntimeError as e:
             raise OSError(f"admin service cannot listen on {cfg.host}:{cfg.port}: {e}") from None
         await server.start()

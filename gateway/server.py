@@ -17,6 +17,7 @@ from gateway import records, telemetry
 from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
 from gateway.config_source import DeployError
+from gateway.listen_address import grpc_address
 from gateway.controller import Controller
 from gateway.logs import GatewayLogging
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
@@ -97,7 +98,7 @@ class Gateway:
     @property
     def address(self) -> str:
         # The listener bound at start: a deploy changing proxy.host takes effect on restart.
-        return f"{self._host}:{self.port}"
+        return grpc_address(self._host, self.port)
 
     def _learn_methods(self, files: list[Any]) -> None:
         for fd in files:
@@ -146,7 +147,8 @@ class Gateway:
         # Last: the catch-all forwarder; registered services above match first.
         server.add_generic_rpc_handlers((self.proxy,))
         try:
-            self.port = server.add_insecure_port(f"{cfg.proxy.host}:{cfg.proxy.port}")
+            self.port = server.add_insecure_port(
+                grpc_address(cfg.proxy.host, cfg.proxy.port))
         except RuntimeError as e:
             raise OSError(
                 f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"

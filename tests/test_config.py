@@ -263,3 +263,22 @@ applications:
     assert "SECRET" not in out.stderr and "module '${MOD}' not found" in out.stderr
     assert "deployment 'D': import_path" in out.stderr
     assert "RuntimeError: broken package init" in out.stderr
+
+
+def test_loopback_is_an_address_not_a_prefix_and_ports_collide_per_host(
+        tmp_path: Path) -> None:
+    for host in ("localhost.evil.example", "127.evil.example", "::", "0.0.0.0", "::ffff:1"):
+        assert "needs a token" in error_of(tmp_path, f'admin: {{host: "{host}"}}\n'), host
+    for host, bare in (("[::1]", "::1"), ("::1", "::1"), ("127.0.0.2", "127.0.0.2"),
+                       ("localhost", "localhost")):
+        cfg = load_config(write(tmp_path, f'admin: {{host: "{host}"}}\n'), env={})
+        assert cfg.admin.host == bare
+    # The same port on two different addresses is two listeners; all interfaces is not.
+    load_config(write(tmp_path, 'proxy: {host: 127.0.0.1, port: 9300}\n'
+                                'admin: {host: 127.0.0.2, port: 9300}\n'), env={})
+    msg = error_of(tmp_path, 'proxy: {host: 0.0.0.0, port: 9300, }\n'
+                             'admin: {host: 127.0.0.2, port: 9300}\n')
+    assert "admin.port 9300 is also proxy.port" in msg
+    msg = error_of(tmp_path, 'proxy: {host: "[::1]", port: 9300}\n'
+                             'admin: {host: "::1", port: 9300}\n')
+    assert "admin.port 9300 is also proxy.port" in msg

@@ -119,6 +119,17 @@ async def test_deploy_never_echoes_an_expanded_value_and_keeps_a_literal_dollar_
     assert "SECRET" not in (tmp_path / "logs" / "gateway.log").read_text()
 
 
+async def test_an_ipv6_loopback_admin_and_proxy_listen(tmp_path: Path) -> None:
+    config = gateway_config([TEXT_APP], tmp_path, proxy={"host": "::1"},
+                            admin={"host": "[::1]"}, metrics={"prometheus": {"host": "[::1]"}})
+    async with running_gateway(config, tmp_path) as gw:
+        assert gw.address.startswith("[::1]:")
+        assert await label(gw) == "positive"
+        with AdminClient(f"[::1]:{gw.admin_port}") as client:
+            status = await asyncio.to_thread(client.status)
+        assert status.applications["text"].status == "RUNNING"
+
+
 async def test_a_second_gateway_cannot_take_the_same_ports(tmp_path: Path) -> None:
     async with running_gateway(gateway_config([TEXT_APP], tmp_path), tmp_path) as gw:
         for top in ({"proxy": {"port": gw.port}}, {"admin": {"port": gw.admin_port}}):
