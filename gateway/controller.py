@@ -477,7 +477,7 @@ class Controller:
             GATEWAY_REPLICA_ID=slot.replica_id,
             PYTHONUNBUFFERED="1",
         )
-        env[ENV_CONTROL_SECRET] = secret
+        env.pop(ENV_CONTROL_SECRET, None)  # handed over on stdin: /proc/<pid>/environ shows env
         if self.replica_env is not None:
             env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()
@@ -489,17 +489,22 @@ class Controller:
             "--max-message-bytes", str(dep.max_message_bytes),
             "--grace", str(cfg.graceful_shutdown_timeout_s),
             "--parent-pid", str(os.getpid()),
+            "--stdin-control",
         ]
         if cfg.user_config is not None:
             args += ["--user-config", json.dumps(cfg.user_config)]
         slot.user_config = cfg.user_config
         try:
             proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.DEVNULL,
+                *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
         finally:
             os.close(w)
+        # The secret, one line; the pipe then stays open as the replica's lifeline: closing
+        # it (or this process dying) is what stops the replica (replica_process.terminate).
+        assert proc.stdin is not None
+        proc.stdin.write(secret.encode() + b"\n")
         slot.process = proc
         slot.starts += 1
         slot.healthy = False
