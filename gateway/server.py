@@ -17,8 +17,8 @@ from gateway import records, telemetry
 from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
 from gateway.config_source import DeployError
-from gateway.listen_address import grpc_address
 from gateway.controller import Controller
+from gateway.listen_address import grpc_address
 from gateway.logs import GatewayLogging
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
