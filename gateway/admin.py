@@ -19,6 +19,8 @@ import grpc
 import yaml
 
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
+from gateway.config_source import DeployError, unescape_refs
+from gateway.listen_address import grpc_address
 from gateway.pb import admin_pb2, admin_pb2_grpc
 from gateway.status import GatewayStatus, build_status, from_proto, to_proto
 
@@ -102,6 +104,7 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{source}: {left}: holds a ${{VAR}} reference; `gateway "
                                 "deploy` expands those in your environment before sending")
+        data = unescape_refs(data)  # `$${`: a literal `${` in a value
         try:
             config = parse_config(data, source, expand=False)
         except ConfigError as e:
@@ -113,6 +116,9 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
                      [a.name for a in config.applications])
             try:
                 problems = await gw.apply(config)
+            except DeployError as e:
+                log.error("deploy refused: %s", e)  # its message quotes no config value
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             except Exception as e:
                 log.exception("deploy failed")
                 await context.abort(grpc.StatusCode.INTERNAL,
@@ -183,7 +189,7 @@ class AdminServer:
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
         try:
-            self.port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+            self.port = server.add_insecure_port(grpc_address(cfg.host, cfg.port))
         except RuntimeError as e:
             raise OSError(f"admin service cannot listen on {cfg.host}:{cfg.port}: {e}") from None
         await server.start()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.config_source import hide_values
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -88,12 +89,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from gateway.config import expand_env, parse_config, read_yaml
+
     try:
-        config = load_config(args.config)
+        data = read_yaml(args.config)
+        config = parse_config(data, str(args.config))
+        _, used = expand_env(data or {}, str(args.config), os.environ)
     except ConfigError as e:
         print(f"gateway: invalid config:\n{e}", file=sys.stderr)
         return EXIT_USAGE
-    missing = _missing_modules(config)
+    missing = [hide_values(m, used) for m in _missing_modules(config)]
     if missing:
         print("gateway: invalid config:\n" + "\n".join(f"{args.config}: {m}" for m in missing),
               file=sys.stderr)
@@ -122,6 +127,10 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
             found = False
+        except Exception as e:  # find_spec imports the parent packages: their code may raise
+            out.append(f"{where}: importing a parent package of {module!r} failed: "
+                       f"{type(e).__name__}: {e}")
+            continue
         if not found:
             out.append(f"{where}: module {module!r} not found")
     return out
@@ -132,6 +141,7 @@ def _admin(args: argparse.Namespace, action: str) -> int:
     from gateway.admin import AdminAuthError, AdminClient, AdminError, AdminUnreachable
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    used: dict[str, str] = {}  # values `deploy` expanded: never printed back
     try:
         with AdminClient(args.address, token or None, timeout=args.timeout) as client:
             if action == "status":
@@ -140,11 +150,11 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 print(client.config_yaml(), end="")
             elif action == "deploy":
                 try:
-                    text = _expanded_for_deploy(args.config)
+                    text, used = _expanded_for_deploy(args.config)
                 except ConfigError as e:
                     print(f"gateway: invalid config:\n{e}", file=sys.stderr)
                     return EXIT_USAGE
-                print(client.deploy(text, source=str(args.config)))
+                print(hide_values(client.deploy(text, source=str(args.config)), used))
             elif action == "shutdown":
                 print(client.shutdown())
             elif action == "actuals":
@@ -160,25 +170,29 @@ def _admin(args: argparse.Namespace, action: str) -> int:
     except AdminError as e:
         import grpc
 
+        # The gateway cannot know which values came from the operator's environment; we do.
+        msg = hide_values(str(e), used)
         if e.code is grpc.StatusCode.INVALID_ARGUMENT:
-            print(f"gateway: invalid config:\n{e}", file=sys.stderr)
+            print(f"gateway: invalid config:\n{msg}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"gateway: {action} failed: {e}", file=sys.stderr)
+        print(f"gateway: {action} failed: {msg}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
-def _expanded_for_deploy(path: str) -> str:
+def _expanded_for_deploy(path: str) -> tuple[str, dict[str, str]]:
     """The config file with `${VAR}` expanded in the operator's environment (this process's,
-    as envsubst or kubectl would), checked as `gateway check` checks it, as YAML to send."""
+    as envsubst or kubectl would), checked as `gateway check` checks it, as YAML to send
+    (a `${` left in it, literal or inside a value, sent as `$${`); and the values put in."""
     import yaml
 
     from gateway.config import expand_env, parse_config, read_yaml
+    from gateway.config_source import escape_refs
 
     data = read_yaml(path)
     parse_config(data, str(path))  # the same verdict as `gateway check`; no value echoed
-    expanded, _ = expand_env(data or {}, str(path), os.environ)
-    return str(yaml.safe_dump(expanded, sort_keys=False))
+    expanded, used = expand_env(data or {}, str(path), os.environ)
+    return str(yaml.safe_dump(escape_refs(expanded), sort_keys=False)), used
 
 
 def _send_actuals(client: Any, args: argparse.Namespace) -> int:

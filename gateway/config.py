@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Re-exported: callers import these from here.
 from gateway.config_source import ConfigError as ConfigError
@@ -21,10 +29,10 @@ from gateway.config_source import expand_env as expand_env
 from gateway.config_source import hide_values
 from gateway.config_source import read_yaml as read_yaml
 from gateway.config_source import unexpanded as unexpanded
+from gateway.listen_address import bare_host, collide, is_loopback
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")
-_LOOPBACK = ("127.", "::1", "localhost")
 MAX_GRPC_MESSAGE_BYTES = 2**31 - 1
 """gRPC takes message limits as a C int."""
 
@@ -193,6 +201,7 @@ class ProxyConfig(_Model):
 
     host: str = "127.0.0.1"
     port: int = Field(default=9000, ge=0, le=65535)
+    _bare = field_validator("host")(bare_host)
     max_message_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=MAX_GRPC_MESSAGE_BYTES)
     """Largest message accepted from clients or replicas; larger ones get RESOURCE_EXHAUSTED."""
     request_timeout_s: float | None = Field(default=None, gt=0)
@@ -214,6 +223,7 @@ class AdminConfig(_Model):
 
     host: str = "127.0.0.1"
     port: int = Field(default=9001, ge=0, le=65535)
+    _bare = field_validator("host")(bare_host)
     token: SecretStr | None = None
     """When set, admin calls must send `authorization: Bearer <token>`. Required when `host`
     is not a loopback address; an empty token is refused (it would switch authentication
@@ -224,7 +234,7 @@ class AdminConfig(_Model):
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("admin.token is empty: set a token, or remove the key to run "
                              "the admin service without authentication on loopback")
-        if self.token is None and not self.host.startswith(_LOOPBACK):
+        if self.token is None and not is_loopback(self.host):
             raise ValueError(f"the admin service on {self.host} (not loopback) needs a token: "
                              "anyone who reaches it could deploy or shut the gateway down")
         return self
@@ -234,6 +244,7 @@ class PrometheusConfig(_Model):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    _bare = field_validator("host")(bare_host)
 
 
 class OTLPConfig(_Model):
@@ -335,15 +346,17 @@ class GatewayConfig(_Model):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate application names: {sorted(dup)}")
-        ports: dict[int, str] = {}
-        listeners = [("proxy.port", self.proxy.port), ("admin.port", self.admin.port)]
+        listeners = [("proxy.port", self.proxy.host, self.proxy.port),
+                     ("admin.port", self.admin.host, self.admin.port)]
         if self.metrics.enabled and self.metrics.prometheus.enabled:
-            listeners.append(("metrics.prometheus.port", self.metrics.prometheus.port))
-        for key, port in listeners:
-            if port and port in ports:
-                raise ValueError(f"{key} {port} is also {ports[port]}: each listener needs "
-                                 "its own port")
-            ports[port] = key
+            prom = self.metrics.prometheus
+            listeners.append(("metrics.prometheus.port", prom.host, prom.port))
+        for i, (key, host, port) in enumerate(listeners):
+            for other, other_host, other_port in listeners[:i]:
+                # The same port on two different addresses is fine (not on all interfaces).
+                if port and port == other_port and collide(host, other_host):
+                    raise ValueError(f"{key} {port} is also {other}: each listener needs "
+                                     "its own port")
         known = {"default", "arize", "jsonl", *(e.name for e in self.records.exporters)}
         for app in self.applications:
             unknown = [n for n in app.prediction_records.exporters if n not in known]

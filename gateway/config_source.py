@@ -3,6 +3,7 @@ environment (the operator's, for `gateway check` and `gateway deploy`; see READM
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -11,11 +12,18 @@ from typing import Any
 
 import yaml
 
-ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+"""A `${VAR}` / `${VAR:-default}` reference, or the escape `$${` (a literal `${`, as in
+docker-compose); group 1 is None for the escape."""
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, the key path and why."""
+
+
+class DeployError(Exception):
+    """A valid config the running gateway cannot apply; nothing was changed. The message
+    quotes no config value (the gateway cannot tell which came from a secret)."""
 
 
 def _expand(value: Any, path: str, env: Mapping[str, str], used: dict[str, str]) -> Any:
@@ -26,6 +34,8 @@ def _expand(value: Any, path: str, env: Mapping[str, str], used: dict[str, str])
 
         def sub(m: re.Match[str]) -> str:
             var, default = m.group(1), m.group(2)
+            if var is None:
+                return "${"  # `$${`: a literal `${`
             got = env.get(var)
             if got is None or (got == "" and default is not None):
                 if default is None:
@@ -53,12 +63,45 @@ def expand_env(data: Any, source: str, env: Mapping[str, str]) -> tuple[Any, dic
         raise ConfigError(f"{source}: {e}") from None
 
 
+def _forms(value: str) -> set[str]:
+    """The ways a message may spell `value`: as is, and escaped as `repr`, `ascii` and JSON
+    put it (an error message quoting `{value!r}` doubles a backslash, spells a tab `\\t`)."""
+    forms = {value, repr(value)[1:-1], ascii(value)[1:-1], json.dumps(value)[1:-1],
+             value.encode("unicode_escape").decode("ascii")}
+    for quote in ("'", '"'):  # repr picks its quote by content; either may be quoted
+        forms.add(value.replace("\\", "\\\\").replace(quote, "\\" + quote))
+    return {f for f in forms if f}
+
+
 def hide_values(message: str, used: Mapping[str, str]) -> str:
-    """`message` with every expanded value put back as its `${VAR}` (it may be a secret)."""
-    for var, value in sorted(used.items(), key=lambda kv: -len(kv[1])):
-        if len(value) >= 3:
-            message = message.replace(value, f"${{{var}}}")
+    """`message` with every expanded value (raw or escaped) put back as its `${VAR}` (it
+    may be a secret)."""
+    pairs = [(form, var) for var, value in used.items() if len(value) >= 3
+             for form in _forms(value)]
+    for form, var in sorted(pairs, key=lambda fv: -len(fv[0])):
+        message = message.replace(form, f"${{{var}}}")
     return message
+
+
+def escape_refs(data: Any) -> Any:
+    """Every `${` in the strings of `data` as `$${`: expanded text sent on (by `gateway
+    deploy`) keeps a value's own `${` literal instead of reading as a reference."""
+    return _map_strings(data, lambda s: s.replace("${", "$${"))
+
+
+def unescape_refs(data: Any) -> Any:
+    """The inverse of `escape_refs`, for a config that arrives already expanded."""
+    return _map_strings(data, lambda s: s.replace("$${", "${"))
+
+
+def _map_strings(data: Any, f: Any) -> Any:
+    if isinstance(data, str):
+        return f(data)
+    if isinstance(data, dict):
+        return {k: _map_strings(v, f) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_map_strings(v, f) for v in data]
+    return data
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
@@ -78,9 +121,11 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
 
 
 def unexpanded(data: Any, path: str = "") -> str | None:
-    """The key path of the first string still holding a `${VAR}` reference, if any."""
+    """The key path of the first string still holding a `${VAR}` reference (not an escaped
+    `$${`), if any."""
     if isinstance(data, str):
-        return (path or "<root>") if ENV_REF.search(data) else None
+        refs = (m for m in ENV_REF.finditer(data) if m.group(1) is not None)
+        return (path or "<root>") if next(refs, None) else None
     items = (data.items() if isinstance(data, dict)
              else enumerate(data) if isinstance(data, list) else ())
     for k, v in items:

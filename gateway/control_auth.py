@@ -3,8 +3,9 @@
 A local replica listens on loopback, where any user of the machine can reach it. Its control
 service (the mux stream that carries the gateway's calls, `Reconfigure`, `CollectMetrics`) must
 only answer the gateway that started it: the controller draws a random secret per replica
-process and hands it over in the environment (not argv, which `ps` shows to everyone); the
-replica compares what each control call sends in constant time and answers UNAUTHENTICATED
+process and hands it over as the first line on the replica's stdin (not argv, which `ps` shows
+to everyone, nor the environment, which stays readable in /proc/<pid>/environ); the replica
+compares what each control call sends in constant time and answers UNAUTHENTICATED
 otherwise. The model's own services stay open (they are what the gateway fronts, and what a
 benchmark may call directly).
 """
@@ -12,14 +13,17 @@ benchmark may call directly).
 from __future__ import annotations
 
 import hmac
+import os
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 ENV_CONTROL_SECRET = "GATEWAY_CONTROL_SECRET"
-"""How the controller hands a replica process its secret; the replica removes it at once."""
+"""Not used to hand the secret over (see `read_secret`); the controller removes a variable of
+this name from a replica's environment so none is inherited from the gateway's."""
+MAX_SECRET_LINE = 1024
 METADATA_KEY = "x-gateway-control"
 CONTROL_PREFIX = "/gateway.internal.ReplicaControl/"
 
@@ -28,9 +32,16 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
-def take_secret(env: MutableMapping[str, str]) -> str:
-    """Read and remove the secret, so the servicer's own subprocesses do not inherit it."""
-    return env.pop(ENV_CONTROL_SECRET, "")
+def read_secret(fd: int) -> str:
+    """The first line on `fd` (the replica's stdin, written by the controller), read byte by
+    byte so nothing after it is consumed; "" at EOF."""
+    line = b""
+    while len(line) < MAX_SECRET_LINE:
+        b = os.read(fd, 1)
+        if not b or b == b"\n":
+            break
+        line += b
+    return line.decode("ascii", "replace").strip()
 
 
 class ControlAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

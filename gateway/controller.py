@@ -105,9 +105,10 @@ class Controller:
                 state.deployments[name] = dep
                 self._start_slots(dep)
                 continue
-            if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
+            if _revision_differs(dep, dcfg):
                 problems += await self._roll(dep, dcfg)
                 continue
+            dep.rollout_error = ""  # the operator deployed what still serves: accepted
             user_config_changed = dcfg.user_config != dep.config.user_config
             dep.config = dcfg
             dep.router.max_ongoing = dcfg.max_ongoing_requests
@@ -120,7 +121,8 @@ class Controller:
         return problems
 
     def _new_slot(self, dep: DeploymentState, target: str | None = None) -> ReplicaSlot:
-        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target)
+        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target,
+                           import_path=dep.config.import_path if target is None else None)
         dep.slots.append(slot)
         run = self._run_local(dep, slot) if target is None else self._run_external(dep, slot)
         slot.task = _supervised(run)
@@ -150,9 +152,16 @@ class Controller:
 
     async def _roll(self, dep: DeploymentState, dcfg: DeploymentConfig) -> list[str]:
         """A different model: start a new replica, wait until it serves, then drain an old
-        one, one at a time, so the deployment keeps serving throughout."""
+        one, one at a time, so the deployment keeps serving throughout.
+
+        Like a Kubernetes rolling update, the roll stops at the first new replica that does
+        not become healthy: that one is stopped, the old replicas keep serving, and the
+        deployment says DEPLOY_FAILED until a later deploy rolls (or accepts) a revision."""
         old = list(dep.slots)
+        before = dep.config
         dep.config = dcfg
+        dep.rollout_error = ""
+        dep.ever_healthy = False  # the new revision has not run yet
         dep.reflected = dep.reflect_done = False  # learn the new model's methods
         dep.router.max_ongoing = dcfg.max_ongoing_requests
         dep.router.max_queued = dcfg.max_queued_requests
@@ -166,7 +175,10 @@ class Controller:
                 slot = self._new_slot(dep, targets[i])
                 if not await self._wait_serving(slot, wait_s):
                     why = slot.message or "did not become healthy"
-                    problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}")
+                    problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
+                                    "roll stopped, the previous replicas keep serving")
+                    await self._stop_roll(dep, before, slot, why)
+                    return problems
             if i < len(old):
                 victim = old[i]
                 victim.stopping = True
@@ -176,6 +188,28 @@ class Controller:
                 await self._stop_slot(dep, victim)
         dep.router.wake()
         return problems
+
+    async def _stop_roll(self, dep: DeploymentState, before: DeploymentConfig,
+                         failed: ReplicaSlot, why: str) -> None:
+        """Give up a roll: drop the new replica that failed and go back to the revision
+        the remaining replicas run (slots keep their own import_path for restarts)."""
+        failed.stopping = True
+        failed.set_state(ReplicaState.STOPPING)
+        if failed in dep.slots:
+            dep.slots.remove(failed)
+        dep.publish()
+        await self._stop_slot(dep, failed)
+        new = dep.config
+        what = new.import_path if new.is_local else f"targets {new.targets}"
+        dep.config = before
+        dep.router.max_ongoing = before.max_ongoing_requests
+        dep.router.max_queued = before.max_queued_requests
+        dep.rollout_error = (f"rolling change to {what} stopped: {why}; "
+                             f"{len(dep.slots)} previous replica(s) keep serving")
+        dep.reflect_done = True  # the methods of the serving revision are still known
+        log.error("deployment %s/%s: %s", dep.app, dep.name, dep.rollout_error)
+        dep.note_health()
+        dep.router.wake()
 
     async def _wait_serving(self, slot: ReplicaSlot, timeout: float) -> bool:
         """True once `slot` is RUNNING; False when it failed (or the wait timed out)."""
@@ -209,7 +243,17 @@ class Controller:
     async def _reconfigure_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> str:
         want = dep.config.user_config
         rep = slot.replica
-        if rep is None or slot.stopping or slot.reconfiguring or slot.user_config == want:
+        if rep is None or slot.stopping or slot.reconfiguring:
+            return ""
+        if slot.user_config == want:
+            if slot.reconfigure_failures:
+                # The config it still runs is wanted again (a revert after a failed
+                # reconfigure): nothing to send, and nothing keeps it out of rotation.
+                slot.reconfigure_failures = 0
+                slot.reconfigure_retry_at = 0.0
+                if slot.failures == 0 and slot.state is ReplicaState.UNHEALTHY:
+                    self._back_in_rotation(dep, slot)
+                slot.wake.set()  # a health check now confirms it either way
             return ""
         slot.reconfiguring = True
         slot.state = ReplicaState.UPDATING  # its replica keeps serving meanwhile
@@ -237,12 +281,15 @@ class Controller:
         slot.reconfigure_failures = 0
         if not slot.stopping:
             # Whatever a health check said while it was busy, it answered: back in rotation.
-            slot.set_state(ReplicaState.RUNNING, "")
-            slot.healthy = True
-            dep.note_health()
-            self._emit("healthy", slot)
-            dep.router.wake()
+            self._back_in_rotation(dep, slot)
         return ""
+
+    def _back_in_rotation(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
+        slot.set_state(ReplicaState.RUNNING, "")
+        slot.healthy = True
+        dep.note_health()
+        self._emit("healthy", slot)
+        dep.router.wake()
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -272,7 +319,9 @@ class Controller:
             if slot.state is not ReplicaState.RUNNING or rep_state is not ReplicaState.RUNNING:
                 slot.set_state(ReplicaState.RUNNING, "")
                 slot.healthy = True
-                slot.crashes = 0
+                # crashes stays: only a run longer than RESTART_RESET_AFTER_S resets the
+                # back-off (_run_local), or a replica dying soon after each start never
+                # backs off.
                 dep.note_health()
                 log.info("replica %s is healthy", slot.replica_id)
                 if not dep.reflected and slot.replica is not None:
@@ -417,7 +466,8 @@ class Controller:
     async def _spawn(self, dep: DeploymentState, slot: ReplicaSlot) -> bool:
         """Start the replica process; True once it listens, False (with a message) if not."""
         cfg = dep.config
-        assert cfg.import_path is not None
+        import_path = slot.import_path or cfg.import_path
+        assert import_path is not None
         r, w = os.pipe()
         env = dict(os.environ)
         secret = new_secret()  # per process: the replica's control service wants it
@@ -427,29 +477,34 @@ class Controller:
             GATEWAY_REPLICA_ID=slot.replica_id,
             PYTHONUNBUFFERED="1",
         )
-        env[ENV_CONTROL_SECRET] = secret
+        env.pop(ENV_CONTROL_SECRET, None)  # handed over on stdin: /proc/<pid>/environ shows env
         if self.replica_env is not None:
             env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
         args = [
             sys.executable, "-m", "gateway.replica_runtime",
-            "--import-path", cfg.import_path,
+            "--import-path", import_path,
             "--report-fd", str(w),
             "--max-message-bytes", str(dep.max_message_bytes),
             "--grace", str(cfg.graceful_shutdown_timeout_s),
             "--parent-pid", str(os.getpid()),
+            "--stdin-control",
         ]
         if cfg.user_config is not None:
             args += ["--user-config", json.dumps(cfg.user_config)]
         slot.user_config = cfg.user_config
         try:
             proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.DEVNULL,
+                *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )
         finally:
             os.close(w)
+        # The secret, one line; the pipe then stays open as the replica's lifeline: closing
+        # it (or this process dying) is what stops the replica (replica_process.terminate).
+        assert proc.stdin is not None
+        proc.stdin.write(secret.encode() + b"\n")
         slot.process = proc
         slot.starts += 1
         slot.healthy = False
@@ -581,6 +636,15 @@ def _supervised(coro: Any) -> asyncio.Task[None]:
 
     task.add_done_callback(report)
     return task
+
+
+def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
+    """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
+    if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
+        return True
+    if dcfg.targets is not None:
+        return sorted(s.target or "" for s in dep.slots) != sorted(dcfg.targets)
+    return any(s.import_path != dcfg.import_path for s in dep.slots)
 
 
 def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:

@@ -20,6 +20,9 @@ class DeploymentStatus:
     UPDATING = "UPDATING"
     HEALTHY = "HEALTHY"
     UNHEALTHY = "UNHEALTHY"
+    DEPLOY_FAILED = "DEPLOY_FAILED"
+    """A rolling change stopped at a new replica that did not come up; the previous
+    revision's replicas still serve (`message` says which change failed and why)."""
 
 
 class ApplicationStatus:
@@ -43,6 +46,8 @@ class ReplicaSlot:
     replica_id: str
     target: str | None = None
     """External address; None for a local replica."""
+    import_path: str | None = None
+    """The model this slot runs (restarts keep it, even while a roll is stopped half-way)."""
     replica: Replica | None = None
     process: asyncio.subprocess.Process | None = None
     state: ReplicaState = ReplicaState.STARTING
@@ -84,6 +89,8 @@ class DeploymentState:
                              config.max_queued_requests)
         self.slots: list[ReplicaSlot] = []
         self.ever_healthy = False
+        self.rollout_error = ""
+        """Why the last rolling change was stopped; cleared by the next deploy of it."""
         self.reflected = False
         self.reflect_done = False
 
@@ -103,6 +110,8 @@ class DeploymentState:
 
     @property
     def status(self) -> str:
+        if self.rollout_error:
+            return DeploymentStatus.DEPLOY_FAILED
         slots = self.slots
         running = sum(1 for s in slots if s.state is ReplicaState.RUNNING)
         want = len(slots)
@@ -120,7 +129,7 @@ class DeploymentState:
     @property
     def message(self) -> str:
         msgs = sorted({s.message for s in self.slots if s.message})
-        return "; ".join(msgs)
+        return "; ".join(([self.rollout_error] if self.rollout_error else []) + msgs)
 
     def replica_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -150,6 +159,8 @@ class ApplicationState:
             return ApplicationStatus.NOT_STARTED
         if all(s == DeploymentStatus.HEALTHY for s in statuses):
             return ApplicationStatus.RUNNING
+        if DeploymentStatus.DEPLOY_FAILED in statuses:
+            return ApplicationStatus.DEPLOY_FAILED
         if DeploymentStatus.UNHEALTHY in statuses:
             ever = all(d.ever_healthy for d in self.deployments.values())
             return ApplicationStatus.UNHEALTHY if ever else ApplicationStatus.DEPLOY_FAILED

@@ -83,11 +83,18 @@ async def wait_exit(proc: asyncio.subprocess.Process, timeout: float | None) -> 
 
 
 async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` (+1 s); returns within about grace + 6 s."""
+    """Ask `proc` to stop, then SIGKILL after `grace` (+1 s); returns within about grace + 6 s.
+
+    A replica is asked by closing its stdin (it ignores a SIGTERM sent to the whole process
+    group while its gateway lives: the gateway drains first, then stops it); a process
+    without a stdin pipe gets SIGTERM."""
     if proc is None or proc.returncode is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
     if await wait_exit(proc, grace + 1):
         return
     with contextlib.suppress(ProcessLookupError):

@@ -2,7 +2,8 @@
 
 Started by the gateway as `python -m gateway.replica_runtime`; reports its port (or the
 constructor's exception) on a pipe, serves `grpc.health.v1` and the internal control service,
-and stops gracefully on SIGTERM.
+and stops gracefully when the gateway closes its stdin (or dies); SIGTERM stops it only when
+started by hand or when its gateway is gone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.control_auth import ControlAuthInterceptor, take_secret
+from gateway.control_auth import ControlAuthInterceptor, read_secret
 from gateway.logs import ReplicaLogging, memory_profiler
 from gateway.mux import MuxServer, capture_unary_handlers
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
@@ -117,7 +118,7 @@ def _report(fd: int, payload: dict[str, Any]) -> None:
 
 
 async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
-                control_secret: str = "") -> int:
+                control_secret: str = "", lifeline: int = -1) -> int:
     user_config = json.loads(args.user_config) if args.user_config else None
     try:
         cls = load_servicer_class(args.import_path)
@@ -160,12 +161,11 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if args.parent_pid:
-        # Ctrl-C reaches the whole process group; the gateway drains first, then stops us.
-        loop.remove_signal_handler(signal.SIGINT)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The gateway closing our stdin (it died without a goodbye) also means stop: no orphans.
+        loop.add_signal_handler(sig, _on_signal, args, stop)
+    if lifeline >= 0:
+        # The gateway closes its end to stop us; it also closes when the gateway dies.
+        loop.add_reader(lifeline, _on_lifeline, lifeline, stop)
+    # The gateway gone (its pid no longer our parent) also means stop: no orphans.
     waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(_parent_gone(args))]
     await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
     for w in waiters:
@@ -173,6 +173,25 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
     await health_servicer.enter_graceful_shutdown()
     await server.stop(args.grace)
     return 0
+
+
+def _on_signal(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    # SIGTERM/SIGINT to the whole process group (Ctrl-C, systemd's KillMode=control-group,
+    # `kill -TERM -PGID`) also reach us; while our gateway lives it drains its calls first
+    # and then stops us itself (lifeline), so we keep serving what it sends meanwhile.
+    if args.parent_pid and os.getppid() == args.parent_pid:
+        return
+    stop.set()
+
+
+def _on_lifeline(fd: int, stop: asyncio.Event) -> None:
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        data = b""
+    if not data:
+        asyncio.get_running_loop().remove_reader(fd)
+        stop.set()
 
 
 async def _parent_gone(args: argparse.Namespace) -> None:
@@ -192,16 +211,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("--grace", type=float, default=5.0)
     p.add_argument("--parent-pid", type=int, default=0)
+    p.add_argument("--stdin-control", action="store_true",
+                   help="stdin carries the control secret (first line); its EOF means stop")
     args = p.parse_args(argv)
-    secret = take_secret(os.environ)
+    secret, lifeline = "", -1
+    if args.stdin_control:
+        secret = read_secret(0)
+        # Keep the pipe for ourselves (not inherited by the model's subprocesses, which get
+        # /dev/null as stdin instead).
+        lifeline = os.dup(0)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
     # Settings come from the gateway through the environment, read once here at start-up.
     logs = ReplicaLogging.from_env(os.environ)
     if logs is None:
-        return asyncio.run(serve(args, control_secret=secret))
+        return asyncio.run(serve(args, control_secret=secret, lifeline=lifeline))
     logs.start()
     try:
         with memory_profiler(logs.settings.logs_dir, f"replica_{logs.replica_id}", os.environ):
-            return asyncio.run(serve(args, logs, secret))
+            return asyncio.run(serve(args, logs, secret, lifeline))
     finally:
         logs.stop()
 

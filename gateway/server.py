@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from gateway import records, telemetry
 from gateway.admin import AdminServer
 from gateway.config import GatewayConfig
+from gateway.config_source import DeployError
 from gateway.controller import Controller
+from gateway.listen_address import grpc_address
 from gateway.logs import GatewayLogging
 from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
@@ -101,7 +103,7 @@ class Gateway:
     @property
     def address(self) -> str:
         # The listener bound at start: a deploy changing proxy.host takes effect on restart.
-        return f"{self._host}:{self.port}"
+        return grpc_address(self._host, self.port)
 
     def _learn_methods(self, files: list[Any]) -> None:
         for fd in files:
@@ -150,7 +152,8 @@ class Gateway:
         # Last: the catch-all forwarder; registered services above match first.
         server.add_generic_rpc_handlers((self.proxy,))
         try:
-            self.port = server.add_insecure_port(f"{cfg.proxy.host}:{cfg.proxy.port}")
+            self.port = server.add_insecure_port(
+                grpc_address(cfg.proxy.host, cfg.proxy.port))
         except RuntimeError as e:
             raise OSError(
                 f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
@@ -183,7 +186,15 @@ class Gateway:
         """
         import importlib
 
-        modules = [importlib.import_module(m) for m in config.proto_modules]
+        modules = []
+        for i, name in enumerate(config.proto_modules):
+            try:
+                modules.append(importlib.import_module(name))
+            except Exception as e:
+                # Neither the name nor the exception's text: either may quote a value the
+                # operator's environment put there (a secret, for all the gateway knows).
+                raise DeployError(f"proto_modules[{i}]: the module does not import "
+                                  f"({type(e).__name__}); nothing was changed") from None
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)

@@ -68,3 +68,17 @@ class VerySlowStart(TextModel):
     def __init__(self) -> None:
         super().__init__()
         time.sleep(20.0)
+
+
+class DiesSoon(TextModel):
+    """Healthy for a moment, then its process exits: a crash loop of short runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        def die() -> None:
+            time.sleep(1.0)
+            os._exit(3)
+
+        threading.Thread(target=die, daemon=True).start()

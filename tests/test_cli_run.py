@@ -31,12 +31,14 @@ applications:
 """
 
 
-def start(tmp_path: Path) -> tuple[subprocess.Popen[str], str]:
+def start(tmp_path: Path, config: str = CONFIG,
+          new_session: bool = False) -> tuple[subprocess.Popen[str], str]:
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs")))
+    cfg.write_text(config.replace("LOGS", str(tmp_path / "logs")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", str(cfg)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=new_session,
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
@@ -111,6 +113,45 @@ def test_replicas_exit_when_gateway_is_killed(
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert wait_gone(pids, 10) == [], "replica processes outlived the gateway"
+
+
+def test_sigterm_to_the_process_group_lets_the_gateway_drain(tmp_path: Path) -> None:
+    """systemd's KillMode=control-group or `kill -TERM -PGID` signal every process: the
+    replicas leave stopping to the gateway, so a call in flight gets the gateway's grace
+    (20 s), not the replica's own (here 0.5 s)."""
+    config = CONFIG.replace("num_replicas: 2}", "num_replicas: 1,\n"
+                            "         graceful_shutdown_timeout_s: 0.5}")
+    proc, addr = start(tmp_path, config, new_session=True)
+    try:
+        pids = replica_pids(proc)
+        assert len(pids) == 1
+        result: list[str] = []
+
+        def long_call() -> None:
+            with grpc.insecure_channel(addr) as ch:
+                try:
+                    r = text_model_pb2_grpc.TextModelStub(ch).Predict(
+                        text_model_pb2.PredictRequest(text="good", sleep_s=2.5), timeout=30)
+                    result.append(r.label)
+                except grpc.RpcError as e:
+                    result.append(f"{e.code().name}: {e.details()}")  # type: ignore[attr-defined]
+
+        import threading
+
+        t = threading.Thread(target=long_call)
+        t.start()
+        time.sleep(0.8)
+        os.killpg(proc.pid, signal.SIGTERM)
+        t.join(30)
+        out, _ = proc.communicate(timeout=30)
+        assert result == ["positive"], out
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out
+        assert wait_gone(pids, 10) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_bad_config_exits_with_message(tmp_path: Path) -> None:

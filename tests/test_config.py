@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -229,3 +231,54 @@ applications:
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 2
     assert "module 'no.such.module' not found" in out.stderr
+
+
+def test_escaped_forms_of_an_expanded_value_are_masked_and_dollar_brace_escapes() -> None:
+    from gateway.config_source import hide_values
+
+    used = {"K": "sk-Abc\\d3f'SECRET\t\u00e9"}
+    for message in (repr(used["K"]), ascii(used["K"]), json.dumps(used["K"]), used["K"]):
+        masked = hide_values(f"bad value {message} here", used)
+        assert "SECRET" not in masked and "${K}" in masked, masked
+    cfg = parse_config({"admin": {"token": "$${NOT_A_VAR}x"}}, env={})
+    assert cfg.admin.token is not None
+    assert cfg.admin.token.get_secret_value() == "${NOT_A_VAR}x"
+
+
+def test_cli_check_masks_values_in_module_errors_and_reports_a_raising_package(
+        tmp_path: Path) -> None:
+    pkg = tmp_path / "raisingpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('broken package init')\n")
+    path = write(tmp_path, """
+proto_modules: ["${MOD}"]
+applications:
+  - {name: t, deployments: [{name: D, import_path: "raisingpkg.models:Model"}]}
+""")
+    env = {**os.environ, "MOD": "sk-AbcdSECRET", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(path)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "SECRET" not in out.stderr and "module '${MOD}' not found" in out.stderr
+    assert "deployment 'D': import_path" in out.stderr
+    assert "RuntimeError: broken package init" in out.stderr
+
+
+def test_loopback_is_an_address_not_a_prefix_and_ports_collide_per_host(
+        tmp_path: Path) -> None:
+    for host in ("localhost.evil.example", "127.evil.example", "::", "0.0.0.0", "::ffff:1"):
+        assert "needs a token" in error_of(tmp_path, f'admin: {{host: "{host}"}}\n'), host
+    for host, bare in (("[::1]", "::1"), ("::1", "::1"), ("127.0.0.2", "127.0.0.2"),
+                       ("localhost", "localhost")):
+        cfg = load_config(write(tmp_path, f'admin: {{host: "{host}"}}\n'), env={})
+        assert cfg.admin.host == bare
+    # The same port on two different addresses is two listeners; all interfaces is not.
+    load_config(write(tmp_path, 'proxy: {host: 127.0.0.1, port: 9300}\n'
+                                'admin: {host: 127.0.0.2, port: 9300}\n'), env={})
+    msg = error_of(tmp_path, 'proxy: {host: 0.0.0.0, port: 9300, }\n'
+                             'admin: {host: 127.0.0.2, port: 9300}\n')
+    assert "admin.port 9300 is also proxy.port" in msg
+    msg = error_of(tmp_path, 'proxy: {host: "[::1]", port: 9300}\n'
+                             'admin: {host: "::1", port: 9300}\n')
+    assert "admin.port 9300 is also proxy.port" in msg

@@ -11,7 +11,7 @@ import grpc
 import psutil
 import pytest
 
-from gateway.control_auth import ENV_CONTROL_SECRET, METADATA_KEY
+from gateway.control_auth import ENV_CONTROL_SECRET, METADATA_KEY, ControlChannel
 from gateway.mux import MUX_METHOD
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc, text_model_pb2
 from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
@@ -58,6 +58,13 @@ async def test_control_calls_without_the_secret_are_refused(tmp_path: Path) -> N
             reply = await text_stub(ch).Predict(text_model_pb2.PredictRequest(text="good"),
                                                 metadata=md("text"), timeout=5)
             assert reply.label == "v2-positive"
-        # Handed over in the environment, never on the command line that `ps` shows.
-        cmdline = " ".join(psutil.Process(slot.pid).cmdline())
+        # Handed over on stdin: never on the command line that `ps` shows, nor in the
+        # environment that /proc/<pid>/environ keeps for the process's whole life.
+        proc = psutil.Process(slot.pid)
+        cmdline = " ".join(proc.cmdline())
         assert ENV_CONTROL_SECRET not in cmdline and "secret" not in cmdline.lower()
+        assert isinstance(slot.replica.channel, ControlChannel)
+        secret = slot.replica.channel._md[0][1]
+        assert secret and secret not in cmdline
+        environ = proc.environ()
+        assert ENV_CONTROL_SECRET not in environ and secret not in "\0".join(environ.values())

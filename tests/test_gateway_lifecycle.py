@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from gateway.admin import AdminClient, AdminError
+from gateway.config_source import DeployError
 from gateway.pb import text_model_pb2
 from gateway.server import Gateway, ProxyState
 from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
@@ -86,6 +87,49 @@ async def test_deploy_expands_variables_in_the_operators_environment(
         assert await label(gw) == "v2-positive"
 
 
+async def test_deploy_never_echoes_an_expanded_value_and_keeps_a_literal_dollar_brace(
+        tmp_path: Path) -> None:
+    async with running_gateway(gateway_config([TEXT_APP], tmp_path), tmp_path) as gw:
+        address = f"127.0.0.1:{gw.admin_port}"
+        path = tmp_path / "deploy.yaml"
+        text = DEPLOY.format(logs=tmp_path / "logs", ingress="", prefix="x")
+        # A proto module named by a variable: the gateway's reply and log name neither.
+        path.write_text(text.replace("applications:", 'proto_modules: ["${API_KEY}"]\n'
+                                     "applications:"))
+        rc, out = await cli("deploy", "-a", address, str(path),
+                            env={**os.environ, "API_KEY": "sk-AbcdSECRET"})
+        assert rc == 1 and "proto_modules[0]" in out and "SECRET" not in out, out
+        # An escaped form of the value (a backslash doubled by repr) is masked too.
+        bad = DEPLOY.format(logs=tmp_path / "logs", ingress="", prefix="x").replace(
+            '"examples.models:TextModel"', '"${API_KEY}"')
+        path.write_text(bad)
+        for key in ("sk-Abc\\d3fSECRET", "sk-AbcSECRET\t"):
+            rc, out = await cli("check", str(path), env={**os.environ, "API_KEY": key})
+            assert rc == 2 and "SECRET" not in out and "${API_KEY}" in out, out
+            rc, out = await cli("deploy", "-a", address, str(path),
+                                env={**os.environ, "API_KEY": key})
+            assert rc == 2 and "SECRET" not in out and "${API_KEY}" in out, out
+        # A value holding `${` and a literal `$${` in the file both arrive as written.
+        path.write_text(DEPLOY.format(logs=tmp_path / "logs", ingress="",
+                                      prefix="${PREFIX}$${lit}-"))
+        rc, out = await cli("deploy", "-a", address, str(path),
+                            env={**os.environ, "PREFIX": "pa${ss}"})
+        assert rc == 0, out
+        assert await label(gw) == "pa${ss}${lit}-positive"
+    assert "SECRET" not in (tmp_path / "logs" / "gateway.log").read_text()
+
+
+async def test_an_ipv6_loopback_admin_and_proxy_listen(tmp_path: Path) -> None:
+    config = gateway_config([TEXT_APP], tmp_path, proxy={"host": "::1"},
+                            admin={"host": "[::1]"}, metrics={"prometheus": {"host": "[::1]"}})
+    async with running_gateway(config, tmp_path) as gw:
+        assert gw.address.startswith("[::1]:")
+        assert await label(gw) == "positive"
+        with AdminClient(f"[::1]:{gw.admin_port}") as client:
+            status = await asyncio.to_thread(client.status)
+        assert status.applications["text"].status == "RUNNING"
+
+
 async def test_a_second_gateway_cannot_take_the_same_ports(tmp_path: Path) -> None:
     async with running_gateway(gateway_config([TEXT_APP], tmp_path), tmp_path) as gw:
         for top in ({"proxy": {"port": gw.port}}, {"admin": {"port": gw.admin_port}}):
@@ -102,7 +146,7 @@ async def test_a_refused_deploy_changes_nothing(tmp_path: Path) -> None:
         extra = {"name": "extra", "deployments": [
             {"name": "X", "import_path": "examples.models:TextModel"}]}
         bad = gateway_config([TEXT_APP, extra], tmp_path, proto_modules=["no_such_pb2"])
-        with pytest.raises(ImportError):
+        with pytest.raises(DeployError, match=r"proto_modules\[0\]: the module does not import"):
             await gw.apply(bad)
         assert gw.config is before and "extra" not in gw.controller.apps
         address = gw.address

@@ -168,3 +168,70 @@ async def test_status_after_a_crash_does_not_depend_on_who_read_it(tmp_path: Pat
         os.kill(u.pid, signal.SIGKILL)
         await until(lambda: u.state is not ReplicaState.RUNNING, 10, "u noticed the crash")
         assert gw.controller.apps["u"].status == "UNHEALTHY"
+
+
+async def test_a_roll_to_a_model_that_cannot_start_keeps_the_old_replicas(
+        tmp_path: Path) -> None:
+    good = gateway_config([app("examples.models:TextModel", num_replicas=2)], tmp_path)
+    async with running_gateway(good, tmp_path) as gw:
+        dep = gw.controller.apps["text"].ingress
+        old = {s.replica_id for s in dep.slots}
+        caller = Caller(gw)
+        caller.start()
+        await until(lambda: len(caller.answers) > 5, 10, "first answers")
+        broken = gateway_config([app("tests.control_models:Crashing", num_replicas=2)],
+                                tmp_path)
+        problems = await gw.apply(broken)
+        await asyncio.sleep(0.5)
+        await caller.stop()
+        assert problems and "cannot load the model" in problems[0]
+        assert caller.failures == []
+        # The roll stopped at the first new replica: both old ones still serve.
+        assert {s.replica_id for s in dep.slots} == old
+        assert all(s.state is ReplicaState.RUNNING for s in dep.slots)
+        status = build_status(gw).applications["text"]
+        assert status.status == "DEPLOY_FAILED"
+        d = status.deployments["TextModel"]
+        assert d.status == "DEPLOY_FAILED"
+        assert "tests.control_models:Crashing" in d.message and "keep serving" in d.message
+        assert (await predict(gw, timeout=5)).label
+        # Deploying the revision that still serves accepts it.
+        assert await gw.apply(good) == []
+        assert build_status(gw).applications["text"].status == "RUNNING"
+        assert {s.replica_id for s in dep.slots} == old
+
+
+async def test_a_replica_crashing_soon_after_it_became_healthy_backs_off(
+        tmp_path: Path) -> None:
+    apps = [app("tests.control_models:DiesSoon", health_check_period_s=0.2)]
+    gw = Gateway(gateway_config(apps, tmp_path), logs_dir=tmp_path / "logs")
+    try:
+        await gw.start(ready_timeout=20)
+        slot = slot_of(gw)
+        await until(lambda: slot.crashes >= 3, 40, "three crashes in a row")
+        await until(lambda: "crash loop" in slot.message, 10, "crash loop in the status")
+        msg = build_status(gw).applications["text"].deployments["TextModel"].message
+        assert "crash loop" in msg and "exited with code 3" in msg
+    finally:
+        await gw.stop(grace=1)
+
+
+async def test_reverting_a_failed_reconfigure_puts_the_replica_back_at_once(
+        tmp_path: Path) -> None:
+    base = dict(num_replicas=1, health_check_period_s=30)  # no health check to help
+    good = gateway_config(
+        [app("tests.control_models:BadReconfig", user_config={"prefix": "v1-"}, **base)],
+        tmp_path)
+    async with running_gateway(good, tmp_path) as gw:
+        bad = gateway_config(
+            [app("tests.control_models:BadReconfig", user_config={"fail": True}, **base)],
+            tmp_path)
+        assert await gw.apply(bad)
+        slot = slot_of(gw)
+        assert slot.state is ReplicaState.UNHEALTHY and slot.reconfigure_failures == 1
+        # The operator deploys the previous config back: the replica still runs it.
+        assert await gw.apply(good) == []
+        assert slot.state is ReplicaState.RUNNING and slot.reconfigure_failures == 0
+        assert slot.replica is not None and slot.replica.routable
+        assert build_status(gw).applications["text"].status == "RUNNING"
+        assert (await predict(gw, timeout=5)).label.startswith("v1-")
