@@ -61,6 +61,14 @@ def replica_unreachable(app: str, deployment: str, attempts: int, why: str) -> G
     )
 
 
+def replica_lost(app: str, deployment: str, replica: str) -> GatewayError:
+    return GatewayError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"Replica {replica!r} of deployment {deployment!r} in application {app!r} was stopped "
+        "while the call was in flight (scale-down, rolling change or shutdown past its grace)",
+    )
+
+
 def queue_full(app: str, deployment: str, bound: int) -> GatewayError:
     return GatewayError(
         grpc.StatusCode.RESOURCE_EXHAUSTED,

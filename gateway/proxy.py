@@ -84,6 +84,14 @@ class CallRecord:
 Observer = Callable[[CallRecord], None]
 
 
+def _upstream_cut() -> bool:
+    """A CancelledError that did not come from cancelling this handler: the upstream call was
+    cancelled under it (its replica's channel closed when a scale-down, roll or stop outran the
+    grace). The client is still there and must get a status, not silence."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 class _Counted:
     """A client's request stream passed upstream as it is, counting the bytes that went by."""
 
@@ -374,6 +382,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 except asyncio.CancelledError:
                     if call is not None:
                         call.cancel()
+                    if _upstream_cut():
+                        raise errors.replica_lost(app, dep, rep_id) from None
                     code = self._cancel_code(ctx)
                     raise
                 finally:
@@ -481,9 +491,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     if attempt and unsent:
                         raise errors.replica_unreachable(app, dep, attempt + 1, details) from None
                     await ctx.abort(code, details, self._trailers(e.trailing_metadata(), rid))
-                except (asyncio.CancelledError, GeneratorExit):
+                except (asyncio.CancelledError, GeneratorExit) as e:
                     if call is not None:
                         call.cancel()
+                    if isinstance(e, asyncio.CancelledError) and _upstream_cut():
+                        raise errors.replica_lost(app, dep, rep_id) from None
                     code = self._cancel_code(ctx)
                     raise
                 finally:

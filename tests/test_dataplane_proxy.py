@@ -270,3 +270,57 @@ def test_request_id_rules() -> None:
         assert not valid_request_id(bad), bad
         details = errors.bad_request_id("x-request-id", bad, 512).details
         assert bad not in details and "\x1b" not in details and "\n" not in details
+
+
+# -- a replica stopped under a call ------------------------------------------------------------
+
+
+async def _outcome(call: Any) -> tuple[grpc.StatusCode, str]:
+    """Drain a unary or server-streaming call; its final status and details."""
+    try:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize("transport", ["mux", "grpc"])
+async def test_calls_cut_by_a_replica_stop_are_answered_unavailable(
+    start_gateway: Any, tmp_path: Path, transport: str
+) -> None:
+    """A rolling change drains the old replica for its grace, then closes its channel: calls
+    still running there must end with UNAVAILABLE at once, not leave the client waiting (no
+    client deadline here) nor be recorded as the client's cancel."""
+    from tests.conftest import gateway_config
+
+    dep = {"graceful_shutdown_timeout_s": 0.5}
+    async with start_gateway([text_app(**dep)], proxy={"local_transport": transport}) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        records = recorder(gw)
+        stub = text_stub(ch)
+        slow = PredictRequest(text="a", sleep_s=60, repeat=2)
+        calls = [
+            asyncio.ensure_future(_outcome(stub.Predict(slow, metadata=md()))),
+            asyncio.ensure_future(_outcome(stub.PredictStream(slow, metadata=md()))),
+        ]
+        for _ in range(200):
+            if gw.proxy.ongoing == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert gw.proxy.ongoing == 2
+        new = text_app(**dep, import_path="tests.dataplane_models:Hooks")
+        roll = asyncio.ensure_future(
+            gw.apply(gateway_config([new], tmp_path, proxy={"local_transport": transport})))
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls), 30)
+        assert await asyncio.wait_for(roll, 30) == []
+        for code, details in outcomes:
+            assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
+        cut = [r for r in records if r.method != PREDICT or r.code is not grpc.StatusCode.OK]
+        assert {r.code for r in cut} == {grpc.StatusCode.UNAVAILABLE}, cut
+        # The new replica serves.
+        reply = await stub.Predict(PredictRequest(text="good"), metadata=md(), timeout=10)
+        assert reply.label == "ok"  # the Hooks model answers so
