@@ -29,6 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from exporters import arize_deadline
 from exporters.arize_send import DONE, RETRY, Sender
 from exporters.base import (
     ActualRecord,
@@ -193,6 +194,15 @@ class ArizeExporter(RecordExporter):
             )
         except Exception as e:
             raise ValueError(f"cannot set up the Arize client: {self.scrub(str(e))}") from None
+        # Each POST ends within timeout_s in all (the SDK's timeout bounds each read only).
+        self._watchdog: arize_deadline.Watchdog | None = None
+        ensure = getattr(self._client.ml, "_ensure_session", None)
+        try:
+            if ensure is not None:
+                self._watchdog = arize_deadline.install(ensure(), self.timeout_s)
+        except Exception as e:
+            log.warning("Arize exporter: no overall deadline per request (%s): a send may "
+                        "hang as long as its receiver trickles", type(e).__name__)
         # As many sends at once as the SDK's queue holds: its submit then never blocks.
         self._sender = Sender(self._send, bound + workers, stall_s=2 * self.timeout_s + 1)
         # Where records really go (the SDK also honours ARIZE_API_SCHEME/HOST/PORT).
@@ -351,6 +361,10 @@ class ArizeExporter(RecordExporter):
         self._stopping.set()
         self.begin_shutdown(time.monotonic() + timeout_millis / 1000.0)
         idle = self._sender.wait_idle(timeout_millis / 1000.0)
+        if self._watchdog is not None:
+            # Sends still running fail now: the SDK's threads end and the process can exit.
+            self._watchdog.abort_all()
+            idle = self._sender.wait_idle(1.0)
         session = getattr(self._client.ml, "_session", None)
         if session is None:
             return
