@@ -328,7 +328,8 @@ class ArizeExporter(RecordExporter):
             res.retries += len(retry)
             pending = retry
         if sender.deadline < math.inf and sender.late:  # stopping: settle, never resend now
-            res.dropped += len(sender.settle_late(res, self._classify, final=True))
+            again = sender.settle_late(res, self._classify, final=True)  # counts the stuck
+            res.dropped += len(again)  # ended but not sent again: the gateway stops
         if res.error:
             res.error = self.scrub(res.error)
         return res

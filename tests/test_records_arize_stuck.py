@@ -106,3 +106,27 @@ def test_stuck_sends_end_and_later_records_are_delivered(tmp_path: Path) -> None
             assert st.retries >= 1  # the stuck ones ended and were sent again
         finally:
             p.shutdown(2.0)
+
+
+def test_records_stuck_at_shutdown_are_all_counted(tmp_path: Path) -> None:
+    """Every record built ends up exported, failed or dropped, also when its send is stuck
+    when the gateway stops."""
+    with FakeArize() as fake:
+        fake.trickle_next = 10_000
+        cfg = arize_config(fake.port, {"queue_size": 1000, "batch_size": 50}, timeout_s=1,
+                           max_retries=3, backoff_initial_s=0.05, backoff_max_s=0.3,
+                           max_workers=4)
+        p = RecordPipeline(cfg, tmp_path)
+        p.start()
+        for i in range(20):
+            p.observe(oip_call(f"acct-{i}"))
+        time.sleep(3.0)
+        p.flush(2.0)
+        stopper = threading.Thread(target=p.shutdown, args=(2.0,), daemon=True)
+        stopper.start()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        st = p.stats["arize"]
+        assert p.records_built == 20
+        counted = st.exported + st.failed + sum(st.dropped.values())
+        assert counted == 20, (st, dict(st.dropped))
