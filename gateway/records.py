@@ -26,7 +26,7 @@ from exporters.base import ExporterContext, RecordExporter
 from gateway.config import GatewayConfig
 from gateway.proxy import AppRoute, CallRecord
 from gateway.record_actuals import ActualsFileError, actual_records, read_actuals_csv
-from gateway.record_capture import Budget, StreamCapture
+from gateway.record_capture import STREAM_DROP_REASONS, Budget, StreamCapture
 from gateway.record_decode import (
     LOSS_REASONS,
     MAX_COLUMNS,
@@ -55,10 +55,12 @@ __all__ = [
 
 log = logging.getLogger("gateway.records")
 
-CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", *LOSS_REASONS)
+CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", *LOSS_REASONS,
+                     *STREAM_DROP_REASONS)
 """Why sampled calls (or parts of them) made no record, as `exporter=""` series: calls for
 queue_full, decode_error, mapper_error and no_rows; records for too_many_rows; tensors for
-tensor_skipped; payloads (the record is kept, tagged) for payload_too_large."""
+tensor_skipped; payloads (the record is kept, tagged) for payload_too_large and, for streams,
+too_many_messages and capture_budget."""
 
 _Item = tuple[Plan, CallRecord, "tuple[list[bytes], list[bytes]] | None", "str | None"]
 
@@ -316,14 +318,15 @@ class RecordPipeline:
         self._enqueue(plan, rec, None, note)
 
     def _observe_stream(self, rec: CallRecord, stream: tuple[list[bytes], list[bytes]] | None,
-                        note: str | None) -> None:
+                        note: str | None, reason: str = "payload_too_large") -> None:
         """A sampled streaming call ended (from its `StreamCapture`)."""
         plan = self._plans.get(rec.application)
         if plan is None:
             return
         self.calls_sampled += 1
         if note is not None:
-            self.calls_dropped["payload_too_large"] += 1
+            # payload_too_large, too_many_messages or capture_budget (see StreamCapture._keep)
+            self.calls_dropped[reason or "payload_too_large"] += 1
         self._enqueue(plan, rec, stream, note)
 
     def _enqueue(self, plan: Plan, rec: CallRecord,
