@@ -23,7 +23,8 @@ from tests.test_records import flush, scrape
 from tests.test_records_units import call_record
 
 CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", "no_rows", "too_many_rows",
-                     "tensor_skipped", "payload_too_large", "too_many_messages", "capture_budget")
+                     "tensor_skipped", "payload_too_large", "too_many_messages", "capture_budget",
+                     "not_served")
 EXPORTER_DROP_REASONS = ("queue_full", "invalid", "shutdown", "exporter_unavailable")
 """The reasons the README documents."""
 MAPPING = {"features": ["text"], "prediction_label": "label", "prediction_score": "score"}
