@@ -25,7 +25,7 @@ _current = threading.local()
 
 
 class _Watch:
-    __slots__ = ("deadline", "conns", "expired")
+    __slots__ = ("conns", "deadline", "expired")
 
     def __init__(self, deadline: float) -> None:
         self.deadline = deadline

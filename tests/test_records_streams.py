@@ -16,9 +16,9 @@ from exporters.base import ExportResult, Record, RecordExporter
 from gateway.admin import AdminClient
 from gateway.config import parse_config
 from gateway.pb import admin_pb2, text_model_pb2, text_model_pb2_grpc
-from tests.conftest import TEXT_APP
 from gateway.record_capture import MAX_MESSAGES, Budget, StreamCapture
 from gateway.records import RecordPipeline
+from tests.conftest import TEXT_APP
 from tests.test_records import flush, scrape
 from tests.test_records_units import call_record
 
