@@ -130,3 +130,32 @@ def test_records_stuck_at_shutdown_are_all_counted(tmp_path: Path) -> None:
         assert p.records_built == 20
         counted = st.exported + st.failed + sum(st.dropped.values())
         assert counted == 20, (st, dict(st.dropped))
+
+
+def test_sends_still_running_when_the_gateway_stops_are_counted_dropped() -> None:
+    """The accounting alone, with sends that never end (the per-request deadline makes these
+    rare; a stand-in future plays one): set aside as stuck, then counted dropped at the stop."""
+    import concurrent.futures as cf
+
+    from exporters.arize_send import Sender
+    from tests.test_records_exporters import arize, predictions
+
+    never: list[cf.Future[object]] = []
+
+    def stuck(kwargs: dict[str, object]) -> cf.Future[object]:
+        fut: cf.Future[object] = cf.Future()
+        fut.set_running_or_notify_cancel()  # running: it cannot be cancelled any more
+        never.append(fut)
+        return fut
+
+    with FakeArize() as fake:
+        exporter = arize(fake, max_retries=0)
+        exporter._sender = Sender(stuck, 8, stall_s=0.3)
+        first = exporter.export(predictions(3))
+        assert exporter.outstanding() == 3  # set aside, not counted yet
+        exporter.begin_shutdown(time.monotonic() + 0.3)
+        last = exporter.export([])
+        exporter.shutdown(500)
+    counted = sum(r.exported + r.failed + r.dropped + r.invalid for r in (first, last))
+    assert counted == 3, (first, last)
+    assert exporter.outstanding() == 0
