@@ -3,7 +3,8 @@
 The SDK sends one HTTP POST per record from its own thread pool and gives back a future. It
 neither retries nor times out by default, and blocks its caller when its pool's queue is full
 (`arize_send.Sender` never lets it: see there); so this exporter (already on its own thread
-behind a bounded queue) sends one batch at a time, passes a timeout, and retries connection
+behind a bounded queue) sends one batch at a time, bounds each POST in all (`arize_deadline`:
+the SDK's timeout bounds each read only), and retries connection
 errors, 429 and 5xx with exponential backoff up to a bound; a record is sent again only once its
 earlier send has ended. Other 4xx answers (a wrong key, a refused record) are not retried:
 counted as failed and logged once per status. Records are shaped to pass the SDK's validation
