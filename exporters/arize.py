@@ -3,7 +3,8 @@
 The SDK sends one HTTP POST per record from its own thread pool and gives back a future. It
 neither retries nor times out by default, and blocks its caller when its pool's queue is full
 (`arize_send.Sender` never lets it: see there); so this exporter (already on its own thread
-behind a bounded queue) sends one batch at a time, passes a timeout, and retries connection
+behind a bounded queue) sends one batch at a time, bounds each POST in all (`arize_deadline`:
+the SDK's timeout bounds each read only), and retries connection
 errors, 429 and 5xx with exponential backoff up to a bound; a record is sent again only once its
 earlier send has ended. Other 4xx answers (a wrong key, a refused record) are not retried:
 counted as failed and logged once per status. Records are shaped to pass the SDK's validation
@@ -29,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from exporters import arize_deadline
 from exporters.arize_send import DONE, RETRY, Sender
 from exporters.base import (
     ActualRecord,
@@ -193,6 +195,15 @@ class ArizeExporter(RecordExporter):
             )
         except Exception as e:
             raise ValueError(f"cannot set up the Arize client: {self.scrub(str(e))}") from None
+        # Each POST ends within timeout_s in all (the SDK's timeout bounds each read only).
+        self._watchdog: arize_deadline.Watchdog | None = None
+        ensure = getattr(self._client.ml, "_ensure_session", None)
+        try:
+            if ensure is not None:
+                self._watchdog = arize_deadline.install(ensure(), self.timeout_s)
+        except Exception as e:
+            log.warning("Arize exporter: no overall deadline per request (%s): a send may "
+                        "hang as long as its receiver trickles", type(e).__name__)
         # As many sends at once as the SDK's queue holds: its submit then never blocks.
         self._sender = Sender(self._send, bound + workers, stall_s=2 * self.timeout_s + 1)
         # Where records really go (the SDK also honours ARIZE_API_SCHEME/HOST/PORT).
@@ -318,7 +329,8 @@ class ArizeExporter(RecordExporter):
             res.retries += len(retry)
             pending = retry
         if sender.deadline < math.inf and sender.late:  # stopping: settle, never resend now
-            res.dropped += len(sender.settle_late(res, self._classify, final=True))
+            again = sender.settle_late(res, self._classify, final=True)  # counts the stuck
+            res.dropped += len(again)  # ended but not sent again: the gateway stops
         if res.error:
             res.error = self.scrub(res.error)
         return res
@@ -351,6 +363,10 @@ class ArizeExporter(RecordExporter):
         self._stopping.set()
         self.begin_shutdown(time.monotonic() + timeout_millis / 1000.0)
         idle = self._sender.wait_idle(timeout_millis / 1000.0)
+        if self._watchdog is not None:
+            # Sends still running fail now: the SDK's threads end and the process can exit.
+            self._watchdog.abort_all()
+            idle = self._sender.wait_idle(1.0)
         session = getattr(self._client.ml, "_session", None)
         if session is None:
             return

@@ -23,7 +23,11 @@ MAX_MESSAGES = 10_000
 STREAM_BUDGET_BYTES = 64 << 20
 """Bytes kept by all streaming calls in flight together."""
 
-Sink = Callable[["CallRecord", "tuple[list[bytes], list[bytes]] | None", "str | None"], None]
+STREAM_DROP_REASONS = ("too_many_messages", "capture_budget")
+"""Why a stream's messages were let go, besides `payload_too_large` (counted by the pipeline)."""
+
+Sink = Callable[["CallRecord", "tuple[list[bytes], list[bytes]] | None", "str | None", str],
+                None]
 
 
 class Budget:
@@ -38,7 +42,7 @@ class Budget:
 class StreamCapture:
     """The messages of one sampled streaming call."""
 
-    __slots__ = ("_budget", "_held", "_max", "_sink", "note", "requests", "responses",
+    __slots__ = ("_budget", "_held", "_max", "_sink", "note", "reason", "requests", "responses",
                  "sizes")
 
     def __init__(self, sink: Sink, max_bytes: int, budget: Budget) -> None:
@@ -51,6 +55,8 @@ class StreamCapture:
         self.sizes = [0, 0]
         self.note: str | None = None
         """Why the messages were let go (then the record has no payload)."""
+        self.reason = ""
+        """The drop reason counted for it: payload_too_large or one of STREAM_DROP_REASONS."""
 
     def _keep(self, into: list[bytes], side: int, msg: bytes) -> None:
         if self.note is not None:
@@ -60,10 +66,13 @@ class StreamCapture:
         why = None
         if self.sizes[side] > self._max:
             why = f"{('request', 'response')[side]} larger than max_payload_bytes"
+            self.reason = "payload_too_large"
         elif len(into) >= MAX_MESSAGES:
             why = f"more than {MAX_MESSAGES} {('request', 'response')[side]} messages"
+            self.reason = "too_many_messages"
         elif size > self._budget.left:
             why = "streaming capture budget exhausted"
+            self.reason = "capture_budget"
         if why is not None:
             self._let_go(why)
             return
@@ -101,9 +110,9 @@ class StreamCapture:
         self._budget.left += self._held
         self._held = 0
         sink, self._sink = self._sink, _ignore
-        sink(rec, stream, self.note)
+        sink(rec, stream, self.note, self.reason)
 
 
 def _ignore(rec: CallRecord, stream: tuple[list[bytes], list[bytes]] | None,
-            note: str | None) -> None:
+            note: str | None, reason: str) -> None:
     pass

@@ -21,12 +21,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from exporters import registry
 from exporters.base import ExporterContext, RecordExporter
 from gateway.config import GatewayConfig
 from gateway.proxy import AppRoute, CallRecord
 from gateway.record_actuals import ActualsFileError, actual_records, read_actuals_csv
-from gateway.record_capture import Budget, StreamCapture
+from gateway.record_capture import STREAM_DROP_REASONS, Budget, StreamCapture
 from gateway.record_decode import (
     LOSS_REASONS,
     MAX_COLUMNS,
@@ -55,10 +57,12 @@ __all__ = [
 
 log = logging.getLogger("gateway.records")
 
-CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", *LOSS_REASONS)
+CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", "not_served", *LOSS_REASONS,
+                     *STREAM_DROP_REASONS)
 """Why sampled calls (or parts of them) made no record, as `exporter=""` series: calls for
-queue_full, decode_error, mapper_error and no_rows; records for too_many_rows; tensors for
-tensor_skipped; payloads (the record is kept, tagged) for payload_too_large."""
+queue_full, decode_error, mapper_error, not_served (refused by the gateway itself) and
+no_rows; records for too_many_rows; tensors for tensor_skipped; payloads (the record is kept,
+tagged) for payload_too_large and, for streams, too_many_messages and capture_budget."""
 
 _Item = tuple[Plan, CallRecord, "tuple[list[bytes], list[bytes]] | None", "str | None"]
 
@@ -305,6 +309,8 @@ class RecordPipeline:
         if plan is None:
             return
         self.calls_sampled += 1
+        if self._not_served(rec):
+            return
         note = None
         if len(rec.request) > plan.cap or (rec.response is not None
                                            and len(rec.response) > plan.cap):
@@ -316,15 +322,28 @@ class RecordPipeline:
         self._enqueue(plan, rec, None, note)
 
     def _observe_stream(self, rec: CallRecord, stream: tuple[list[bytes], list[bytes]] | None,
-                        note: str | None) -> None:
+                        note: str | None, reason: str = "payload_too_large") -> None:
         """A sampled streaming call ended (from its `StreamCapture`)."""
         plan = self._plans.get(rec.application)
         if plan is None:
             return
         self.calls_sampled += 1
+        if self._not_served(rec):
+            return
         if note is not None:
-            self.calls_dropped["payload_too_large"] += 1
+            # payload_too_large, too_many_messages or capture_budget (see StreamCapture._keep)
+            self.calls_dropped[reason or "payload_too_large"] += 1
         self._enqueue(plan, rec, stream, note)
+
+    def _not_served(self, rec: CallRecord) -> bool:
+        """A call the gateway refused before any replica had it (no replica, replica not
+        reachable, queue full, draining, bad metadata): no prediction to record, and a client
+        retrying it with the same request id would give Arize two records for one id. Counted,
+        not recorded. (A gateway bug, INTERNAL, may come after a replica answered: kept.)"""
+        if rec.gateway_error and (not rec.replica or rec.code is not grpc.StatusCode.INTERNAL):
+            self.calls_dropped["not_served"] += 1
+            return True
+        return False
 
     def _enqueue(self, plan: Plan, rec: CallRecord,
                  stream: tuple[list[bytes], list[bytes]] | None, note: str | None) -> None:

@@ -1,7 +1,8 @@
 """A fake Arize receiver on 127.0.0.1: accepts what the real SDK's `ml.log_stream` POSTs to
 `/v1/log` and decodes each JSON body into the SDK's own `Record` protobuf message.
 
-It can answer with a chosen status, answer slowly, and be stopped and started again on the
+It can answer with a chosen status, answer slowly, trickle an answer one byte at a time forever
+(`trickle_next`), and be stopped and started again on the
 same port (to play an Arize that is down for a while). Stopping closes the idle keep-alive
 connections too (a real outage), but never one whose request it has taken: a request is either
 recorded and answered 200, or refused without being recorded, so a client that retries what
@@ -62,6 +63,9 @@ class FakeArize:
         self.fail_next = 0
         """Answer this many requests with `fail_status` before answering `status` again."""
         self.fail_status = 503
+        self.trickle_next = 0
+        """Answer this many requests one byte every 0.3 s, never finishing (until stopped)."""
+        self.trickled = 0
         self.host = "127.0.0.1"
         self.port = port
         self._lock = threading.Lock()
@@ -95,6 +99,9 @@ class FakeArize:
             def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 raw = self.rfile.read(length)
+                if fake._trickle():
+                    self._trickle()
+                    return
                 with fake._lock:
                     taken = not fake._closing and len(raw) == length
                     if taken:
@@ -113,6 +120,18 @@ class FakeArize:
                         fake._busy.discard(self.connection)
                         if fake._closing:
                             self.close_connection = True
+
+            def _trickle(self) -> None:
+                self.close_connection = True
+                answer = b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100_000
+                for i in range(len(answer)):
+                    if fake._release.wait(0.3) or fake._closing:
+                        return
+                    try:
+                        self.wfile.write(answer[i:i + 1])
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the client gave up: what a deadline should do
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -147,6 +166,15 @@ class FakeArize:
         self.stop()
 
     # -- requests ----------------------------------------------------------------------------
+
+    def _trickle(self) -> bool:
+        with self._lock:
+            if self.trickle_next <= 0:
+                return False
+            self.trickle_next -= 1
+            self.attempts += 1
+            self.trickled += 1
+            return True
 
     def _on_request(self, path: str, headers: dict[str, str], raw: bytes) -> int:
         with self._lock:

@@ -127,7 +127,8 @@ def test_readme_lists_every_alert_and_dashboard() -> None:
 
 # Drop reasons at the time of writing; any other `dropped["..."]` in the code counts too.
 KNOWN_DROP_REASONS = {"queue_full", "shutdown", "exporter_unavailable", "invalid",
-                      "payload_too_large", "decode_error", "mapper_error", "too_many_rows"}
+                      "payload_too_large", "decode_error", "mapper_error", "too_many_rows",
+                      "too_many_messages", "capture_budget"}
 
 
 def test_records_dropped_runbook_explains_every_reason_the_gateway_emits() -> None:

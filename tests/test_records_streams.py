@@ -16,11 +16,15 @@ from exporters.base import ExportResult, Record, RecordExporter
 from gateway.admin import AdminClient
 from gateway.config import parse_config
 from gateway.pb import admin_pb2, text_model_pb2, text_model_pb2_grpc
+from gateway.record_capture import MAX_MESSAGES, Budget, StreamCapture
+from gateway.records import RecordPipeline
 from tests.conftest import TEXT_APP
 from tests.test_records import flush, scrape
+from tests.test_records_units import call_record
 
 CALL_DROP_REASONS = ("queue_full", "decode_error", "mapper_error", "no_rows", "too_many_rows",
-                     "tensor_skipped", "payload_too_large")
+                     "tensor_skipped", "payload_too_large", "too_many_messages", "capture_budget",
+                     "not_served")
 EXPORTER_DROP_REASONS = ("queue_full", "invalid", "shutdown", "exporter_unavailable")
 """The reasons the README documents."""
 MAPPING = {"features": ["text"], "prediction_label": "label", "prediction_score": "score"}
@@ -98,6 +102,28 @@ async def test_every_drop_reason_is_on_the_scrape_from_the_start(start_gateway: 
         assert values[("", reason)] == "0.0", reason
     for reason in EXPORTER_DROP_REASONS:
         assert values[("jsonl", reason)] == "0.0", reason
+
+
+def test_stream_limits_count_their_own_reason(tmp_path: Path) -> None:
+    """Too many (tiny) messages and an exhausted global budget are not `payload_too_large`:
+    each has its own reason, so the runbook's advice (raise max_payload_bytes) is not wrong."""
+    cfg = parse_config({"applications": [{**TEXT_APP, "prediction_records": {
+        "enabled": True, "field_mapping": MAPPING}}]})
+    pipeline = RecordPipeline(cfg, tmp_path)
+    plan = pipeline._plans["text"]
+    rec = call_record(b"", None, app="text", method="/demo.text.TextModel/PredictBatch", rid="s-1")
+    many = StreamCapture(pipeline._observe_stream, plan.cap, pipeline._budget)
+    for _ in range(MAX_MESSAGES + 1):
+        many.response(b"\x0a\x01a")
+    many.done(rec)
+    starved = StreamCapture(pipeline._observe_stream, plan.cap, Budget(10))
+    starved.response(b"x" * 11)
+    starved.done(rec)
+    big = StreamCapture(pipeline._observe_stream, plan.cap, pipeline._budget)
+    big.response(b"x" * (plan.cap + 1))
+    big.done(rec)
+    dropped = {k: v for k, v in pipeline.calls_dropped.items() if v}
+    assert dropped == {"too_many_messages": 1, "capture_budget": 1, "payload_too_large": 1}
 
 
 class LoopCheckingExporter(RecordExporter):
