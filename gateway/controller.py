@@ -498,6 +498,9 @@ class Controller:
             proc = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                # Its own process group: the model's children can be ended with it
+                # (replica_process.kill_group); the gateway's group signals no longer reach it.
+                start_new_session=True,
             )
         finally:
             os.close(w)
