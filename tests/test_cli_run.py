@@ -264,3 +264,23 @@ def test_child_processes_of_the_model_end_with_their_replica(tmp_path: Path, how
         for pid in children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_repeated_sigterm_while_stopping_still_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM again and again (a supervisor insisting) with no grace: the stop that has
+    begun finishes and the exit code stays 0, however late the signals come."""
+    config = CONFIG.replace("proxy: {host: 127.0.0.1, port: 0}",
+                            "proxy: {host: 127.0.0.1, port: 0, graceful_shutdown_timeout_s: 0}")
+    proc, _ = start(tmp_path, config)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
