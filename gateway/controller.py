@@ -534,6 +534,10 @@ class Controller:
                 os.close(r)
             else:
                 reader.add_done_callback(lambda _: os.close(r))
+        if "port" not in report and (slot.stopping or self._closing):
+            await self._kill(slot)
+            log.info("replica %s: stopped while starting", slot.replica_id)
+            return False
         if "port" not in report:
             await self._kill(slot)
             slot.set_state(ReplicaState.UNHEALTHY,

@@ -266,6 +266,7 @@ async def test_a_roll_interrupted_by_shutdown_says_the_gateway_is_stopping(
         applying = asyncio.ensure_future(gw.apply(gateway_config(new, tmp_path)))
         await until(lambda: len(gw.controller.apps["text"].ingress.slots) == 2, 10,
                     "the new replica starting")
+        await asyncio.sleep(1.0)  # its model is loading now
     finally:
         await gw.stop(grace=1)
     assert applying is not None
