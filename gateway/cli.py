@@ -46,6 +46,7 @@ async def _run(config: GatewayConfig) -> int:
         starter.cancel()  # start() drains and stops what had started
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await starter
+        _ignore_stop_signals(loop)
         print("gateway: stopped", flush=True)
         return EXIT_OK
     try:
@@ -66,8 +67,17 @@ async def _run(config: GatewayConfig) -> int:
     print("gateway: draining", flush=True)
     await gw.stop()
     stopper.cancel()
+    _ignore_stop_signals(loop)
     print("gateway: stopped", flush=True)
     return EXIT_OK
+
+
+def _ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Stopped: a repeated SIGTERM/SIGINT from now on must not kill us (exit -15) once the
+    loop closes (which would restore the default dispositions)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

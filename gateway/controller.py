@@ -174,6 +174,11 @@ class Controller:
             if i < len(targets):
                 slot = self._new_slot(dep, targets[i])
                 if not await self._wait_serving(slot, wait_s):
+                    if self._closing:
+                        # Not the new model's fault: its replica is stopped with the rest.
+                        log.info("deployment %s/%s: roll interrupted: the gateway is stopping",
+                                 dep.app, dep.name)
+                        return [f"{dep.name}: roll interrupted: the gateway is stopping"]
                     why = slot.message or "did not become healthy"
                     problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
                                     "roll stopped, the previous replicas keep serving")
@@ -319,6 +324,8 @@ class Controller:
             if slot.state is not ReplicaState.RUNNING or rep_state is not ReplicaState.RUNNING:
                 slot.set_state(ReplicaState.RUNNING, "")
                 slot.healthy = True
+                if not slot.running_since:
+                    slot.running_since = time.monotonic()
                 # crashes stays: only a run longer than RESTART_RESET_AFTER_S resets the
                 # back-off (_run_local), or a replica dying soon after each start never
                 # backs off.
@@ -417,7 +424,7 @@ class Controller:
     async def _run_local(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         while not slot.stopping and not self._closing:
             slot.state = ReplicaState.STARTING if slot.starts == 0 else ReplicaState.RECOVERING
-            started = time.monotonic()
+            slot.running_since = 0.0
             try:
                 ok = await self._spawn(dep, slot)
             except asyncio.CancelledError:
@@ -448,8 +455,10 @@ class Controller:
                 slot.replica = None
                 dep.publish()
                 await old.close()
-            if time.monotonic() - started > replica_process.RESTART_RESET_AFTER_S:
-                slot.crashes = 0  # it ran a good while: restart promptly
+            ran = time.monotonic() - slot.running_since if slot.running_since else 0.0
+            if ran > replica_process.RESTART_RESET_AFTER_S:
+                # It served a good while (its model's load time does not count): promptly.
+                slot.crashes = 0
             slot.crashes += 1
             delay = restart_delay(slot.crashes)
             if slot.crashes > 1:
@@ -498,6 +507,9 @@ class Controller:
             proc = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                # Its own process group: the model's children can be ended with it
+                # (replica_process.kill_group); the gateway's group signals no longer reach it.
+                start_new_session=True,
             )
         finally:
             os.close(w)
@@ -522,6 +534,10 @@ class Controller:
                 os.close(r)
             else:
                 reader.add_done_callback(lambda _: os.close(r))
+        if "port" not in report and (slot.stopping or self._closing):
+            await self._kill(slot)
+            log.info("replica %s: stopped while starting", slot.replica_id)
+            return False
         if "port" not in report:
             await self._kill(slot)
             slot.set_state(ReplicaState.UNHEALTHY,

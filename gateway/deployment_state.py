@@ -60,6 +60,8 @@ class ReplicaSlot:
     stopping: bool = False
     user_config: Any = None
     """The user_config this replica's process last received (at start or reconfigure)."""
+    running_since: float = 0.0
+    """When this process last became healthy (monotonic; 0 while it has not)."""
     crashes: int = 0
     """Failed starts and exits in a row (the restart back-off grows with it)."""
     reconfigure_failures: int = 0

@@ -88,7 +88,10 @@ async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 5.0)
     A replica is asked by closing its stdin (it ignores a SIGTERM sent to the whole process
     group while its gateway lives: the gateway drains first, then stops it); a process
     without a stdin pipe gets SIGTERM."""
-    if proc is None or proc.returncode is not None:
+    if proc is None:
+        return
+    if proc.returncode is not None:
+        kill_group(proc)
         return
     if proc.stdin is not None:
         proc.stdin.close()
@@ -96,10 +99,19 @@ async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 5.0)
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
     if await wait_exit(proc, grace + 1):
+        kill_group(proc)
         return
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
     await wait_exit(proc, KILL_WAIT_S)
+    kill_group(proc)
+
+
+def kill_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL what is left of the process group a replica led (started in its own session):
+    the model's child processes must not outlive their replica."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def read_report(fd: int) -> dict[str, Any]:

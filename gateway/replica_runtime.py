@@ -28,6 +28,7 @@ from gateway.control_auth import ControlAuthInterceptor, read_secret
 from gateway.logs import ReplicaLogging, memory_profiler
 from gateway.mux import MuxServer, capture_unary_handlers
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.replica_guard import StartupGuard, kill_own_group
 from gateway.replicas import channel_options
 
 
@@ -118,7 +119,8 @@ def _report(fd: int, payload: dict[str, Any]) -> None:
 
 
 async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
-                control_secret: str = "", lifeline: int = -1) -> int:
+                control_secret: str = "", lifeline: int = -1,
+                guard: StartupGuard | None = None) -> int:
     user_config = json.loads(args.user_config) if args.user_config else None
     try:
         cls = load_servicer_class(args.import_path)
@@ -160,6 +162,8 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if guard is not None:
+        guard.hand_over()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, args, stop)
     if lifeline >= 0:
@@ -223,14 +227,25 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
+    # Before the model loads (which may take long, or hang): no orphan, no traceback on ^C.
+    guard = StartupGuard(args.parent_pid, lifeline)
+    guard.start()
+    try:
+        return _run(args, secret, lifeline, guard)
+    finally:
+        if args.parent_pid and os.getppid() != args.parent_pid:
+            kill_own_group()  # our gateway is gone: nobody else ends the model's children
+
+
+def _run(args: argparse.Namespace, secret: str, lifeline: int, guard: StartupGuard) -> int:
     # Settings come from the gateway through the environment, read once here at start-up.
     logs = ReplicaLogging.from_env(os.environ)
     if logs is None:
-        return asyncio.run(serve(args, control_secret=secret, lifeline=lifeline))
+        return asyncio.run(serve(args, control_secret=secret, lifeline=lifeline, guard=guard))
     logs.start()
     try:
         with memory_profiler(logs.settings.logs_dir, f"replica_{logs.replica_id}", os.environ):
-            return asyncio.run(serve(args, logs, secret, lifeline))
+            return asyncio.run(serve(args, logs, secret, lifeline, guard))
     finally:
         logs.stop()
 

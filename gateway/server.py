@@ -254,7 +254,10 @@ class Gateway:
         # No refusal yet: no client is retrying, so nothing to quieten (and no delay).
         if self.proxy.drain_refusals:
             self.proxy.refusal_gate = gate
-            stop_at = min(end, time.monotonic() + QUIET_MAX_S)
+            # Held even when the grace is used up (a long call took it all): without the
+            # hold, the retrying clients' calls queued in core would be CANCELLED. So the
+            # listener may shut up to QUIET_MAX_S past the grace.
+            stop_at = time.monotonic() + QUIET_MAX_S
             seen, quiet_since = -1, time.monotonic()
             while time.monotonic() < stop_at:
                 if self.proxy.drain_refusals != seen:
@@ -262,7 +265,8 @@ class Gateway:
                 elif time.monotonic() - quiet_since >= QUIET_S:
                     break
                 await asyncio.sleep(0.01)
-        stopping = asyncio.ensure_future(server.stop(max(0.0, end - time.monotonic())))
+        # A moment at least, for the held answers to be written before core cancels them.
+        stopping = asyncio.ensure_future(server.stop(max(QUIET_S, end - time.monotonic())))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.
         await asyncio.sleep(0.01)
         gate.set()

@@ -82,3 +82,30 @@ class DiesSoon(TextModel):
             os._exit(3)
 
         threading.Thread(target=die, daemon=True).start()
+
+
+class StartsAChild(TextModel):
+    """Starts a child process (like a worker pool) that lives until it is killed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import subprocess
+
+        self.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+class SlowStartThenDies(TextModel):
+    """Loads for 1.5 s, then its process exits soon after it serves: a crash loop whose
+    load time alone is longer than a (shortened) back-off reset window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        time.sleep(1.5)
+
+        def die() -> None:
+            time.sleep(0.5)
+            os._exit(3)
+
+        threading.Thread(target=die, daemon=True).start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -164,3 +165,122 @@ def test_bad_config_exits_with_message(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "applications[0].deployments[0].num_replicas" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def one_replica(import_path: str) -> str:
+    return CONFIG.replace('"examples.models:TextModel", num_replicas: 2',
+                          f'"{import_path}", num_replicas: 1')
+
+
+def start_loading(tmp_path: Path, import_path: str,
+                  new_session: bool = False) -> tuple[subprocess.Popen[bytes], int]:
+    """`gateway run` whose one replica is still loading its model: (gateway, replica pid)."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(one_replica(import_path).replace("LOGS", str(tmp_path / "logs")))
+    with open(tmp_path / "console.txt", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", str(cfg)],
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            pids = [c.pid for c in psutil.Process(proc.pid).children()
+                    if "gateway.replica_runtime" in " ".join(c.cmdline())]
+            if pids:
+                return proc, pids[0]
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("no replica process started")
+
+
+def everything_written(tmp_path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in tmp_path.rglob("*")
+                     if p.is_file() and p.suffix in (".txt", ".log", ".json", ""))
+
+
+def test_replica_loading_its_model_exits_when_gateway_is_killed(tmp_path: Path) -> None:
+    """The model takes 20 s to load; the replica watches its gateway from its first moment,
+    not only once it serves."""
+    proc, replica = start_loading(tmp_path, "tests.control_models:VerySlowStart")
+    try:
+        time.sleep(1.0)  # inside the model's constructor now
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert wait_gone([replica], 5) == [], "a loading replica outlived its gateway"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError):
+            os.kill(replica, signal.SIGKILL)
+
+
+def test_sigint_while_the_model_loads_is_left_to_the_gateway(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) reaching a replica still in its model's constructor: no traceback,
+    the replica keeps loading; a process-group SIGINT stops the gateway, which stops it."""
+    proc, replica = start_loading(tmp_path, "tests.control_models:VerySlowStart",
+                                  new_session=True)
+    try:
+        time.sleep(1.0)
+        os.kill(replica, signal.SIGINT)
+        time.sleep(1.0)
+        assert wait_gone([replica], 0.1) == [replica], "SIGINT killed the loading replica"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert wait_gone([replica], 10) == []
+        written = everything_written(tmp_path)
+        assert "KeyboardInterrupt" not in written, written
+        assert "Traceback" not in written, written
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        with contextlib.suppress(OSError):
+            os.kill(replica, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_child_processes_of_the_model_end_with_their_replica(tmp_path: Path, how: str) -> None:
+    proc, _ = start(tmp_path, one_replica("tests.control_models:StartsAChild"))
+    children: list[int] = []
+    try:
+        (replica,) = replica_pids(proc)
+        children = [c.pid for c in psutil.Process(replica).children()]
+        assert children, "the model started no child"
+        if how == "stop":
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+            assert proc.returncode == 0
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        assert wait_gone([replica], 10) == []
+        assert wait_gone(children, 10) == [], "the model's child outlived its replica"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_repeated_sigterm_while_stopping_still_exits_zero(tmp_path: Path) -> None:
+    """SIGTERM again and again (a supervisor insisting) with no grace: the stop that has
+    begun finishes and the exit code stays 0, however late the signals come."""
+    config = CONFIG.replace("proxy: {host: 127.0.0.1, port: 0}",
+                            "proxy: {host: 127.0.0.1, port: 0, graceful_shutdown_timeout_s: 0}")
+    proc, _ = start(tmp_path, config)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            time.sleep(0.002)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

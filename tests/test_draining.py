@@ -262,3 +262,33 @@ def test_clients_retrying_at_once_never_see_cancelled(tmp_path: Path) -> None:
     assert rc == 0, gp.console()
     assert load.lost == [], load.lost
     assert load.ok and load.refused
+
+
+def test_retrying_clients_never_see_cancelled_when_a_long_call_uses_up_the_grace(
+        tmp_path: Path) -> None:
+    """One call outlasts the whole grace (1 s), so the drain ends with no time left; refused
+    calls are still held until their clients are quiet before the listener shuts (at most
+    QUIET_MAX_S past the grace), so none of them is CANCELLED by grpc core."""
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs"))
+                   .replace("port: 0, graceful_shutdown_timeout_s: 15",
+                            "port: 0, graceful_shutdown_timeout_s: 1"))
+    gp = GatewayProcess(cfg)
+    long_call = Load(gp.address, clients=1, sleep_s=LONG_CALL_S)  # its end is not at issue
+    load = Load(gp.address, clients=6, retry_after_s=0.0, sleep_s=0.01)
+    try:
+        long_call.start()
+        wait_ongoing(gp, 1)
+        load.start()
+        time.sleep(0.5)
+        gp.proc.send_signal(signal.SIGTERM)
+        rc = gp.wait(60)
+        load.join()
+        long_call.join()
+    finally:
+        load.stop.set()
+        long_call.stop.set()
+        gp.kill()
+    assert rc == 0, gp.console()
+    assert load.lost == [], load.lost
+    assert load.ok and load.refused

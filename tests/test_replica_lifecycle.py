@@ -235,3 +235,43 @@ async def test_reverting_a_failed_reconfigure_puts_the_replica_back_at_once(
         assert slot.replica is not None and slot.replica.routable
         assert build_status(gw).applications["text"].status == "RUNNING"
         assert (await predict(gw, timeout=5)).label.startswith("v1-")
+
+
+async def test_model_load_time_does_not_count_as_running_for_the_back_off_reset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model loads for 1.5 s, then its process dies at once: with a 1 s reset window,
+    only time spent serving may reset the back-off, so the crashes add up."""
+    from gateway import replica_process
+
+    monkeypatch.setattr(replica_process, "RESTART_RESET_AFTER_S", 1.0)
+    apps = [app("tests.control_models:SlowStartThenDies", health_check_period_s=0.2)]
+    gw = Gateway(gateway_config(apps, tmp_path), logs_dir=tmp_path / "logs")
+    try:
+        await gw.start(ready_timeout=20)
+        slot = slot_of(gw)
+        await until(lambda: slot.crashes >= 2, 30, "two crashes in a row")
+        assert "crash loop" in slot.message
+    finally:
+        await gw.stop(grace=1)
+
+
+async def test_a_roll_interrupted_by_shutdown_says_the_gateway_is_stopping(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    apps = [app("examples.models:TextModel", num_replicas=1)]
+    gw = Gateway(gateway_config(apps, tmp_path), logs_dir=tmp_path / "logs")
+    await gw.start(ready_timeout=20)
+    applying: asyncio.Task[list[str]] | None = None
+    try:
+        new = [app("tests.control_models:VerySlowStart", num_replicas=1)]
+        applying = asyncio.ensure_future(gw.apply(gateway_config(new, tmp_path)))
+        await until(lambda: len(gw.controller.apps["text"].ingress.slots) == 2, 10,
+                    "the new replica starting")
+        await asyncio.sleep(1.0)  # its model is loading now
+    finally:
+        await gw.stop(grace=1)
+    assert applying is not None
+    problems = await asyncio.wait_for(applying, 10)
+    assert problems == ["text: TextModel: roll interrupted: the gateway is stopping"]
+    errors = [r for r in caplog.records
+              if r.levelname == "ERROR" and r.name.startswith("gateway.controller")]
+    assert errors == [], [r.getMessage() for r in errors]
