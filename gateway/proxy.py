@@ -150,6 +150,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         while draining waits for it (at most HOLD_REFUSAL_S), so its client is not sending
         another call at the moment grpc shuts the listener down."""
         self.drain_refusals = 0
+        self.cut_at_stop = False
+        """Set by the drain when calls outlive its grace: grpc then cancels their handlers and
+        the clients see UNAVAILABLE, which is what they are recorded as (not CANCELLED)."""
         """Calls refused because the gateway is draining."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
@@ -261,12 +264,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         except TimeoutError:
             pass
 
-    @staticmethod
-    def _cancel_code(ctx: Any) -> grpc.StatusCode:
-        """grpc cancels the handler both when the client cancels and when its deadline ends."""
+    def _cancel_code(self, ctx: Any) -> grpc.StatusCode:
+        """grpc cancels the handler when the client cancels, when its deadline ends, and when
+        the server stops with calls still running (a drain past its grace)."""
         remaining = ctx.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED
+        if self.cut_at_stop:
+            return grpc.StatusCode.UNAVAILABLE
         return CANCELLED
 
     def _deadline(self, ctx: Any) -> float | None:

@@ -226,6 +226,7 @@ class Gateway:
         if self.proxy.admitted:
             log.warning("drained with %d call(s) still in flight after %gs",
                         self.proxy.admitted, grace)
+            self.proxy.cut_at_stop = True
         if self.server is not None:
             await self._shut_listener(self.server, end)
         self.state = ProxyState.DRAINED

@@ -324,3 +324,22 @@ async def test_calls_cut_by_a_replica_stop_are_answered_unavailable(
         # The new replica serves.
         reply = await stub.Predict(PredictRequest(text="good"), metadata=md(), timeout=10)
         assert reply.label == "ok"  # the Hooks model answers so
+
+
+async def test_calls_cut_by_the_end_of_a_drain_are_recorded_as_the_client_saw_them(
+    start_gateway: Any,
+) -> None:
+    """A call still running when the drain's grace ends is cut by the server's stop: the
+    client sees UNAVAILABLE, and the gateway records UNAVAILABLE too, not a client cancel."""
+    async with start_gateway([TEXT_APP]) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        records = recorder(gw)
+        call = asyncio.ensure_future(_outcome(text_stub(ch).Predict(
+            PredictRequest(text="a", sleep_s=30), metadata=md())))
+        for _ in range(200):
+            if gw.proxy.ongoing == 1:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(gw.stop(grace=0.3), 20)
+        code, _ = await asyncio.wait_for(call, 10)
+        assert code is grpc.StatusCode.UNAVAILABLE
+        assert [r.code for r in records if r.method == PREDICT] == [grpc.StatusCode.UNAVAILABLE]
