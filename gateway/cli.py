@@ -29,7 +29,7 @@ def _logs_dir(config: GatewayConfig) -> Path:
 
 
 async def _run(config: GatewayConfig) -> int:
-    from gateway.server import Gateway
+    from gateway.app import Gateway
 
     gw = Gateway(config, logs_dir=_logs_dir(config), console_logs=True)
     loop = asyncio.get_running_loop()
@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"proxy": config.proxy.model_copy(update={"port": args.port})}
         )
-    from gateway.logs import memory_profiler
+    from gateway.logs.core import memory_profiler
 
     # GATEWAY_ENABLE_MEMORY_PROFILING=1: a memray tracker for this process (replicas run
     # their own); read here, at start-up.
@@ -148,7 +148,7 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
 
 def _admin(args: argparse.Namespace, action: str) -> int:
     """Run one admin call; unreachable, refused and invalid each get a message and exit code."""
-    from gateway.admin import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+    from gateway.admin.service import AdminAuthError, AdminClient, AdminError, AdminUnreachable
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     used: dict[str, str] = {}  # values `deploy` expanded: never printed back
@@ -208,7 +208,7 @@ def _expanded_for_deploy(path: str) -> tuple[str, dict[str, str]]:
 def _send_actuals(client: Any, args: argparse.Namespace) -> int:
     """`gateway actuals`: a CSV of `prediction_id,actual` to the LogActuals RPC, in chunks."""
     from gateway.pb import admin_pb2
-    from gateway.records import ActualsFileError, read_actuals_csv
+    from gateway.records.pipeline import ActualsFileError, read_actuals_csv
 
     try:
         rows = read_actuals_csv(args.file)

@@ -29,7 +29,7 @@ from gateway.config_source import expand_env as expand_env
 from gateway.config_source import hide_values
 from gateway.config_source import read_yaml as read_yaml
 from gateway.config_source import unexpanded as unexpanded
-from gateway.listen_address import bare_host, collide, is_loopback
+from gateway.dataplane.listen_address import bare_host, collide, is_loopback
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")

@@ -11,9 +11,9 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import GatewayConfig, parse_config
 from gateway.pb import text_model_pb2, text_model_pb2_grpc
-from gateway.server import Gateway
 
 TEXT_APP = {
     "name": "text",

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 Labels = frozenset[tuple[str, str]]
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 import gateway
-from gateway.admin import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+from gateway.admin.service import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+from gateway.app import Gateway
 from gateway.pb import admin_pb2, admin_pb2_grpc
-from gateway.server import Gateway
 from tests.conftest import TEXT_APP
 from tests.ops_support import REPO
 

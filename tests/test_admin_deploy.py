@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import yaml
 
-from gateway.admin import AdminClient
+from gateway.admin.service import AdminClient
+from gateway.app import Gateway
 from gateway.pb import text_model_pb2
-from gateway.server import Gateway
 from tests.conftest import IRIS_APP, md, text_stub
 from tests.test_admin import cli
 

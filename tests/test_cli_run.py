@@ -57,7 +57,7 @@ def start(tmp_path: Path, config: str = CONFIG,
 def replica_pids(proc: subprocess.Popen[str]) -> list[int]:
     return [
         c.pid for c in psutil.Process(proc.pid).children(recursive=True)
-        if "gateway.replica_runtime" in " ".join(c.cmdline())
+        if "gateway.runtime.replica" in " ".join(c.cmdline())
     ]
 
 
@@ -185,7 +185,7 @@ def start_loading(tmp_path: Path, import_path: str,
     while time.monotonic() < deadline:
         with contextlib.suppress(psutil.Error):
             pids = [c.pid for c in psutil.Process(proc.pid).children()
-                    if "gateway.replica_runtime" in " ".join(c.cmdline())]
+                    if "gateway.runtime.replica" in " ".join(c.cmdline())]
             if pids:
                 return proc, pids[0]
         time.sleep(0.05)

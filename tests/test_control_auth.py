@@ -11,8 +11,8 @@ import grpc
 import psutil
 import pytest
 
-from gateway.control_auth import ENV_CONTROL_SECRET, METADATA_KEY, ControlChannel
-from gateway.mux import MUX_METHOD
+from gateway.control.auth import ENV_CONTROL_SECRET, METADATA_KEY, ControlChannel
+from gateway.dataplane.mux import MUX_METHOD
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc, text_model_pb2
 from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
 

@@ -15,11 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from gateway.dataplane.replicas import Replica, ReplicaState
+from gateway.dataplane.router import Router
 from gateway.pb import grpc_predict_v2_pb2 as oip
 from gateway.pb import grpc_predict_v2_pb2_grpc as oip_grpc
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
-from gateway.replicas import Replica, ReplicaState
-from gateway.router import Router
 from tests.conftest import IRIS_APP, TEXT_APP, PredictRequest, external_replica, md, text_stub
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.mux_frames import CALL, RESULT, FrameTooLarge, Reassembler, batches, split
+from gateway.dataplane.mux_frames import CALL, RESULT, FrameTooLarge, Reassembler, batches, split
 from gateway.pb import replica_control_pb2 as pb
 
 LIMIT = 4096

@@ -12,10 +12,10 @@ import grpc
 import pytest
 
 from examples.models import TextModel
-from gateway.mux import MuxServer, capture_unary_handlers
+from gateway.dataplane.mux import MuxServer, capture_unary_handlers
+from gateway.dataplane.replicas import UNARY_UNARY, Replica, channel_options
 from gateway.pb import replica_control_pb2_grpc, text_model_pb2_grpc
-from gateway.replica_runtime import _Control
-from gateway.replicas import UNARY_UNARY, Replica, channel_options
+from gateway.runtime.replica import _Control
 from tests.conftest import PredictRequest, md, text_stub
 
 PREDICT = "/demo.text.TextModel/Predict"

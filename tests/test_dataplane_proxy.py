@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway import errors
-from gateway.proxy import CallRecord
-from gateway.replicas import Replica, ReplicaState
-from gateway.router import Router
+from gateway.dataplane import errors
+from gateway.dataplane.proxy import CallRecord
+from gateway.dataplane.replicas import Replica, ReplicaState
+from gateway.dataplane.router import Router
 from tests.conftest import TEXT_APP, PredictRequest, md, text_stub
 from tests.metrics_util import scrape_until
 
@@ -260,7 +260,7 @@ async def test_x_request_id_wins_over_request_id(start_gateway: Any) -> None:
 
 
 def test_request_id_rules() -> None:
-    from gateway.proxy import valid_request_id
+    from gateway.dataplane.proxy import valid_request_id
 
     # grpc clients cannot even send most of these; other clients (raw HTTP/2) can.
     for good in ("a", "req-123", "y" * 512, "~!#$%&'*+./:;<=>?@[]^_`{|}"):

@@ -130,7 +130,7 @@ def access_lines(logs: Path) -> list[dict[str, Any]]:
 
 def replica_pids(pid: int) -> list[int]:
     return [c.pid for c in psutil.Process(pid).children(recursive=True)
-            if "gateway.replica_runtime" in " ".join(c.cmdline())]
+            if "gateway.runtime.replica" in " ".join(c.cmdline())]
 
 
 def gone(pids: list[int], timeout: float) -> bool:

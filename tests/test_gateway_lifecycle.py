@@ -15,10 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from gateway.admin import AdminClient, AdminError
+from gateway.admin.service import AdminClient, AdminError
+from gateway.app import Gateway, ProxyState
 from gateway.config_source import DeployError
 from gateway.pb import text_model_pb2
-from gateway.server import Gateway, ProxyState
 from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
 from tests.ops_support import REPO
 

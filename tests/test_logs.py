@@ -16,8 +16,9 @@ from typing import Any
 import grpc
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import LoggingConfig, parse_config
-from gateway.logs import (
+from gateway.logs.core import (
     AccessLog,
     JsonFormatter,
     TextFormatter,
@@ -27,7 +28,6 @@ from gateway.logs import (
     resolve,
 )
 from gateway.pb import text_model_pb2
-from gateway.server import Gateway
 from tests.conftest import md, text_stub
 from tests.ops_support import PREDICT
 
@@ -313,7 +313,7 @@ def test_formatters_carry_exceptions_and_blank_fields() -> None:
 
 
 def test_call_context_sets_request_id_and_route() -> None:
-    from gateway.logs import ContextFilter
+    from gateway.logs.core import ContextFilter
 
     flt = ContextFilter("replica", "app", "Dep", "app#Dep#abc")
     rec = _record("hi")

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from gateway.logs import (
+from gateway.logs.core import (
     ContextFilter,
     LogSettings,
     access_record,

@@ -11,11 +11,11 @@ from typing import Any
 import grpc
 import pytest
 
-from exporters.otlp import OTLPExporter
-from exporters.prometheus import PrometheusExporter
-from gateway.controller import ReplicaSlot
-from gateway.server import Gateway
-from gateway.telemetry import UNKNOWN_APPLICATION, Telemetry, load_exporter_class
+from exporters.metrics.otlp import OTLPExporter
+from exporters.metrics.prometheus import PrometheusExporter
+from gateway.app import Gateway
+from gateway.control.controller import ReplicaSlot
+from gateway.metrics.telemetry import UNKNOWN_APPLICATION, Telemetry, load_exporter_class
 from tests.conftest import TEXT_APP, PredictRequest, external_replica, md, text_stub
 from tests.metrics_util import Scrape, scrape, scrape_until
 
@@ -340,7 +340,7 @@ def test_metric_exporters_resolve_through_entry_points() -> None:
 
 async def test_observer_never_breaks_on_odd_records(start_gateway: Any) -> None:
     """A record of a call that failed before routing (empty ids, zero sizes) still counts."""
-    from gateway.proxy import CallRecord
+    from gateway.dataplane.proxy import CallRecord
 
     async with start_gateway([]) as gw:
         assert gw.telemetry is not None

@@ -18,13 +18,13 @@ import grpc
 import pytest
 
 from examples.models import classify
-from exporters.base import ExportResult, PredictionRecord, Record, RecordExporter
+from exporters.records.base import ExportResult, PredictionRecord, Record, RecordExporter
 from gateway import cli
-from gateway.admin import AdminClient
+from gateway.admin.service import AdminClient
 from gateway.pb import admin_pb2, text_model_pb2, text_model_pb2_grpc
 from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
-from gateway.records import CallInfo
+from gateway.records.pipeline import CallInfo
 from tests.conftest import IRIS_APP, TEXT_APP
 from tests.fake_arize import FakeArize
 
@@ -453,7 +453,7 @@ async def test_a_whole_run_never_logs_the_keys(
 
 def test_sampling_happens_at_the_configured_rate() -> None:
     from gateway.config import parse_config
-    from gateway.records import RecordPipeline
+    from gateway.records.pipeline import RecordPipeline
 
     cfg = parse_config({"applications": [{**IRIS_APP, "prediction_records": {
         "enabled": True, "sample_rate": 0.25}}]})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import RecordPipeline
+from gateway.records.pipeline import RecordPipeline
 from tests.fake_arize import FakeArize
 from tests.test_records_exporters import arize_config, oip_call
 
@@ -41,7 +41,7 @@ CHILD = textwrap.dedent("""
     import os, sys, tempfile, time, pathlib
     os.environ["ARIZE_LOG_ENABLE"] = "false"
     sys.path.insert(0, {root!r})
-    from gateway.records import RecordPipeline
+    from gateway.records.pipeline import RecordPipeline
     from tests.test_records_exporters import arize_config, oip_call
     # timeout_s far beyond the grace: only the shutdown can end the stuck sends.
     cfg = arize_config(int(sys.argv[1]), timeout_s=60, max_retries=1, max_workers=4)
@@ -137,7 +137,7 @@ def test_sends_still_running_when_the_gateway_stops_are_counted_dropped() -> Non
     rare; a stand-in future plays one): set aside as stuck, then counted dropped at the stop."""
     import concurrent.futures as cf
 
-    from exporters.arize_send import Sender
+    from exporters.records.arize_send import Sender
     from tests.test_records_exporters import arize, predictions
 
     never: list[cf.Future[object]] = []

@@ -15,10 +15,10 @@ import pytest
 from google.protobuf import wrappers_pb2
 
 from gateway.config import MetricsConfig, parse_config
+from gateway.dataplane.proxy import CallRecord
+from gateway.metrics.telemetry import Telemetry
 from gateway.pb import grpc_predict_v2_pb2 as pb
-from gateway.proxy import CallRecord
-from gateway.records import MAX_ROWS_PER_CALL, OIP_INFER, RecordPipeline, tensor_values
-from gateway.telemetry import Telemetry
+from gateway.records.pipeline import MAX_ROWS_PER_CALL, OIP_INFER, RecordPipeline, tensor_values
 from tests.conftest import IRIS_APP
 from tests.test_records_units import call_record
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from exporters.arize import ArizeExporter
-from exporters.base import ActualRecord, ExporterContext, PredictionRecord
-from exporters.jsonl import JsonlExporter
+from exporters.records.arize import ArizeExporter
+from exporters.records.base import ActualRecord, ExporterContext, PredictionRecord
+from exporters.records.jsonl import JsonlExporter
 from gateway.config import GatewayConfig, parse_config
+from gateway.dataplane.proxy import CallRecord
 from gateway.pb import grpc_predict_v2_pb2 as pb
-from gateway.proxy import CallRecord
-from gateway.records import RecordPipeline
+from gateway.records.pipeline import RecordPipeline
 from tests.conftest import IRIS_APP
 from tests.fake_arize import FakeArize
 from tests.test_records_units import call_record
@@ -216,8 +216,8 @@ def test_jsonl_failed_write_leaves_no_partial_line(tmp_path: Path) -> None:
         import json, resource, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from pathlib import Path
-        from exporters.jsonl import JsonlExporter
-        from exporters.base import ExporterContext, PredictionRecord
+        from exporters.records.jsonl import JsonlExporter
+        from exporters.records.base import ExporterContext, PredictionRecord
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         d = Path({str(tmp_path)!r})
         ex = JsonlExporter({{"max_bytes": 0}}, ExporterContext(d))

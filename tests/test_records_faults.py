@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.records import RecordPipeline
+from gateway.records.pipeline import RecordPipeline
 from tests.fake_arize import FakeArize
 from tests.test_records_exporters import arize_config, oip_call
 

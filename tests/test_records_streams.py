@@ -12,12 +12,12 @@ from typing import Any, ClassVar
 
 import grpc
 
-from exporters.base import ExportResult, Record, RecordExporter
-from gateway.admin import AdminClient
+from exporters.records.base import ExportResult, Record, RecordExporter
+from gateway.admin.service import AdminClient
 from gateway.config import parse_config
 from gateway.pb import admin_pb2, text_model_pb2, text_model_pb2_grpc
-from gateway.record_capture import MAX_MESSAGES, Budget, StreamCapture
-from gateway.records import RecordPipeline
+from gateway.records.capture import MAX_MESSAGES, Budget, StreamCapture
+from gateway.records.pipeline import RecordPipeline
 from tests.conftest import TEXT_APP
 from tests.test_records import flush, scrape
 from tests.test_records_units import call_record
@@ -94,7 +94,7 @@ async def test_every_drop_reason_is_on_the_scrape_from_the_start(start_gateway: 
         if line.startswith("grpc_gateway_records_dropped_total{"):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
             values[(labels["exporter"], labels["reason"])] = line.rsplit(" ", 1)[1]
-    from gateway import records
+    from gateway.records import pipeline as records
 
     assert set(CALL_DROP_REASONS) == set(records.CALL_DROP_REASONS)
     assert set(EXPORTER_DROP_REASONS) == set(records.EXPORTER_DROP_REASONS)

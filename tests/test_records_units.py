@@ -15,9 +15,9 @@ import grpc
 import pytest
 import yaml
 
-from exporters import registry
-from exporters.arize import ArizeExporter
-from exporters.base import (
+from exporters.records import registry
+from exporters.records.arize import ArizeExporter
+from exporters.records.base import (
     ActualRecord,
     ExporterContext,
     ExportResult,
@@ -25,11 +25,11 @@ from exporters.base import (
     Record,
     RecordExporter,
 )
-from exporters.jsonl import JsonlExporter
+from exporters.records.jsonl import JsonlExporter
 from gateway.config import ConfigError, parse_config
+from gateway.dataplane.proxy import CallRecord
 from gateway.pb import grpc_predict_v2_pb2 as pb
-from gateway.proxy import CallRecord
-from gateway.records import (
+from gateway.records.pipeline import (
     OIP_INFER,
     ActualsFileError,
     DecodeProblem,
@@ -58,7 +58,7 @@ def test_each_builtin_exporter_resolves_through_its_entry_point() -> None:
     assert {"arize", "jsonl"} <= set(registry.available())
     assert registry.resolve("arize") is ArizeExporter
     assert registry.resolve("jsonl") is JsonlExporter
-    assert registry.resolve("exporters.jsonl:JsonlExporter") is JsonlExporter
+    assert registry.resolve("exporters.records.jsonl:JsonlExporter") is JsonlExporter
 
 
 def test_bad_exporter_names_get_clear_errors() -> None:
@@ -336,7 +336,7 @@ def test_a_slow_exporter_drops_its_own_records_and_starves_no_other() -> None:
         "enabled": True, "exporters": ["slow", "fast", "raises"], "model_name": "t",
         "field_mapping": {"features": ["text"]}}}]})
     pipeline = RecordPipeline(cfg, Path("."))
-    from gateway.methods import MethodTable
+    from gateway.dataplane.methods import MethodTable
 
     pipeline.methods = MethodTable()
     pipeline.start()

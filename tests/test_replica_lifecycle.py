@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 import pytest
 
-from gateway.admin import AdminClient, AdminError
-from gateway.deployment_state import ReplicaSlot
+from gateway.admin.service import AdminClient, AdminError
+from gateway.admin.status import build_status
+from gateway.app import Gateway
+from gateway.control.state import ReplicaSlot
+from gateway.dataplane.replicas import ReplicaState
 from gateway.pb import text_model_pb2
-from gateway.replicas import ReplicaState
-from gateway.server import Gateway
-from gateway.status import build_status
 from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
 from tests.test_admin_deploy import Caller
 
@@ -121,7 +121,7 @@ async def test_changing_the_model_rolls_without_a_gap(tmp_path: Path) -> None:
 
 
 async def test_crash_loop_backs_off_further_and_says_so(tmp_path: Path) -> None:
-    from gateway.replica_process import RESTART_BACKOFF_MAX_S, restart_delay
+    from gateway.control.process import RESTART_BACKOFF_MAX_S, restart_delay
 
     delays = [restart_delay(n) for n in range(1, 16)]
     assert delays == sorted(delays) and delays[-1] == RESTART_BACKOFF_MAX_S >= 60
@@ -241,7 +241,7 @@ async def test_model_load_time_does_not_count_as_running_for_the_back_off_reset(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model loads for 1.5 s, then its process dies at once: with a 1 s reset window,
     only time spent serving may reset the back-off, so the crashes add up."""
-    from gateway import replica_process
+    from gateway.control import process as replica_process
 
     monkeypatch.setattr(replica_process, "RESTART_RESET_AFTER_S", 1.0)
     apps = [app("tests.control_models:SlowStartThenDies", health_check_period_s=0.2)]

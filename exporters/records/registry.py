@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from exporters.base import RecordExporter
+from exporters.records.base import RecordExporter
 
 ENTRY_POINT_GROUP = "grpc_gateway.record_exporters"
 

@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
-from gateway.log_escape import escape, escape_field, escape_lines
-from gateway.sync_stream import sync_stream
+from gateway.logs.escape import escape, escape_field, escape_lines
+from gateway.runtime.sync_stream import sync_stream
 
 if TYPE_CHECKING:
     # Types only: a replica process imports this module and should not pay for pydantic.
+    from gateway.app import Gateway
     from gateway.config import GatewayConfig, LoggingConfig
-    from gateway.controller import DeploymentState, ReplicaSlot
-    from gateway.proxy import CallRecord
-    from gateway.server import Gateway
+    from gateway.control.controller import DeploymentState, ReplicaSlot
+    from gateway.dataplane.proxy import CallRecord
 
 ROOT = "gateway"
 TREES = (ROOT, "exporters")

@@ -18,18 +18,18 @@ from typing import Any
 
 import grpc
 
-from gateway import errors
-from gateway.errors import GatewayError
-from gateway.methods import OTHER, MethodInfo, MethodTable
-from gateway.mux import never_started
-from gateway.replicas import (
+from gateway.dataplane import errors
+from gateway.dataplane.errors import GatewayError
+from gateway.dataplane.methods import OTHER, MethodInfo, MethodTable
+from gateway.dataplane.mux import never_started
+from gateway.dataplane.replicas import (
     STREAM_STREAM,
     STREAM_UNARY,
     UNARY_STREAM,
     UNARY_UNARY,
     Replica,
 )
-from gateway.router import Router
+from gateway.dataplane.router import Router
 
 log = logging.getLogger("gateway.proxy")
 

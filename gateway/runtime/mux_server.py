@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from gateway.mux_frames import (
+from gateway.dataplane.mux_frames import (
     CALL,
     CANCEL,
     RESULT,

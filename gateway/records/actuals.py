@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exporters.base import ActualRecord, Record
-from gateway.record_decode import MAX_PREDICTION_ID, Plan
+from exporters.records.base import ActualRecord, Record
+from gateway.records.decode import MAX_PREDICTION_ID, Plan
 
 
 def actual_records(plan: Plan, actuals: Sequence[Any]) -> tuple[list[Record],

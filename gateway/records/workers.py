@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporters.base import Record, RecordExporter
+from exporters.records.base import Record, RecordExporter
 
 log = logging.getLogger("gateway.records")
 

@@ -30,9 +30,9 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from exporters import arize_deadline
-from exporters.arize_send import DONE, RETRY, Sender
-from exporters.base import (
+from exporters.records import arize_deadline
+from exporters.records.arize_send import DONE, RETRY, Sender
+from exporters.records.base import (
     ActualRecord,
     ExporterContext,
     ExportResult,

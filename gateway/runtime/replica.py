@@ -1,6 +1,6 @@
 """The process that hosts one local replica: the user's servicer on an ephemeral port.
 
-Started by the gateway as `python -m gateway.replica_runtime`; reports its port (or the
+Started by the gateway as `python -m gateway.runtime.replica`; reports its port (or the
 constructor's exception) on a pipe, serves `grpc.health.v1` and the internal control service,
 and stops gracefully when the gateway closes its stdin (or dies); SIGTERM stops it only when
 started by hand or when its gateway is gone.
@@ -24,12 +24,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.control_auth import ControlAuthInterceptor, read_secret
-from gateway.logs import ReplicaLogging, memory_profiler
-from gateway.mux import MuxServer, capture_unary_handlers
+from gateway.control.auth import ControlAuthInterceptor, read_secret
+from gateway.dataplane.mux import MuxServer, capture_unary_handlers
+from gateway.dataplane.replicas import channel_options
+from gateway.logs.core import ReplicaLogging, memory_profiler
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
-from gateway.replica_guard import StartupGuard, kill_own_group
-from gateway.replicas import channel_options
+from gateway.runtime.guard import StartupGuard, kill_own_group
 
 
 class ReplicaStartError(Exception):
@@ -105,7 +105,7 @@ class _Control(replica_control_pb2_grpc.ReplicaControlServicer):
     async def CollectMetrics(
         self, request: replica_control_pb2.CollectMetricsRequest, context: Any
     ) -> replica_control_pb2.CollectMetricsResponse:
-        from gateway import replica_metrics
+        from gateway.runtime import metrics as replica_metrics
 
         return replica_metrics.collect()
 
@@ -207,7 +207,7 @@ async def _parent_gone(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gateway.replica_runtime")
+    p = argparse.ArgumentParser(prog="python -m gateway.runtime.replica")
     p.add_argument("--import-path", required=True)
     p.add_argument("--user-config", default="")
     p.add_argument("--host", default="127.0.0.1")

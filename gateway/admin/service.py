@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import yaml
 
+from gateway.admin.status import GatewayStatus, build_status, from_proto, to_proto
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
-from gateway.listen_address import grpc_address
+from gateway.dataplane.listen_address import grpc_address
 from gateway.pb import admin_pb2, admin_pb2_grpc
-from gateway.status import GatewayStatus, build_status, from_proto, to_proto
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from gateway.app import Gateway
 
 log = logging.getLogger("gateway.admin")
 

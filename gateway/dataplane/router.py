@@ -10,8 +10,8 @@ import asyncio
 import random
 from collections import deque
 
-from gateway import errors
-from gateway.replicas import Replica
+from gateway.dataplane import errors
+from gateway.dataplane.replicas import Replica
 
 
 class Router:

@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import MetricsConfig
-from gateway.telemetry import MetricsExporter, Telemetry, merge_metrics
+from gateway.metrics.telemetry import MetricsExporter, Telemetry, merge_metrics
 
 log = logging.getLogger("exporters.prometheus")
 

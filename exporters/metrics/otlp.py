@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from gateway.config import MetricsConfig, OTLPConfig
-from gateway.telemetry import MetricsExporter, Telemetry, merge_metrics
+from gateway.metrics.telemetry import MetricsExporter, Telemetry, merge_metrics
 
 log = logging.getLogger("exporters.otlp")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from gateway.mux_frames import (
+from gateway.dataplane.mux_frames import (
     CALL,
     CANCEL,
     MAX_BATCH_FRAMES,
@@ -33,8 +33,8 @@ from gateway.mux_frames import (
     from_lists,
     to_lists,
 )
-from gateway.mux_replica import MuxContext, MuxServer, capture_unary_handlers
 from gateway.pb import replica_control_pb2 as pb
+from gateway.runtime.mux_server import MuxContext, MuxServer, capture_unary_handlers
 
 __all__ = [
     "CALL",

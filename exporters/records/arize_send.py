@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from exporters.base import ExportResult
+from exporters.records.base import ExportResult
 
 Send = Callable[[dict[str, Any]], "cf.Future[Any]"]
 RETRY, DONE = "retry", "done"

@@ -21,10 +21,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway import replica_process
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
-from gateway.control_auth import ENV_CONTROL_SECRET, new_secret
-from gateway.deployment_state import (
+from gateway.control import process as replica_process
+from gateway.control.auth import ENV_CONTROL_SECRET, new_secret
+from gateway.control.process import read_report as _read_all
+from gateway.control.process import restart_delay
+from gateway.control.state import (
     ApplicationState,
     ApplicationStatus,
     DeploymentState,
@@ -32,11 +34,9 @@ from gateway.deployment_state import (
     ReplicaEvent,
     ReplicaSlot,
 )
-from gateway.methods import fetch_reflection
+from gateway.dataplane.methods import fetch_reflection
+from gateway.dataplane.replicas import Replica, ReplicaState, replica_tag
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
-from gateway.replica_process import read_report as _read_all
-from gateway.replica_process import restart_delay
-from gateway.replicas import Replica, ReplicaState, replica_tag
 
 __all__ = [  # the states moved to gateway/deployment_state.py; importers keep these names
     "ApplicationState", "ApplicationStatus", "Controller", "DeploymentState",
@@ -492,7 +492,7 @@ class Controller:
         cwd = os.getcwd()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
         args = [
-            sys.executable, "-m", "gateway.replica_runtime",
+            sys.executable, "-m", "gateway.runtime.replica",
             "--import-path", import_path,
             "--report-fd", str(w),
             "--max-message-bytes", str(dep.max_message_bytes),

@@ -13,17 +13,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway import records, telemetry
-from gateway.admin import AdminServer
+from gateway.admin.service import AdminServer
 from gateway.config import GatewayConfig
 from gateway.config_source import DeployError
-from gateway.controller import Controller
-from gateway.listen_address import grpc_address
-from gateway.logs import GatewayLogging
-from gateway.methods import BUILTIN_PROTO_MODULES, MethodTable
+from gateway.control.controller import Controller
+from gateway.dataplane.listen_address import grpc_address
+from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
+from gateway.dataplane.proxy import AppRoute, Proxy
+from gateway.dataplane.replicas import channel_options
+from gateway.logs.core import GatewayLogging
+from gateway.metrics import telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
-from gateway.proxy import AppRoute, Proxy
-from gateway.replicas import channel_options
+from gateway.records import pipeline as records
 
 log = logging.getLogger("gateway.server")
 

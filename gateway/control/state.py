@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.config import ApplicationConfig, DeploymentConfig
-from gateway.replicas import Replica, ReplicaState
-from gateway.router import Router
+from gateway.dataplane.replicas import Replica, ReplicaState
+from gateway.dataplane.router import Router
 
 
 class DeploymentStatus:

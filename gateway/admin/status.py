@@ -17,7 +17,7 @@ import yaml
 from gateway.pb import admin_pb2
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from gateway.app import Gateway
 
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9001"
 
@@ -189,10 +189,10 @@ def status(
 ) -> GatewayStatus:
     """The status of the gateway whose admin service listens on `address`.
 
-    Raises `gateway.admin.AdminError` (`AdminUnreachable`, `AdminAuthError`) with a message
+    Raises `gateway.admin.service.AdminError` (`AdminUnreachable`, `AdminAuthError`) with a message
     that says what went wrong.
     """
-    from gateway.admin import AdminClient
+    from gateway.admin.service import AdminClient
 
     with AdminClient(address, token, timeout) as client:
         return client.status()

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from exporters import registry
-from exporters.base import ExporterContext, RecordExporter
+from exporters.records import registry
+from exporters.records.base import ExporterContext, RecordExporter
 from gateway.config import GatewayConfig
-from gateway.proxy import AppRoute, CallRecord
-from gateway.record_actuals import ActualsFileError, actual_records, read_actuals_csv
-from gateway.record_capture import STREAM_DROP_REASONS, Budget, StreamCapture
-from gateway.record_decode import (
+from gateway.dataplane.proxy import AppRoute, CallRecord
+from gateway.records.actuals import ActualsFileError, actual_records, read_actuals_csv
+from gateway.records.capture import STREAM_DROP_REASONS, Budget, StreamCapture
+from gateway.records.decode import (
     LOSS_REASONS,
     MAX_COLUMNS,
     MAX_PREDICTION_ID,
@@ -39,14 +39,14 @@ from gateway.record_decode import (
     Decoder,
     Plan,
 )
-from gateway.record_tensors import DecodeProblem, tensor_values
-from gateway.record_workers import EXPORTER_DROP_REASONS, ExporterStats, ExporterWorker
+from gateway.records.tensors import DecodeProblem, tensor_values
+from gateway.records.workers import EXPORTER_DROP_REASONS, ExporterStats, ExporterWorker
 
 if TYPE_CHECKING:
     from google.protobuf.descriptor import FileDescriptor
     from opentelemetry.metrics import MeterProvider
 
-    from gateway.methods import MethodTable
+    from gateway.dataplane.methods import MethodTable
 
 __all__ = [
     "CALL_DROP_REASONS", "EXPORTER_DROP_REASONS", "MAX_COLUMNS", "MAX_PREDICTION_ID",

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exporters.base import ExporterContext, ExportResult, Record, RecordExporter
+from exporters.records.base import ExporterContext, ExportResult, Record, RecordExporter
 
 log = logging.getLogger("exporters.jsonl")
 

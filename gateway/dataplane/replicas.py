@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from gateway.control_auth import ControlChannel
-from gateway.mux import MuxChannel
+from gateway.control.auth import ControlChannel
+from gateway.dataplane.mux import MuxChannel
 
 
 class ReplicaState(enum.StrEnum):

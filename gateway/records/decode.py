@@ -30,14 +30,14 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from exporters.base import PredictionRecord
+from exporters.records.base import PredictionRecord
 from gateway.config import FieldMapping, PredictionRecordsConfig
 from gateway.pb import grpc_predict_v2_pb2 as oip
-from gateway.record_tensors import DecodeProblem, decode_tensors, f32, oip_outputs
+from gateway.records.tensors import DecodeProblem, decode_tensors, f32, oip_outputs
 
 if TYPE_CHECKING:
-    from gateway.methods import MethodTable
-    from gateway.proxy import CallRecord
+    from gateway.dataplane.methods import MethodTable
+    from gateway.dataplane.proxy import CallRecord
 
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_PREDICTION_ID = 512

@@ -1,0 +1,1 @@
+"""Metric exporters (entry-point group `grpc_gateway.metric_exporters`)."""

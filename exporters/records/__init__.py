@@ -1,0 +1,1 @@
+"""Prediction-record exporters (entry-point group `grpc_gateway.record_exporters`)."""

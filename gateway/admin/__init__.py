@@ -1,0 +1,1 @@
+"""The admin service, its client and the status it reports (operator surfaces)."""

@@ -1,0 +1,1 @@
+"""The control plane: goal state to running, health-checked replicas."""

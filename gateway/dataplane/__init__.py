@@ -1,0 +1,1 @@
+"""The call path: listener handler, routing, replica handles, the mux client, errors."""

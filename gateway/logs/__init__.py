@@ -1,0 +1,1 @@
+"""Structured logs: format, access log, replica logging, rotation."""

@@ -1,0 +1,1 @@
+"""Metrics of every call and of the control plane (OpenTelemetry, Ray's names)."""

@@ -1,0 +1,1 @@
+"""Prediction records: sampling, capture, decoding, exporter workers, actuals."""

@@ -1,0 +1,1 @@
+"""The local replica process: the user's servicer, its mux server, its reports."""
