@@ -21,7 +21,7 @@ from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
-from gateway.logs.core import GatewayLogging
+from gateway.logs.gateway_process import GatewayLogging
 from gateway.metrics import telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records import pipeline as records

@@ -90,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"proxy": config.proxy.model_copy(update={"port": args.port})}
         )
-    from gateway.logs.core import memory_profiler
+    from gateway.logs.profiling import memory_profiler
 
     # GATEWAY_ENABLE_MEMORY_PROFILING=1: a memray tracker for this process (replicas run
     # their own); read here, at start-up.

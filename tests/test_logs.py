@@ -18,15 +18,10 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.config import LoggingConfig, parse_config
-from gateway.logs.core import (
-    AccessLog,
-    JsonFormatter,
-    TextFormatter,
-    call_context,
-    replica_log_file,
-    replica_logging_config,
-    resolve,
-)
+from gateway.logs.access import AccessLog
+from gateway.logs.context import call_context
+from gateway.logs.format import JsonFormatter, TextFormatter
+from gateway.logs.settings import replica_log_file, replica_logging_config, resolve
 from gateway.pb import text_model_pb2
 from tests.conftest import md, text_stub
 from tests.ops_support import PREDICT
@@ -313,7 +308,7 @@ def test_formatters_carry_exceptions_and_blank_fields() -> None:
 
 
 def test_call_context_sets_request_id_and_route() -> None:
-    from gateway.logs.core import ContextFilter
+    from gateway.logs.context import ContextFilter
 
     flt = ContextFilter("replica", "app", "Dep", "app#Dep#abc")
     rec = _record("hi")

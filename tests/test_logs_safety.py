@@ -11,15 +11,11 @@ from typing import Any
 
 import grpc
 
-from gateway.logs.core import (
-    ContextFilter,
-    LogSettings,
-    access_record,
-    call_context,
-    emit_batch,
-    file_handler,
-    memory_profiler,
-)
+from gateway.logs.access import access_record, emit_batch
+from gateway.logs.context import ContextFilter, call_context
+from gateway.logs.format import file_handler
+from gateway.logs.profiling import memory_profiler
+from gateway.logs.settings import LogSettings
 from tests.test_logs import TEXT_LINE, chatty_app, predict, read_lines, wait_lines
 
 HOSTILE = ["rid-1\nERROR 2026-01-01 00:00:00,000 - - - forged-line", "rid-2\x7f\x1b[31mRED",

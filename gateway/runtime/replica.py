@@ -27,7 +27,8 @@ from grpc_reflection.v1alpha import reflection
 from gateway.control.auth import ControlAuthInterceptor, read_secret
 from gateway.dataplane.mux import MuxServer, capture_unary_handlers
 from gateway.dataplane.replicas import channel_options
-from gateway.logs.core import ReplicaLogging, memory_profiler
+from gateway.logs.profiling import memory_profiler
+from gateway.logs.replica import ReplicaLogging
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
 from gateway.runtime.guard import StartupGuard, kill_own_group
 
