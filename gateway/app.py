@@ -22,7 +22,7 @@ from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
 from gateway.logs.gateway_process import GatewayLogging
-from gateway.metrics import telemetry
+from gateway.metrics.telemetry import Telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records import pipeline as records
 
@@ -83,8 +83,13 @@ class Gateway:
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
         self.controller.on_descriptors = self._learn_methods
-        # Before the controller starts anything, so every replica event is seen.
-        self.telemetry = telemetry.attach(self)
+        # Observers, attached before the controller starts anything, so every replica event
+        # is seen; the order of every attach point is listed in gateway/hooks.py.
+        self.telemetry = Telemetry(config.metrics, self) if config.metrics.enabled else None
+        """None when metrics are disabled: then nothing at all is recorded."""
+        if self.telemetry is not None:
+            self.proxy.observers.append(self.telemetry.observe)
+            self.controller.listeners.append(self.telemetry.on_replica_event)
         self.records = records.attach(self)
         """Prediction records: sampled calls decoded off the call path, sent to exporters."""
         self.metrics_port: int | None = None

@@ -1,5 +1,5 @@
 """Kept for third-party metric exporters: `gateway.telemetry.MetricsExporter` (see README)."""
 
-from gateway.metrics.telemetry import MetricsExporter
+from gateway.metrics.exporter import MetricsExporter
 
 __all__ = ["MetricsExporter"]

@@ -15,7 +15,9 @@ from exporters.metrics.otlp import OTLPExporter
 from exporters.metrics.prometheus import PrometheusExporter
 from gateway.app import Gateway
 from gateway.control.controller import ReplicaSlot
-from gateway.metrics.telemetry import UNKNOWN_APPLICATION, Telemetry, load_exporter_class
+from gateway.metrics.aggregate import UNKNOWN_APPLICATION, CallAggregate
+from gateway.metrics.exporter import load_exporter_class
+from gateway.metrics.telemetry import Telemetry
 from tests.conftest import TEXT_APP, PredictRequest, external_replica, md, text_stub
 from tests.metrics_util import Scrape, scrape, scrape_until
 
@@ -308,7 +310,7 @@ async def test_disabled_metrics_record_nothing(start_gateway: Any) -> None:
         async with start_gateway([app], metrics={"enabled": False}) as gw, \
                 grpc.aio.insecure_channel(gw.address) as ch:
             assert gw.telemetry is None and gw.metrics_port is None
-            assert not any(isinstance(getattr(o, "__self__", None), Telemetry)
+            assert not any(isinstance(getattr(o, "__self__", None), (Telemetry, CallAggregate))
                            for o in gw.proxy.observers)
             assert not any(isinstance(getattr(o, "__self__", None), Telemetry)
                            for o in gw.controller.listeners)

@@ -15,7 +15,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from gateway.config import MetricsConfig, OTLPConfig
-from gateway.metrics.telemetry import MetricsExporter, Telemetry, merge_metrics
+from gateway.metrics.exporter import MetricsExporter, MetricsSource, merge_metrics
 
 log = logging.getLogger("exporters.otlp")
 
@@ -46,7 +46,7 @@ def build_exporter(cfg: OTLPConfig) -> MetricExporter:
 class _Merging(MetricExporter):
     """Adds the gateway's histograms to each batch, then hands it to the SDK exporter."""
 
-    def __init__(self, inner: MetricExporter, telemetry: Telemetry) -> None:
+    def __init__(self, inner: MetricExporter, telemetry: MetricsSource) -> None:
         super().__init__(
             preferred_temporality=inner._preferred_temporality,
             preferred_aggregation=inner._preferred_aggregation,
@@ -82,7 +82,7 @@ class OTLPExporter(MetricsExporter):
 
     name = "otlp"
 
-    def __init__(self, config: MetricsConfig, telemetry: Telemetry) -> None:
+    def __init__(self, config: MetricsConfig, telemetry: MetricsSource) -> None:
         super().__init__(config, telemetry)
         cfg = config.otlp
         self.exporter = _Merging(build_exporter(cfg), telemetry)

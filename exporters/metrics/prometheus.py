@@ -20,7 +20,7 @@ from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import MetricsConfig
-from gateway.metrics.telemetry import MetricsExporter, Telemetry, merge_metrics
+from gateway.metrics.exporter import MetricsExporter, MetricsSource, merge_metrics
 
 log = logging.getLogger("exporters.prometheus")
 
@@ -31,7 +31,7 @@ RESERVED_PREFIXES = ("ray_serve_", "ray_component_", "grpc_", "target")
 class _Reader(PrometheusMetricReader):
     """The SDK's Prometheus reader, plus the gateway's histograms at every collection."""
 
-    def __init__(self, telemetry: Telemetry, registry: CollectorRegistry) -> None:
+    def __init__(self, telemetry: MetricsSource, registry: CollectorRegistry) -> None:
         super().__init__(registry=registry)
         self._telemetry = telemetry
 
@@ -47,7 +47,7 @@ class _Reader(PrometheusMetricReader):
 class ReplicaCollector:
     """A prometheus_client collector yielding the local replicas' own metric families."""
 
-    def __init__(self, telemetry: Telemetry) -> None:
+    def __init__(self, telemetry: MetricsSource) -> None:
         self._telemetry = telemetry
         self._warned: set[str] = set()
 
@@ -83,7 +83,7 @@ class PrometheusExporter(MetricsExporter):
 
     name = "prometheus"
 
-    def __init__(self, config: MetricsConfig, telemetry: Telemetry) -> None:
+    def __init__(self, config: MetricsConfig, telemetry: MetricsSource) -> None:
         super().__init__(config, telemetry)
         self.registry = CollectorRegistry(auto_describe=False)
         self._reader = _Reader(telemetry, self.registry)
