@@ -3,29 +3,18 @@
 It starts local replica processes (restarting crashed ones with backoff), health-checks every
 replica with `grpc.health.v1`, keeps replica / deployment / application states, and hands the
 proxy one `Router` per application.
+
+Layers (one module each): base, reconfigure, health, supervisor, and this one, which
+reconciles the goal state: add, change, roll and remove applications and deployments.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
-from gateway.control import process as replica_process
-from gateway.control.auth import ENV_CONTROL_SECRET, new_secret
-from gateway.control.process import read_report as _read_all
-from gateway.control.process import restart_delay
 from gateway.control.state import (
     ApplicationState,
     ApplicationStatus,
@@ -34,39 +23,20 @@ from gateway.control.state import (
     ReplicaEvent,
     ReplicaSlot,
 )
-from gateway.dataplane.methods import fetch_reflection
-from gateway.dataplane.replicas import Replica, ReplicaState, replica_tag
-from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.control.supervisor import STARTUP_TIMEOUT_S, Supervisor
+from gateway.dataplane.replicas import ReplicaState
 
-__all__ = [  # the states moved to gateway/deployment_state.py; importers keep these names
+log = logging.getLogger("gateway.controller")
+
+
+__all__ = [  # the states live in gateway/control/state.py; importers keep these names
     "ApplicationState", "ApplicationStatus", "Controller", "DeploymentState",
     "DeploymentStatus", "ReplicaEvent", "ReplicaSlot",
 ]
 
-log = logging.getLogger("gateway.controller")
 
-STARTUP_TIMEOUT_S = 60.0
-
-
-class Controller:
+class Controller(Supervisor):
     """Reconciles the goal state; all methods run on the gateway's event loop."""
-
-    def __init__(self, config: GatewayConfig, logs_dir: Path | None = None) -> None:
-        self.config = config
-        self.apps: dict[str, ApplicationState] = {}
-        self.logs_dir = logs_dir
-        # Fixed at start like the proxy's own listener: a deploy cannot change it.
-        self.max_message_bytes = config.proxy.max_message_bytes
-        self.listeners: list[ReplicaEvent] = []
-        self.on_routes_changed: Callable[[], None] | None = None
-        self.on_descriptors: Callable[[list[Any]], None] | None = None
-        """Receives the file descriptors replicas publish through reflection."""
-        self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
-        """Receives each line a local replica prints (set by the logging setup)."""
-        self.replica_env: Callable[[DeploymentState, ReplicaSlot], dict[str, str]] | None = None
-        """Extra environment for a replica process (its logging settings; gateway/logs.py)."""
-        self._closing = False
-        self._pumps: set[asyncio.Future[None]] = set()
 
     # -- goal state ----------------------------------------------------------------------
 
@@ -119,14 +89,6 @@ class Controller:
                     problems += await self._reconfigure(dep)
             dep.router.wake()
         return problems
-
-    def _new_slot(self, dep: DeploymentState, target: str | None = None) -> ReplicaSlot:
-        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target,
-                           import_path=dep.config.import_path if target is None else None)
-        dep.slots.append(slot)
-        run = self._run_local(dep, slot) if target is None else self._run_external(dep, slot)
-        slot.task = _supervised(run)
-        return slot
 
     def _start_slots(self, dep: DeploymentState) -> None:
         cfg = dep.config
@@ -233,366 +195,6 @@ class Controller:
         for dep in state.deployments.values():
             await self._scale(dep, 0)
 
-    async def _reconfigure(self, dep: DeploymentState) -> list[str]:
-        """Send the new user_config to every replica that has not got it; the failures."""
-        problems = []
-        for slot in list(dep.slots):
-            if slot.replica is None or slot.state not in (ReplicaState.RUNNING,
-                                                          ReplicaState.UNHEALTHY):
-                continue  # one still starting is reconfigured once healthy (_set_health)
-            why = await self._reconfigure_slot(dep, slot)
-            if why:
-                problems.append(f"{dep.name}: replica {slot.replica_id}: {why}")
-        return problems
-
-    async def _reconfigure_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> str:
-        want = dep.config.user_config
-        rep = slot.replica
-        if rep is None or slot.stopping or slot.reconfiguring:
-            return ""
-        if slot.user_config == want:
-            if slot.reconfigure_failures:
-                # The config it still runs is wanted again (a revert after a failed
-                # reconfigure): nothing to send, and nothing keeps it out of rotation.
-                slot.reconfigure_failures = 0
-                slot.reconfigure_retry_at = 0.0
-                if slot.failures == 0 and slot.state is ReplicaState.UNHEALTHY:
-                    self._back_in_rotation(dep, slot)
-                slot.wake.set()  # a health check now confirms it either way
-            return ""
-        slot.reconfiguring = True
-        slot.state = ReplicaState.UPDATING  # its replica keeps serving meanwhile
-        self._emit("updating", slot)
-        try:
-            stub = replica_control_pb2_grpc.ReplicaControlStub(rep.channel)
-            await stub.Reconfigure(replica_control_pb2.ReconfigureRequest(
-                user_config_json=json.dumps(want)), timeout=30)
-        except grpc.aio.AioRpcError as e:
-            why = e.details() or e.code().name
-            if not why.startswith("reconfigure failed"):  # the replica's own words say so
-                why = f"reconfigure failed: {e.code().name}: {why}"
-            slot.reconfigure_failures += 1
-            delay = restart_delay(slot.reconfigure_failures)
-            slot.reconfigure_retry_at = time.monotonic() + delay
-            if not slot.stopping:
-                # Out of rotation: it would answer with a config the operator replaced.
-                slot.set_state(ReplicaState.UNHEALTHY, f"{why}; retrying in {delay:g}s")
-                log.warning("replica %s: %s", slot.replica_id, slot.message)
-                self._emit("unhealthy", slot)
-            return why
-        finally:
-            slot.reconfiguring = False
-        slot.user_config = want
-        slot.reconfigure_failures = 0
-        if not slot.stopping:
-            # Whatever a health check said while it was busy, it answered: back in rotation.
-            self._back_in_rotation(dep, slot)
-        return ""
-
-    def _back_in_rotation(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
-        slot.set_state(ReplicaState.RUNNING, "")
-        slot.healthy = True
-        dep.note_health()
-        self._emit("healthy", slot)
-        dep.router.wake()
-
-    # -- replicas ------------------------------------------------------------------------
-
-    def _emit(self, event: str, slot: ReplicaSlot) -> None:
-        for listener in self.listeners:
-            try:
-                listener(event, slot)
-            except Exception:
-                log.exception("replica listener failed")
-
-    def _routes_changed(self) -> None:
-        if self.on_routes_changed is not None:
-            self.on_routes_changed()
-
-    def _set_health(self, dep: DeploymentState, slot: ReplicaSlot, ok: bool, why: str) -> None:
-        if slot.stopping or slot.reconfiguring:
-            return
-        if ok:
-            slot.failures = 0
-            stale = slot.user_config != dep.config.user_config
-            if stale and slot.reconfigure_failures:
-                # Its last reconfigure failed: it stays out until one succeeds (backed off).
-                if time.monotonic() >= slot.reconfigure_retry_at:
-                    self._background(self._reconfigure_slot(dep, slot))
-                return
-            rep_state = slot.replica.state if slot.replica is not None else slot.state
-            if slot.state is not ReplicaState.RUNNING or rep_state is not ReplicaState.RUNNING:
-                slot.set_state(ReplicaState.RUNNING, "")
-                slot.healthy = True
-                if not slot.running_since:
-                    slot.running_since = time.monotonic()
-                # crashes stays: only a run longer than RESTART_RESET_AFTER_S resets the
-                # back-off (_run_local), or a replica dying soon after each start never
-                # backs off.
-                dep.note_health()
-                log.info("replica %s is healthy", slot.replica_id)
-                if not dep.reflected and slot.replica is not None:
-                    dep.reflected = True
-                    self._background(self._reflect(dep, slot.replica))
-                self._emit("healthy", slot)
-                if stale:
-                    # Started before the latest deploy changed user_config: catch up.
-                    self._background(self._reconfigure_slot(dep, slot))
-                dep.router.wake()
-        else:
-            slot.failures += 1
-            if slot.state is not ReplicaState.UNHEALTHY:
-                slot.set_state(ReplicaState.UNHEALTHY, why)
-                slot.healthy = False
-                log.warning("replica %s is unhealthy: %s", slot.replica_id, why)
-                self._emit("unhealthy", slot)
-                dep.router.wake()
-
-    async def _check(self, dep: DeploymentState, slot: ReplicaSlot) -> tuple[bool, str]:
-        rep = slot.replica
-        if rep is None:
-            return False, "no address"
-        stub = health_pb2_grpc.HealthStub(rep.channel)
-        try:
-            resp = await stub.Check(
-                health_pb2.HealthCheckRequest(service=""),
-                timeout=dep.config.health_check_timeout_s,
-            )
-        except grpc.aio.AioRpcError as e:
-            if e.code() is grpc.StatusCode.UNIMPLEMENTED:
-                return True, ""  # an external server without the health service, but up
-            return False, f"health check failed: {e.code().name}: {e.details()}"
-        if resp.status != health_pb2.HealthCheckResponse.SERVING:
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-            return False, f"health check: {status}"
-        return True, ""
-
-    def _background(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._pumps.add(task)
-        task.add_done_callback(self._pumps.discard)
-
-    async def _reflect(self, dep: DeploymentState, replica: Replica) -> None:
-        """Learn the replica's methods (names and shapes) through server reflection."""
-        try:
-            files = await fetch_reflection(replica.channel)
-            if files and self.on_descriptors is not None:
-                self.on_descriptors(files)
-            if files and dep.config.is_local:
-                dep.router.methods_known = True
-        finally:
-            dep.reflect_done = True
-
-    def suspect(self, replica: Replica) -> None:
-        """The proxy could not reach `replica`: stop routing to it and check it now."""
-        for app in self.apps.values():
-            dep = app.deployments.get(replica.deployment)
-            if dep is None or app.name != replica.application:
-                continue
-            for slot in dep.slots:
-                if slot.replica is replica:
-                    self._set_health(dep, slot, False, "unreachable from the gateway")
-                    slot.wake.set()
-
-    async def _health_loop(self, dep: DeploymentState, slot: ReplicaSlot,
-                           alive: Callable[[], bool]) -> None:
-        """Check on a period until the slot stops or `alive()` turns false."""
-        while not slot.stopping and alive():
-            ok, why = await self._check(dep, slot)
-            if slot.stopping or not alive():
-                return
-            self._set_health(dep, slot, ok, why)
-            slot.wake.clear()
-            period = dep.config.health_check_period_s
-            if not ok:
-                period = min(period, 0.5)  # come back quickly once it passes again
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(slot.wake.wait(), period)
-
-    async def _run_external(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
-        assert slot.target is not None
-        slot.replica = Replica(dep.app, dep.name, slot.replica_id, slot.target,
-                               dep.max_message_bytes, is_local=False)
-        slot.starts = 1
-        self._emit("started", slot)
-        dep.publish()
-        try:
-            await self._health_loop(dep, slot, lambda: True)
-        except asyncio.CancelledError:
-            pass
-
-    async def _run_local(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
-        while not slot.stopping and not self._closing:
-            slot.state = ReplicaState.STARTING if slot.starts == 0 else ReplicaState.RECOVERING
-            slot.running_since = 0.0
-            try:
-                ok = await self._spawn(dep, slot)
-            except asyncio.CancelledError:
-                await self._kill(slot)
-                raise
-            if ok:
-                proc = slot.process
-                assert proc is not None
-                # Its exit, not the end of its pipes (a child of it may hold those open).
-                watcher = asyncio.ensure_future(replica_process.wait_exit(proc, None))
-                health = asyncio.ensure_future(
-                    self._health_loop(dep, slot, _alive(proc))
-                )
-                try:
-                    await asyncio.wait({watcher, health}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    health.cancel()
-                    watcher.cancel()
-                if slot.stopping or self._closing:
-                    return
-                await self._kill(slot)
-                why = f"replica process exited with code {proc.returncode}"
-                log.warning("replica %s: %s; restarting", slot.replica_id, why)
-                self._set_health(dep, slot, False, why)
-                slot.message = why
-            if slot.replica is not None:
-                old = slot.replica
-                slot.replica = None
-                dep.publish()
-                await old.close()
-            ran = time.monotonic() - slot.running_since if slot.running_since else 0.0
-            if ran > replica_process.RESTART_RESET_AFTER_S:
-                # It served a good while (its model's load time does not count): promptly.
-                slot.crashes = 0
-            slot.crashes += 1
-            delay = restart_delay(slot.crashes)
-            if slot.crashes > 1:
-                # Say so in the status: a crash loop, and when the next attempt comes.
-                slot.message = (f"{slot.message}; crash loop: {slot.crashes} failures in a "
-                                f"row, next restart in {delay:g}s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopped(slot), delay)
-
-    async def _stopped(self, slot: ReplicaSlot) -> None:
-        while not slot.stopping and not self._closing:
-            await asyncio.sleep(0.05)
-
-    async def _spawn(self, dep: DeploymentState, slot: ReplicaSlot) -> bool:
-        """Start the replica process; True once it listens, False (with a message) if not."""
-        cfg = dep.config
-        import_path = slot.import_path or cfg.import_path
-        assert import_path is not None
-        r, w = os.pipe()
-        env = dict(os.environ)
-        secret = new_secret()  # per process: the replica's control service wants it
-        env.update(
-            GATEWAY_APPLICATION=dep.app,
-            GATEWAY_DEPLOYMENT=dep.name,
-            GATEWAY_REPLICA_ID=slot.replica_id,
-            PYTHONUNBUFFERED="1",
-        )
-        env.pop(ENV_CONTROL_SECRET, None)  # handed over on stdin: /proc/<pid>/environ shows env
-        if self.replica_env is not None:
-            env.update(self.replica_env(dep, slot))
-        cwd = os.getcwd()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [cwd, env.get("PYTHONPATH")]))
-        args = [
-            sys.executable, "-m", "gateway.runtime.replica",
-            "--import-path", import_path,
-            "--report-fd", str(w),
-            "--max-message-bytes", str(dep.max_message_bytes),
-            "--grace", str(cfg.graceful_shutdown_timeout_s),
-            "--parent-pid", str(os.getpid()),
-            "--stdin-control",
-        ]
-        if cfg.user_config is not None:
-            args += ["--user-config", json.dumps(cfg.user_config)]
-        slot.user_config = cfg.user_config
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                # Its own process group: the model's children can be ended with it
-                # (replica_process.kill_group); the gateway's group signals no longer reach it.
-                start_new_session=True,
-            )
-        finally:
-            os.close(w)
-        # The secret, one line; the pipe then stays open as the replica's lifeline: closing
-        # it (or this process dying) is what stops the replica (replica_process.terminate).
-        assert proc.stdin is not None
-        proc.stdin.write(secret.encode() + b"\n")
-        slot.process = proc
-        slot.starts += 1
-        slot.healthy = False
-        assert proc.stdout is not None
-        self._pumps.add(asyncio.ensure_future(self._pump_output(slot, proc.stdout)))
-        reader = asyncio.get_running_loop().run_in_executor(None, _read_all, r)
-        try:
-            report = await asyncio.wait_for(asyncio.shield(reader), STARTUP_TIMEOUT_S)
-        except TimeoutError:
-            await self._kill(slot)  # its end of the pipe closes, so the reader returns
-            await asyncio.wait({reader}, timeout=replica_process.KILL_WAIT_S)
-            report = {"error": f"replica did not start within {STARTUP_TIMEOUT_S:.0f}s"}
-        finally:
-            if reader.done():
-                os.close(r)
-            else:
-                reader.add_done_callback(lambda _: os.close(r))
-        if "port" not in report and (slot.stopping or self._closing):
-            await self._kill(slot)
-            log.info("replica %s: stopped while starting", slot.replica_id)
-            return False
-        if "port" not in report:
-            await self._kill(slot)
-            slot.set_state(ReplicaState.UNHEALTHY,
-                           f"replica failed to start: {report.get('error', 'no report')}")
-            log.error("replica %s: %s", slot.replica_id, slot.message)
-            self._emit("unhealthy", slot)
-            return False
-        slot.replica = Replica(dep.app, dep.name, slot.replica_id, f"127.0.0.1:{report['port']}",
-                               dep.max_message_bytes, is_local=True,
-                               mux=self.config.proxy.local_transport == "mux",
-                               control_secret=secret)
-        slot.replica.pid = proc.pid
-        self._emit("started", slot)
-        dep.publish()
-        return True
-
-    async def _pump_output(self, slot: ReplicaSlot, stream: asyncio.StreamReader) -> None:
-        # The replica writes its own log file (gateway/logs.py); what reaches this pipe is
-        # its console stream or output that bypassed its logging. Drained until it closes.
-        def emit(line: bytes) -> None:
-            if self.replica_output is not None:
-                self.replica_output(slot, line)
-
-        try:
-            await replica_process.pump_output(stream, emit)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._pumps.discard(asyncio.current_task())  # type: ignore[arg-type]
-
-    async def _kill(self, slot: ReplicaSlot, grace: float = 5.0) -> None:
-        await replica_process.terminate(slot.process, grace)
-
-    async def _stop_slot(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
-        slot.stopping = True
-        slot.set_state(ReplicaState.STOPPING)
-        slot.wake.set()
-        rep = slot.replica
-        if rep is not None:
-            # Let calls already on this replica finish before it goes.
-            deadline = time.monotonic() + dep.config.graceful_shutdown_timeout_s
-            while rep.in_flight > 0 and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            # Close our streams first: an open mux stream would hold the replica's own
-            # graceful stop for its whole grace period.
-            await rep.close()
-        await self._kill(slot, dep.config.graceful_shutdown_timeout_s)
-        if slot.task is not None:
-            slot.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await slot.task
-        if rep is not None:
-            await rep.close()
-        self._emit("stopped", slot)
-
     async def close(self) -> None:
         """Stop every replica (local processes get SIGTERM, then SIGKILL after their grace)."""
         self._closing = True
@@ -642,18 +244,6 @@ class Controller:
         return False
 
 
-def _supervised(coro: Any) -> asyncio.Task[None]:
-    """A replica task whose unexpected death is logged, not silently dropped."""
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-
-    def report(t: asyncio.Task[None]) -> None:
-        if not t.cancelled() and t.exception() is not None:
-            log.error("replica task failed", exc_info=t.exception())
-
-    task.add_done_callback(report)
-    return task
-
-
 def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
     """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
     if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
@@ -661,8 +251,3 @@ def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
     if dcfg.targets is not None:
         return sorted(s.target or "" for s in dep.slots) != sorted(dcfg.targets)
     return any(s.import_path != dcfg.import_path for s in dep.slots)
-
-
-def _alive(proc: asyncio.subprocess.Process) -> Callable[[], bool]:
-    return lambda: proc.returncode is None
-
