@@ -1,0 +1,68 @@
+"""One call through the gateway, as its observers see it, and the rules for its headers.
+
+Each finished call becomes one `CallRecord` handed to the observers (metrics, prediction
+records, access log; gateway/hooks.py), which must be cheap and must not raise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+REQUEST_ID_KEYS = ("x-request-id", "request_id")
+"""Metadata keys that carry a request id: `x-request-id` wins over Ray's `request_id`."""
+MAX_REQUEST_ID_LEN = 512
+
+# Headers that describe this hop, not the call: grpc sets its own on the upstream call.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade",
+        "host", ":authority", "user-agent", "content-type", "grpc-timeout", "grpc-encoding",
+        "grpc-accept-encoding", "grpc-previous-rpc-attempts",
+    }
+)
+
+
+def valid_request_id(rid: str) -> bool:
+    """1-512 printable ASCII characters, no spaces: safe in logs, labels and trailers."""
+    return (
+        len(rid) <= MAX_REQUEST_ID_LEN and rid.isascii() and rid.isprintable() and " " not in rid
+    )
+
+
+def trailers(trailing: Any, rid: str) -> tuple[tuple[str, Any], ...]:
+    """The replica's trailers with the call's request id under both keys (and no other)."""
+    out = [(k, v) for k, v in (trailing or ()) if k not in REQUEST_ID_KEYS]
+    out.append(("x-request-id", rid))
+    out.append(("request_id", rid))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """What one call through the gateway did; handed to every observer once it ends."""
+
+    application: str
+    """The routed application, or "" when the call was not routed (unknown or missing)."""
+    deployment: str
+    replica: str
+    method: str
+    method_label: str
+    code: grpc.StatusCode
+    details: str
+    latency_s: float
+    start_time: float
+    request_id: str
+    request_bytes: int
+    response_bytes: int
+    gateway_error: bool
+    """True when the gateway made the status (routing, queueing, reachability)."""
+    request: bytes | None = None
+    """Captured request bytes (unary requests of sampled calls only)."""
+    response: bytes | None = None
+
+
+Observer = Callable[[CallRecord], None]
