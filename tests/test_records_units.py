@@ -90,7 +90,7 @@ def test_keys_come_from_the_environment_and_are_redacted() -> None:
     cfg = parse_config({"records": {"arize": {"api_key": "from-file"}}},
                        env={"ARIZE_API_KEY": KEY})
     assert cfg.records.arize.api_key.get_secret_value() == "from-file"  # type: ignore[union-attr]
-    assert RecordPipeline(parse_config({}, env={}), Path(".")).arize_keys_set is False
+    assert RecordPipeline(parse_config({}, env={}), Path(".")).exporters.arize_keys_set is False
 
 
 def test_an_arize_client_that_cannot_start_falls_back_to_jsonl(
@@ -115,8 +115,8 @@ def test_an_arize_client_that_cannot_start_falls_back_to_jsonl(
 def test_default_exporter_is_arize_with_both_keys_else_jsonl() -> None:
     both = parse_config({}, env={"ARIZE_API_KEY": KEY, "ARIZE_SPACE_ID": SPACE})
     one = parse_config({}, env={"ARIZE_API_KEY": KEY})
-    assert RecordPipeline(both, Path("."))._resolve_name("default") == "arize"
-    assert RecordPipeline(one, Path("."))._resolve_name("default") == "jsonl"
+    assert RecordPipeline(both, Path(".")).exporters.resolve_name("default") == "arize"
+    assert RecordPipeline(one, Path(".")).exporters.resolve_name("default") == "jsonl"
 
 
 # -- Open Inference tensors --------------------------------------------------------------------

@@ -4,8 +4,8 @@ On the call path only two things happen: `Plan.capture` decides whether a call i
 (a set lookup and a random number), and `observe` keeps a reference to the finished call's
 request and response bytes in a bounded intake queue (an append, or a counted drop); a
 streaming call keeps its messages in a bounded `StreamCapture`. One worker thread decodes
-(`record_decode`) and hands the records to each exporter once (`record_workers`: its own
-bounded queue and thread). Counters are plain numbers on the pipeline (`stats`,
+(gateway/records/decode.py) and hands the records to each exporter once (exporter_set.py,
+workers.py: its own bounded queue and thread). Counters are plain numbers on the pipeline (`stats`,
 `calls_dropped`) and, with metrics on, OpenTelemetry observable instruments read them at
 collection time; every documented drop reason is there, as 0, from the start.
 """
@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from exporters.records import registry
-from exporters.records.base import ExporterContext, RecordExporter
 from gateway.config import GatewayConfig
 from gateway.dataplane.proxy import AppRoute, CallRecord
 from gateway.records.actuals import ActualsFileError, actual_records, read_actuals_csv
@@ -39,6 +37,8 @@ from gateway.records.decode import (
     Decoder,
     Plan,
 )
+from gateway.records.exporter_set import ExporterSet
+from gateway.records.instruments import register_metrics
 from gateway.records.tensors import DecodeProblem, tensor_values
 from gateway.records.workers import EXPORTER_DROP_REASONS, ExporterStats, ExporterWorker
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CALL_DROP_REASONS", "EXPORTER_DROP_REASONS", "MAX_COLUMNS", "MAX_PREDICTION_ID",
     "MAX_ROWS_PER_CALL", "OIP_INFER", "ActualsFileError", "CallInfo", "DecodeProblem",
-    "ExporterStats", "ExporterWorker", "RecordPipeline", "attach", "read_actuals_csv",
+    "ExporterStats", "ExporterWorker", "RecordPipeline", "read_actuals_csv",
     "tensor_values",
 ]
 
@@ -75,9 +75,10 @@ class RecordPipeline:
         self.config = config
         self.logs_dir = logs_dir
         rc = config.records
-        self.workers: dict[str, ExporterWorker] = {}
-        self.stats: dict[str, ExporterStats] = {}
-        """Per exporter name: exported, failed, retries, dropped by reason, queue depth."""
+        self.exporters = ExporterSet(config, logs_dir)
+        self.workers = self.exporters.workers
+        self.stats = self.exporters.stats
+        """Per exporter name: exported, failed, retries, dropped by reason."""
         self.calls_sampled = 0
         self.calls_dropped: dict[str, int] = collections.defaultdict(
             int, dict.fromkeys(CALL_DROP_REASONS, 0))
@@ -129,6 +130,7 @@ class RecordPipeline:
         named for the first time is built by the worker on its first record; changed exporter
         settings need a restart)."""
         self.config = config
+        self.exporters.config = config
         self._plans = self._build_plans(config)
         self.bind_routes(self._routes)
 
@@ -153,105 +155,6 @@ class RecordPipeline:
             if fd.pool not in self.decoder.pools:
                 self.decoder.pools.append(fd.pool)
 
-    # -- exporters -----------------------------------------------------------------------------
-
-    def _arize_settings(self) -> dict[str, Any]:
-        a = self.config.records.arize
-        return {
-            "api_key": a.api_key.get_secret_value() if a.api_key else None,
-            "space_id": a.space_id.get_secret_value() if a.space_id else None,
-            "api_scheme": a.api_scheme, "api_host": a.api_host, "api_port": a.api_port,
-            "timeout_s": a.timeout_s, "max_retries": a.max_retries,
-            "backoff_initial_s": a.backoff_initial_s, "backoff_max_s": a.backoff_max_s,
-            "max_workers": a.max_workers,
-        }
-
-    def _jsonl_settings(self) -> dict[str, Any]:
-        path = self.config.records.jsonl_path
-        return {"path": path or str(self.logs_dir / "records.jsonl")}
-
-    @property
-    def arize_keys_set(self) -> bool:
-        a = self.config.records.arize
-        return bool(a.api_key and a.api_key.get_secret_value()
-                    and a.space_id and a.space_id.get_secret_value())
-
-    def _resolve_name(self, name: str) -> str:
-        if name == "default":
-            return "arize" if self.arize_keys_set else "jsonl"
-        return name
-
-    def _build(self, name: str) -> tuple[RecordExporter | None, int]:
-        rc = self.config.records
-        entry = next((e for e in rc.exporters if e.name == name), None)
-        type_name = entry.type if entry is not None else name
-        options = entry.options if entry is not None else {}
-        queue_size = entry.queue_size if entry is not None else rc.queue_size
-        settings: dict[str, Any] = {}
-        if type_name == "arize":
-            settings = self._arize_settings()
-        elif type_name == "jsonl":
-            settings = self._jsonl_settings()
-        try:
-            cls = registry.resolve(type_name)
-            exporter = cls(options, ExporterContext(logs_dir=self.logs_dir, settings=settings))
-        except Exception as e:
-            log.error("record exporter %r (%s) is unavailable: %s: %s", name, type_name,
-                      type(e).__name__, e)
-            return None, queue_size
-        return exporter, queue_size
-
-    def _worker(self, name: str) -> ExporterWorker:
-        """The worker for exporter `name` ("default" resolved), built and started on first use
-        (blocking: may import an exporter's SDK; never call it on the event loop)."""
-        name = self._resolve_name(name)
-        w = self.workers.get(name)
-        if w is not None:
-            return w
-        with self._lock:
-            w = self.workers.get(name)
-            if w is not None:
-                return w
-            exporter, queue_size = self._build(name)
-            if exporter is None and name == "arize" and "arize" not in {
-                e.name for e in self.config.records.exporters
-            } and self.arize_keys_set:
-                log.warning("records go to the JSONL file instead")
-                return self._jsonl_fallback()
-            rc = self.config.records
-            w = ExporterWorker(name, exporter, queue_size, rc.batch_size, rc.flush_interval_s)
-            self.stats[name] = w.stats
-            self.workers[name] = w
-            w.start()
-            if exporter is not None:
-                where = getattr(exporter, "endpoint", None) or getattr(exporter, "path", "")
-                log.info("prediction records: exporter %r ready%s", name,
-                         f" ({where})" if where else "")
-            return w
-
-    def _jsonl_fallback(self) -> ExporterWorker:
-        existing = self.workers.get("jsonl")
-        if existing is not None:
-            self.workers["arize"] = existing
-            return existing
-        exporter, queue_size = self._build("jsonl")
-        rc = self.config.records
-        w = ExporterWorker("jsonl", exporter, queue_size, rc.batch_size, rc.flush_interval_s)
-        self.stats["jsonl"] = w.stats
-        self.workers["arize"] = self.workers["jsonl"] = w
-        w.start()
-        return w
-
-    def _targets(self, plan: Plan) -> list[ExporterWorker]:
-        """The plan's exporters, each once: two names may resolve to one exporter (`default`
-        and `jsonl` without keys, or `arize` after its fallback to the JSONL file)."""
-        out: list[ExporterWorker] = []
-        for name in plan.exporters:
-            w = self._worker(name)
-            if all(w is not o for o in out):
-                out.append(w)
-        return out
-
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -262,7 +165,7 @@ class RecordPipeline:
                 return
             self._started = True
         for plan in self._plans.values():
-            self._targets(plan)
+            self.exporters.targets(plan)
         self._thread = threading.Thread(target=self._run, name="records-decode", daemon=True)
         self._thread.start()
 
@@ -376,7 +279,7 @@ class RecordPipeline:
             if not records:
                 continue
             self.records_built += len(records)
-            for w in self._targets(plan):
+            for w in self.exporters.targets(plan):
                 w.offer(records)
 
     def _decode_one(self, plan: Plan, rec: CallRecord,
@@ -434,13 +337,16 @@ class RecordPipeline:
         if records:
             if not self._started:
                 self.start()
-            for w in self._targets(plan):
+            for w in self.exporters.targets(plan):
                 accepted = min(accepted, w.offer(records))
             if accepted < len(records):
                 why["exporter queue full"] += len(records) - accepted
         rejected = len(actuals) - accepted
-        names = ", ".join(dict.fromkeys(w.name for w in self._targets(plan))) if records else \
-            ", ".join(dict.fromkeys(self._resolve_name(n) for n in plan.exporters))
+        if records:
+            names = ", ".join(dict.fromkeys(w.name for w in self.exporters.targets(plan)))
+        else:
+            names = ", ".join(dict.fromkeys(self.exporters.resolve_name(n)
+                                            for n in plan.exporters))
         msg = f"{accepted} actual(s) queued for model {model!r} ({names})"
         if why:
             msg += "; rejected: " + "; ".join(f"{n} {w}" for w, n in why.most_common())
@@ -464,57 +370,5 @@ class RecordPipeline:
 
     def register_metrics(self, provider: MeterProvider) -> None:
         """Exporter health as OpenTelemetry observable instruments (read at collection)."""
-        from opentelemetry.metrics import Observation
-
-        meter = provider.get_meter("grpc_gateway.records", "0.1.0")
-
-        def per_exporter(value: Callable[[ExporterStats, ExporterWorker], int]) -> Callable[
-            [Any], list[Observation]
-        ]:
-            def cb(_options: Any) -> list[Observation]:
-                return [Observation(value(self.stats[n], w), {"exporter": n})
-                        for n, w in list(self.workers.items()) if n in self.stats]
-            return cb
-
-        def dropped(_options: Any) -> list[Observation]:
-            out = [Observation(v, {"exporter": n, "reason": r})
-                   for n, s in list(self.stats.items()) for r, v in list(s.dropped.items())]
-            out += [Observation(v, {"exporter": "", "reason": r})
-                    for r, v in list(self.calls_dropped.items())]
-            return out
-
-        meter.create_observable_counter(
-            "grpc_gateway_records_exported", [per_exporter(lambda s, w: s.exported)],
-            description="Prediction records (and actuals) an exporter delivered.")
-        meter.create_observable_counter(
-            "grpc_gateway_records_failed", [per_exporter(lambda s, w: s.failed)],
-            description="Records an exporter could not deliver (refused, or retries ran out).")
-        meter.create_observable_counter(
-            "grpc_gateway_records_retries", [per_exporter(lambda s, w: s.retries)],
-            description="Extra delivery attempts of records (connection errors, 429, 5xx).")
-        meter.create_observable_counter(
-            "grpc_gateway_records_dropped", [dropped],
-            description="Records (exporter set) or sampled calls (exporter empty) dropped, by "
-                        "reason.")
-        meter.create_observable_gauge(
-            "grpc_gateway_records_queue_depth", [per_exporter(lambda s, w: w.depth)],
-            description="Records waiting in an exporter's queue.")
-
-        def intake(_options: Any) -> list[Observation]:
-            return [Observation(len(self._intake), {})]
-
-        meter.create_observable_gauge(
-            "grpc_gateway_records_intake_depth", [intake],
-            description="Sampled calls waiting to be decoded into records.")
-
-
-def attach(gateway: Any) -> RecordPipeline:
-    """Build the pipeline of `gateway` and hook it to the proxy (and to the metrics)."""
-    cfg: GatewayConfig = gateway.config
-    logs_dir = gateway.logs_dir or Path(cfg.logging_config.logs_dir or "logs")
-    pipeline = RecordPipeline(cfg, Path(logs_dir), gateway.methods)
-    gateway.proxy.observers.append(pipeline.observe)
-    telemetry = getattr(gateway, "telemetry", None)
-    if telemetry is not None:
-        pipeline.register_metrics(telemetry.provider)
-    return pipeline
+        register_metrics(provider, self.stats, self.workers, self.calls_dropped,
+                         lambda: len(self._intake))
