@@ -34,7 +34,8 @@ from gateway.dataplane.mux_frames import (
     to_lists,
 )
 from gateway.pb import replica_control_pb2 as pb
-from gateway.runtime.mux_server import MuxContext, MuxServer, capture_unary_handlers
+from gateway.runtime.mux_context import MuxContext
+from gateway.runtime.mux_server import MuxServer, capture_unary_handlers
 
 __all__ = [
     "CALL",
