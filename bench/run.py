@@ -220,7 +220,7 @@ def wait_gateway(gw: GatewayProc) -> None:
     m = gw.child.wait_for(r"serving gRPC on (\S+)")
     gw.address = m.group(1)
     gw.admin_address = gw.child.wait_for(r"admin service on (\S+)").group(1)
-    from gateway.admin.status import status
+    from gateway.admin.client import status
 
     st = status(gw.admin_address, timeout=10)
     for app in KINDS:

@@ -24,7 +24,7 @@ from gateway.dataplane.replicas import channel_options
 from gateway.logs.gateway_process import GatewayLogging
 from gateway.metrics.telemetry import Telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
-from gateway.records import pipeline as records
+from gateway.records.pipeline import RecordPipeline
 
 log = logging.getLogger("gateway.server")
 
@@ -83,23 +83,29 @@ class Gateway:
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
         self.controller.on_descriptors = self._learn_methods
-        # Observers, attached before the controller starts anything, so every replica event
-        # is seen; the order of every attach point is listed in gateway/hooks.py.
         self.telemetry = Telemetry(config.metrics, self) if config.metrics.enabled else None
         """None when metrics are disabled: then nothing at all is recorded."""
+        self.records = RecordPipeline(
+            config, logs_dir or Path(config.logging_config.logs_dir or "logs"), self.methods)
+        """Prediction records: sampled calls decoded off the call path, sent to exporters."""
+        self.logging = GatewayLogging(config, logs_dir, console=console_logs)
+        """Log files, access log and replica logs (gateway/logs/)."""
+        # Every observer is attached here, before the controller starts anything (so every
+        # replica event is seen), in the order gateway/hooks.py lists: metrics, records, then
+        # the access log, which GatewayLogging.apply adds or removes as the config asks.
         if self.telemetry is not None:
             self.proxy.observers.append(self.telemetry.observe)
             self.controller.listeners.append(self.telemetry.on_replica_event)
-        self.records = records.attach(self)
-        """Prediction records: sampled calls decoded off the call path, sent to exporters."""
+            self.records.register_metrics(self.telemetry.provider)
+        self.proxy.observers.append(self.records.observe)
+        self.controller.replica_env = self.logging.replica_env
+        self.controller.replica_output = self.logging.replica_output
         self.metrics_port: int | None = None
         """Bound port of the Prometheus endpoint (None when it is off)."""
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
-        self.logging = GatewayLogging(config, logs_dir, console=console_logs)
-        """Log files, access log and replica logs (gateway/logs.py)."""
         self.admin = AdminServer(self, config)
         self.admin_port = 0
         """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""

@@ -1,4 +1,4 @@
-"""The admin gRPC service (`gateway.admin.v1.GatewayAdmin`) and its client.
+"""The admin gRPC service (`gateway.admin.v1.GatewayAdmin`); its client is gateway/admin/client.py.
 
 Behind `gateway status / config / deploy / shutdown`. It listens on loopback by default; since
 `Deploy` and `Shutdown` change what runs, it can require `authorization: Bearer <token>`.
@@ -9,23 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import yaml
 
-from gateway.admin.status import GatewayStatus, build_status, from_proto, to_proto
+from gateway.admin.client import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+from gateway.admin.status import build_status, to_proto
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
 from gateway.dataplane.listen_address import grpc_address
+from gateway.hooks import RunningGateway
 from gateway.pb import admin_pb2, admin_pb2_grpc
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+__all__ = [  # the client lived here before; importers keep these names
+    "AdminAuthError", "AdminClient", "AdminError", "AdminServer", "AdminService",
+    "AdminUnreachable",
+]
 
 log = logging.getLogger("gateway.admin")
 
@@ -65,7 +67,7 @@ class _TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 class AdminService(admin_pb2_grpc.GatewayAdminServicer):
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: RunningGateway) -> None:
         self._gw = gw
         self._deploy_lock = asyncio.Lock()
         self._shutdown: asyncio.Task[None] | None = None
@@ -152,21 +154,9 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
     async def LogActuals(
         self, request: admin_pb2.LogActualsRequest, context: Any
     ) -> admin_pb2.LogActualsResponse:
-        # Hook: the record pipeline (gateway/records.py) exposes
-        # `gw.records.log_actuals(application, actuals) -> (accepted, rejected, message)`.
-        records = getattr(self._gw, "records", None)
-        handler = getattr(records, "log_actuals", None)
-        if handler is None:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                "actuals need the prediction record pipeline, which this gateway does not run",
-            )
-            raise AssertionError("abort raises")
         # Off the loop: the first actuals may build an exporter (and import its SDK).
-        result = await asyncio.to_thread(handler, request.application, list(request.actuals))
-        if inspect.isawaitable(result):
-            result = await result
-        accepted, rejected, message = result
+        accepted, rejected, message = await asyncio.to_thread(
+            self._gw.records.log_actuals, request.application, list(request.actuals))
         return admin_pb2.LogActualsResponse(accepted=accepted, rejected=rejected,
                                             message=message)
 
@@ -174,7 +164,7 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
 class AdminServer:
     """The admin service on its own grpc.aio server (loopback by default)."""
 
-    def __init__(self, gw: Gateway, config: GatewayConfig) -> None:
+    def __init__(self, gw: RunningGateway, config: GatewayConfig) -> None:
         self._gw = gw
         self._cfg = config.admin
         self.server: grpc.aio.Server | None = None
@@ -201,83 +191,3 @@ class AdminServer:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
-
-
-# -- client ------------------------------------------------------------------------------
-
-
-class AdminError(Exception):
-    """An admin call failed; the message says why, in words for the operator."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class AdminUnreachable(AdminError):
-    """Nothing answers at the address (not running, wrong port, or it just stopped)."""
-
-
-class AdminAuthError(AdminError):
-    """The admin service refused the token (missing or wrong)."""
-
-
-class AdminClient:
-    """A blocking client: `with AdminClient(address, token) as c: c.status()`."""
-
-    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(address)
-        self._stub = admin_pb2_grpc.GatewayAdminStub(self._channel)
-
-    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        fn = getattr(self._stub, method)
-        try:
-            return fn(request, metadata=self._metadata, timeout=timeout or self.timeout,
-                      wait_for_ready=False)
-        except grpc.RpcError as e:
-            code: grpc.StatusCode = e.code()  # type: ignore[attr-defined]
-            details: str = e.details() or ""  # type: ignore[attr-defined]
-            if code is grpc.StatusCode.UNAVAILABLE:
-                raise AdminUnreachable(
-                    f"cannot reach the gateway admin service at {self.address}: {details}",
-                    code) from None
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise AdminUnreachable(
-                    f"the gateway admin service at {self.address} did not answer within "
-                    f"{timeout or self.timeout:g}s", code) from None
-            if code is grpc.StatusCode.UNAUTHENTICATED:
-                raise AdminAuthError(
-                    f"the gateway at {self.address} refused the admin token: {details}",
-                    code) from None
-            if code is grpc.StatusCode.INVALID_ARGUMENT:
-                raise AdminError(details, code) from None
-            raise AdminError(f"{code.name}: {details}", code) from None
-
-    def status(self) -> GatewayStatus:
-        return from_proto(self._call("GetStatus", admin_pb2.GetStatusRequest()))
-
-    def config_yaml(self) -> str:
-        resp = self._call("GetConfig", admin_pb2.GetConfigRequest())
-        return str(resp.config_yaml)
-
-    def deploy(self, config_yaml: str, source: str = "", timeout: float = 300.0) -> str:
-        req = admin_pb2.DeployRequest(config_yaml=config_yaml, source=source)
-        return str(self._call("Deploy", req, timeout).message)
-
-    def shutdown(self) -> str:
-        return str(self._call("Shutdown", admin_pb2.ShutdownRequest()).message)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -17,7 +17,7 @@ import yaml
 from gateway.pb import admin_pb2
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.hooks import RunningGateway
 
 DEFAULT_ADMIN_ADDRESS = "127.0.0.1:9001"
 
@@ -102,12 +102,12 @@ class GatewayStatus:
 # -- building it in the gateway ----------------------------------------------------------
 
 
-def node_id(gw: Gateway) -> str:
+def node_id(gw: RunningGateway) -> str:
     """Identifies this gateway among several behind one load balancer."""
     return f"{socket.gethostname()}:{gw.port}"
 
 
-def build_status(gw: Gateway) -> GatewayStatus:
+def build_status(gw: RunningGateway) -> GatewayStatus:
     out = GatewayStatus(proxies={node_id(gw): ProxyStatus(gw.state, gw.address)})
     for name, app in gw.controller.apps.items():
         deps: dict[str, DeploymentStatusOverview] = {}
@@ -182,17 +182,3 @@ def from_proto(msg: admin_pb2.GetStatusResponse) -> GatewayStatus:
             },
         )
     return out
-
-
-def status(
-    address: str = DEFAULT_ADMIN_ADDRESS, token: str | None = None, timeout: float = 10.0
-) -> GatewayStatus:
-    """The status of the gateway whose admin service listens on `address`.
-
-    Raises `gateway.admin.service.AdminError` (`AdminUnreachable`, `AdminAuthError`) with a message
-    that says what went wrong.
-    """
-    from gateway.admin.service import AdminClient
-
-    with AdminClient(address, token, timeout) as client:
-        return client.status()

@@ -28,18 +28,19 @@ from gateway.logs.settings import (
 )
 
 if TYPE_CHECKING:
-    # Types only: a replica process imports this module and should not pay for pydantic.
-    from gateway.app import Gateway
     from gateway.config import GatewayConfig
-    from gateway.control.controller import DeploymentState, ReplicaSlot
-    from gateway.dataplane.proxy import CallRecord
+    from gateway.control.state import DeploymentState, ReplicaSlot
+    from gateway.dataplane.call import CallRecord
+    from gateway.hooks import RunningGateway
 
 
 class GatewayLogging:
     """The gateway's log handlers, access log and replica-log plumbing.
 
-    `start(gw)` attaches handlers to the `gateway` logger and hooks into the proxy and the
-    controller; `stop()` flushes and detaches them, so tests can run gateways one after another.
+    `start(gw)` attaches handlers to the `gateway` logger and the access log to the proxy's
+    observers (when the config wants it); gateway/app.py hands the controller `replica_env` and
+    `replica_output`. `stop()` flushes and detaches them, so tests can run gateways one after
+    another.
     """
 
     def __init__(
@@ -57,7 +58,7 @@ class GatewayLogging:
         self.access: AccessLog | None = None
         self._handlers: list[logging.Handler] = []
         self._saved: dict[str, tuple[int, bool]] = {}
-        self._gw: Gateway | None = None
+        self._gw: RunningGateway | None = None
         self._access_config = config
         self._access_levels: dict[tuple[str, str], int] = {}
 
@@ -65,7 +66,7 @@ class GatewayLogging:
     def log_file(self) -> Path:
         return self.logs_dir / GATEWAY_LOG_FILE
 
-    def start(self, gw: Gateway) -> None:
+    def start(self, gw: RunningGateway) -> None:
         self._gw = gw
         flt = ContextFilter("gateway")
         fh = file_handler(self.log_file, self.settings)
@@ -85,8 +86,6 @@ class GatewayLogging:
             if self.console:
                 tree.propagate = False  # our console handler replaces the root logger's
         self.apply(gw.config)
-        gw.controller.replica_env = self.replica_env
-        gw.controller.replica_output = self.replica_output
 
     def stop(self) -> None:
         if self.access is not None:
