@@ -19,7 +19,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc, text_model_pb2, text_model_pb2_grpc
-from tests.ops_support import REPO, GatewayProcess
+from tests.ops_support import REPO, GatewayProcess, write_config
 
 CONFIG = """
 proxy: {host: 127.0.0.1, port: 0, graceful_shutdown_timeout_s: 15}
@@ -40,9 +40,7 @@ LONG_CALL_S = 5.0
 
 
 def start(tmp_path: Path) -> GatewayProcess:
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs")))
-    return GatewayProcess(cfg)
+    return GatewayProcess(write_config(tmp_path, CONFIG))
 
 
 def ongoing(gp: GatewayProcess) -> int:
@@ -269,11 +267,8 @@ def test_retrying_clients_never_see_cancelled_when_a_long_call_uses_up_the_grace
     """One call outlasts the whole grace (1 s), so the drain ends with no time left; refused
     calls are still held until their clients are quiet before the listener shuts (at most
     QUIET_MAX_S past the grace), so none of them is CANCELLED by grpc core."""
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs"))
-                   .replace("port: 0, graceful_shutdown_timeout_s: 15",
-                            "port: 0, graceful_shutdown_timeout_s: 1"))
-    gp = GatewayProcess(cfg)
+    gp = GatewayProcess(write_config(tmp_path, CONFIG.replace(
+        "port: 0, graceful_shutdown_timeout_s: 15", "port: 0, graceful_shutdown_timeout_s: 1")))
     long_call = Load(gp.address, clients=1, sleep_s=LONG_CALL_S)  # its end is not at issue
     load = Load(gp.address, clients=6, retry_after_s=0.0, sleep_s=0.01)
     try:

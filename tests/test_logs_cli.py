@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from gateway.pb import text_model_pb2, text_model_pb2_grpc
-from tests.ops_support import GatewayProcess
+from tests.ops_support import GatewayProcess, write_config
 
 CONFIG = """
 proxy: {host: 127.0.0.1, port: 0, graceful_shutdown_timeout_s: 5}
@@ -27,12 +27,6 @@ applications:
 """
 
 
-def write_config(tmp_path: Path) -> Path:
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(CONFIG.replace("LOGS", str(tmp_path / "logs")))
-    return cfg
-
-
 def call(addr: str, rid: str) -> text_model_pb2.PredictResponse:
     with grpc.insecure_channel(addr) as ch:
         resp: text_model_pb2.PredictResponse = text_model_pb2_grpc.TextModelStub(ch).Predict(
@@ -43,7 +37,7 @@ def call(addr: str, rid: str) -> text_model_pb2.PredictResponse:
 
 
 def test_replica_output_is_prefixed_on_the_console(tmp_path: Path) -> None:
-    gp = GatewayProcess(write_config(tmp_path))
+    gp = GatewayProcess(write_config(tmp_path, CONFIG))
     try:
         resp = call(gp.address, "console-req-1")
         gp.wait_for(r"(\(ServeReplica:text#Chatty pid=\d+\) .*printed by the model: hello)", 10)
@@ -76,7 +70,7 @@ def test_replica_output_is_prefixed_on_the_console(tmp_path: Path) -> None:
 def test_memory_profiling_writes_memray_files(tmp_path: Path) -> None:
     import memray  # the optional extra "memray"; `make venv` installs it
     env = dict(os.environ, GATEWAY_ENABLE_MEMORY_PROFILING="1")
-    gp = GatewayProcess(write_config(tmp_path), env=env)
+    gp = GatewayProcess(write_config(tmp_path, CONFIG), env=env)
     try:
         call(gp.address, "memray-req-1")
         gp.proc.send_signal(signal.SIGTERM)

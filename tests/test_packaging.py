@@ -12,20 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.ops_support import GatewayProcess
+from tests.ops_support import GatewayProcess, run_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-CONFIG = """
-proxy: {host: 127.0.0.1, port: 0}
-admin: {port: 0}
-metrics: {prometheus: {port: 0}}
-logging_config: {logs_dir: LOGS}
-applications:
-  - name: text
-    deployments:
-      - {name: TextModel, import_path: "examples.models:TextModel", num_replicas: 1}
-"""
 
 
 def run(argv: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -70,8 +59,7 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path: Path) -> None:
     assert where.startswith(str(env_dir)), where
     assert no_tools == "True", "grpcio-tools must be a build requirement only"
 
-    cfg = outside / "serve.yaml"
-    cfg.write_text(CONFIG.replace("LOGS", str(outside / "logs")))
+    cfg = write_config(outside, run_config())
     check = run([str(bin_dir / "gateway"), "check", str(cfg)], outside, 60)
     assert "OK" in check.stdout
 
