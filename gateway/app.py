@@ -21,6 +21,7 @@ from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
+from gateway.hooks import ProxyState
 from gateway.logs.gateway_process import GatewayLogging
 from gateway.metrics.telemetry import Telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
@@ -32,14 +33,6 @@ QUIET_S = 0.1
 """At the end of a drain, refused calls are held until none has come for this long..."""
 QUIET_MAX_S = 1.0
 """...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
-
-
-class ProxyState:
-    STARTING = "STARTING"
-    HEALTHY = "HEALTHY"
-    UNHEALTHY = "UNHEALTHY"
-    DRAINING = "DRAINING"
-    DRAINED = "DRAINED"
 
 
 class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
@@ -58,7 +51,7 @@ class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
     async def Healthz(
         self, request: ray_serve_pb2.HealthzRequest, context: Any
     ) -> ray_serve_pb2.HealthzResponse:
-        if self._gw.state in (ProxyState.DRAINING, ProxyState.DRAINED):
+        if self._gw.state in ProxyState.STOPPING:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "This node is being drained.")
         return ray_serve_pb2.HealthzResponse(message="success")
 

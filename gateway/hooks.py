@@ -25,6 +25,18 @@ from gateway.control.controller import Controller
 from gateway.dataplane.proxy import Proxy
 
 
+class ProxyState:
+    """The gateway's own state, as `gateway status` shows it (Ray's proxy states)."""
+
+    STARTING = "STARTING"
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+    DRAINED = "DRAINED"
+    STOPPING = (DRAINING, DRAINED)
+    """The states in which the gateway takes no new calls and no new config."""
+
+
 class ActualsSink(Protocol):
     def log_actuals(self, application: str, actuals: Sequence[Any]) -> tuple[int, int, str]:
         """Queue ground truth for earlier predictions: (accepted, rejected, message)."""
@@ -41,7 +53,7 @@ class RunningGateway(Protocol):
 
     @property
     def state(self) -> str:
-        """STARTING, HEALTHY, UNHEALTHY, DRAINING or DRAINED (`gateway.app.ProxyState`)."""
+        """A `ProxyState`: STARTING, HEALTHY, UNHEALTHY, DRAINING or DRAINED."""
         ...
 
     @property

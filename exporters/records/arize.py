@@ -33,6 +33,7 @@ from typing import Any
 from exporters.records import arize_deadline
 from exporters.records.arize_send import DONE, RETRY, Sender
 from exporters.records.base import (
+    MAX_PREDICTION_ID,
     ActualRecord,
     ExporterContext,
     ExportResult,
@@ -43,7 +44,6 @@ from exporters.records.base import (
 
 log = logging.getLogger("exporters.arize")
 
-MAX_PREDICTION_ID = 512
 MAX_TAG_CHARS = 1000
 """The SDK warns on every record above this (and refuses above 20,000): cut here, quietly."""
 RESERVED_TAGS = frozenset(

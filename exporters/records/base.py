@@ -21,6 +21,9 @@ FeatureValue = str | bool | int | float | list[str]
 TagValue = str | bool | int | float
 Label = str | bool | int | float
 
+MAX_PREDICTION_ID = 512
+"""Longest prediction id a record carries (Arize's limit): longer ids become their SHA-256."""
+
 
 @dataclass(slots=True)
 class PredictionRecord:

@@ -21,7 +21,7 @@ from gateway.admin.status import build_status, to_proto
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
 from gateway.dataplane.listen_address import grpc_address
-from gateway.hooks import RunningGateway
+from gateway.hooks import ProxyState, RunningGateway
 from gateway.pb import admin_pb2, admin_pb2_grpc
 
 __all__ = [  # the client lived here before; importers keep these names
@@ -87,7 +87,7 @@ class AdminService(admin_pb2_grpc.GatewayAdminServicer):
         self, request: admin_pb2.DeployRequest, context: Any
     ) -> admin_pb2.DeployResponse:
         gw = self._gw
-        if gw.state in ("DRAINING", "DRAINED"):
+        if gw.state in ProxyState.STOPPING:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"the gateway is {gw.state} and takes no new config")
         source = request.source or "<deploy>"

@@ -41,7 +41,7 @@ class ControlBase:
         self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
         """Receives each line a local replica prints (set by the logging setup)."""
         self.replica_env: Callable[[DeploymentState, ReplicaSlot], dict[str, str]] | None = None
-        """Extra environment for a replica process (its logging settings; gateway/logs.py)."""
+        """Extra environment for a replica process (its logging settings; gateway/logs/)."""
         self._closing = False
         self._pumps: set[asyncio.Future[None]] = set()
 

@@ -40,7 +40,6 @@ class HealthChecks(Reconfigurer):
             rep_state = slot.replica.state if slot.replica is not None else slot.state
             if slot.state is not ReplicaState.RUNNING or rep_state is not ReplicaState.RUNNING:
                 slot.set_state(ReplicaState.RUNNING, "")
-                slot.healthy = True
                 if not slot.running_since:
                     slot.running_since = time.monotonic()
                 # crashes stays: only a run longer than RESTART_RESET_AFTER_S resets the
@@ -60,7 +59,6 @@ class HealthChecks(Reconfigurer):
             slot.failures += 1
             if slot.state is not ReplicaState.UNHEALTHY:
                 slot.set_state(ReplicaState.UNHEALTHY, why)
-                slot.healthy = False
                 log.warning("replica %s is unhealthy: %s", slot.replica_id, why)
                 self._emit("unhealthy", slot)
                 dep.router.wake()

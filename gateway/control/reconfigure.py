@@ -82,7 +82,6 @@ class Reconfigurer(ControlBase):
 
     def _back_in_rotation(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         slot.set_state(ReplicaState.RUNNING, "")
-        slot.healthy = True
         dep.note_health()
         self._emit("healthy", slot)
         dep.router.wake()

@@ -1,6 +1,6 @@
 """The states the controller keeps: per replica slot, deployment and application.
 
-Statuses follow Ray Serve's names; `gateway status` shows them (gateway/status.py).
+Statuses follow Ray Serve's names; `gateway status` shows them (gateway/admin/status.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ class ApplicationStatus:
 
 
 ReplicaEvent = Callable[[str, "ReplicaSlot"], None]
-"""Hook for telemetry and logs: ('started' | 'healthy' | 'unhealthy' | 'stopped', slot)."""
+"""Hook for telemetry and logs: ('started' | 'updating' | 'healthy' | 'unhealthy' |
+'stopped', slot); 'updating': a new user_config is being pushed (it keeps serving)."""
 
 
 @dataclass
@@ -53,7 +54,6 @@ class ReplicaSlot:
     state: ReplicaState = ReplicaState.STARTING
     message: str = ""
     starts: int = 0
-    healthy: bool = False
     failures: int = 0
     task: asyncio.Task[None] | None = None
     wake: asyncio.Event = field(default_factory=asyncio.Event)

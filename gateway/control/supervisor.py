@@ -151,7 +151,6 @@ class Supervisor(HealthChecks):
         proc.stdin.write(secret.encode() + b"\n")
         slot.process = proc
         slot.starts += 1
-        slot.healthy = False
         assert proc.stdout is not None
         self._pumps.add(asyncio.ensure_future(self._pump_output(slot, proc.stdout)))
         reader = asyncio.get_running_loop().run_in_executor(None, _read_all, r)
@@ -187,7 +186,7 @@ class Supervisor(HealthChecks):
         return True
 
     async def _pump_output(self, slot: ReplicaSlot, stream: asyncio.StreamReader) -> None:
-        # The replica writes its own log file (gateway/logs.py); what reaches this pipe is
+        # The replica writes its own log file (gateway/logs/replica.py); what reaches this pipe is
         # its console stream or output that bypassed its logging. Drained until it closes.
         def emit(line: bytes) -> None:
             if self.replica_output is not None:

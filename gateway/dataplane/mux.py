@@ -2,10 +2,10 @@
 
 A gRPC unary call costs ~170 us of client CPU and ~245 us of server CPU here, while one message
 on an open stream costs ~70 us a side; and frames that are ready together travel in one stream
-message (never more than `max_message_bytes`, see gateway/mux_frames.py). So the gateway sends
+message (never more than `max_message_bytes`, see mux_frames.py). So the gateway sends
 each unary call to a replica it started itself as a `MuxFrame` on a `ReplicaControl/Mux`
 stream, and the replica runtime unpacks it and calls the servicer's handler directly (see
-gateway/mux_replica.py). Status codes, details, initial and trailing metadata, deadlines and
+gateway/runtime/mux_server.py). Status codes, details, initial and trailing metadata, deadlines and
 cancellation keep the semantics of a plain gRPC call: the core tests run over this path.
 
 Client side: `MuxChannel` / `MuxCall` (used by `Replica`). Server side: `MuxServer`.

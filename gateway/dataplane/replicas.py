@@ -1,7 +1,8 @@
 """Replica handles: one upstream address, its channel, its load and its state.
 
 The proxy talks to a replica only through `Replica.callable(...)`, so the way calls reach a
-replica (a plain gRPC channel today) stays behind one interface.
+replica (the mux stream to a local replica, or one gRPC call each) stays behind one
+interface.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class ReplicaState(enum.StrEnum):
     RUNNING = "RUNNING"
     STOPPING = "STOPPING"
     UNHEALTHY = "UNHEALTHY"
+
+
+ROUTABLE = frozenset({ReplicaState.RUNNING, ReplicaState.UPDATING})
+"""States in which a replica gets calls (UPDATING: it serves while it takes a new config)."""
 
 
 def replica_tag(app: str, deployment: str) -> str:
@@ -85,7 +90,7 @@ class Replica:
         self.address = address
         self.is_local = is_local
         self._bare = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
-        # A local replica's control service wants its secret (gateway/control_auth.py); data
+        # A local replica's control service wants its secret (gateway/control/auth.py); data
         # calls (callable below) use the bare channel and pay nothing for it.
         self.channel: grpc.aio.Channel = (
             self._bare if control_secret is None else ControlChannel(self._bare, control_secret)
@@ -96,12 +101,12 @@ class Replica:
         self.pid: int | None = None
         self.started_at = time.time()
         self._callables: dict[tuple[str, int], Any] = {}
-        # Local replicas run our runtime, which speaks the mux protocol (see gateway/mux.py).
+        # Local replicas run our runtime, which speaks the mux protocol (see mux.py).
         self._mux = MuxChannel(self.channel, max_message_bytes) if mux else None
 
     @property
     def routable(self) -> bool:
-        return self.state is ReplicaState.RUNNING or self.state is ReplicaState.UPDATING
+        return self.state in ROUTABLE
 
     def callable(self, path: str, shape: int) -> Any:
         """A cached bytes-in/bytes-out multi-callable for `path` (shape: index in _SHAPES)."""

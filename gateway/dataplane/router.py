@@ -24,7 +24,6 @@ class Router:
         "max_queued",
         "methods_known",
         "replicas",
-        "routed_total",
     )
 
     def __init__(
@@ -36,7 +35,6 @@ class Router:
         self.max_queued = max_queued
         self.replicas: list[Replica] = []
         """Every replica of the deployment; only routable ones get calls."""
-        self.routed_total = 0
         self.methods_known = False
         """True once every method the replicas serve is known (local replicas, by reflection)."""
         self._rng = random.Random()
@@ -79,7 +77,6 @@ class Router:
         r = self._pick()
         if r is not None:
             r.in_flight += 1
-            self.routed_total += 1
         return r
 
     async def acquire(self, timeout: float | None, exclude: Replica | None = None) -> Replica:
@@ -87,7 +84,6 @@ class Router:
         r = self._pick()
         if r is not None and r is not exclude:
             r.in_flight += 1
-            self.routed_total += 1
             return r
         if not self.has_routable():
             raise errors.no_healthy_replica(self.application, self.deployment)
@@ -101,7 +97,6 @@ class Router:
             ]
             pick = min(others, key=lambda x: x.in_flight) if others else r
             pick.in_flight += 1
-            self.routed_total += 1
             return pick
         if len(self._waiters) >= self.max_queued:
             raise errors.queue_full(self.application, self.deployment, self.max_queued)
@@ -125,7 +120,6 @@ class Router:
             if isinstance(e, TimeoutError):
                 raise errors.deadline_in_queue(self.application, self.deployment) from None
             raise
-        self.routed_total += 1
         return rep
 
     def release(self, replica: Replica) -> None:

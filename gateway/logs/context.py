@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-REQUEST_ID_KEYS = ("x-request-id", "request_id")
+from gateway.dataplane.call import REQUEST_ID_KEYS
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,12 +1,12 @@
 """The pre-split name of gateway/logs/: re-exports for code written against it."""
 
+from gateway.dataplane.call import REQUEST_ID_KEYS
 from gateway.logs.access import (
     AccessLog,
     access_record,
     emit_batch,
 )
 from gateway.logs.context import (
-    REQUEST_ID_KEYS,
     CallContext,
     ContextFilter,
     call_context,

@@ -148,7 +148,7 @@ class ReplicaLogging:
         if self.access is not None:
             self.access((method, code, latency_s, time.time(), request_id))
 
-    # Calls that arrive over the mux (gateway/mux.py) ---------------------------------
+    # Calls that arrive over the mux (gateway/runtime/mux_server.py) ------------------
 
     def mux_on_call(self, method: str, ctx: Any, code: grpc.StatusCode, seconds: float) -> None:
         """`MuxServer.on_call`: one access line per call."""
@@ -270,7 +270,7 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         if not (inspect.iscoroutinefunction(inner_s) or inspect.isasyncgenfunction(inner_s)):
             # A plain generator: run on an executor thread as grpc.aio would, its abort() sent
-            # in order after the messages before it (gateway/sync_stream.py).
+            # in order after the messages before it (gateway/runtime/sync_stream.py).
             inner_s = functools.partial(sync_stream, inner_s)
 
         async def stream(request: Any, context: Any) -> AsyncIterator[Any]:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from gateway.dataplane.proxy import CallRecord
+from gateway.dataplane.call import CallRecord
 
 UNKNOWN_APPLICATION = "unknown"
 """Label value of calls that reached no application (missing or unknown `application` key):

@@ -14,7 +14,7 @@ import psutil
 from opentelemetry.metrics import Observation
 
 from gateway.control.state import ReplicaSlot
-from gateway.dataplane.replicas import ReplicaState
+from gateway.dataplane.replicas import ROUTABLE
 from gateway.hooks import RunningGateway
 
 
@@ -45,7 +45,7 @@ class LiveGauges:
     def healthy(self) -> list[Observation]:
         out = []
         for s in self.slot_list():
-            ok = s.state is ReplicaState.RUNNING or s.state is ReplicaState.UPDATING
+            ok = s.state in ROUTABLE
             out.append(Observation(1 if ok else 0, self._replica_attrs(s)))
         return out
 

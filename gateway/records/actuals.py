@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from exporters.records.base import ActualRecord, Record
-from gateway.records.decode import MAX_PREDICTION_ID, Plan
+from exporters.records.base import MAX_PREDICTION_ID, ActualRecord, Record
+from gateway.records.decode import Plan
 
 
 def actual_records(plan: Plan, actuals: Sequence[Any]) -> tuple[list[Record],

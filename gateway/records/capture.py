@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway.dataplane.proxy import CallRecord
+    from gateway.dataplane.call import CallRecord
 
 MAX_MESSAGES = 10_000
 """Messages kept per direction of one call."""

@@ -30,17 +30,16 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from exporters.records.base import PredictionRecord
+from exporters.records.base import MAX_PREDICTION_ID, PredictionRecord
 from gateway.config import FieldMapping, PredictionRecordsConfig
 from gateway.pb import grpc_predict_v2_pb2 as oip
 from gateway.records.tensors import DecodeProblem, decode_tensors, f32, oip_outputs
 
 if TYPE_CHECKING:
+    from gateway.dataplane.call import CallRecord
     from gateway.dataplane.methods import MethodTable
-    from gateway.dataplane.proxy import CallRecord
 
 OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
-MAX_PREDICTION_ID = 512
 MAX_ROWS_PER_CALL = 10_000
 """Rows of one batched call that become records; the rest are dropped (and counted)."""
 MAX_COLUMNS = 1_000

@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from exporters.records.base import MAX_PREDICTION_ID
 from gateway.config import GatewayConfig
-from gateway.dataplane.proxy import AppRoute, CallRecord
+from gateway.dataplane.call import CallRecord
+from gateway.dataplane.forward import AppRoute
 from gateway.records.actuals import ActualsFileError, actual_records, read_actuals_csv
 from gateway.records.capture import STREAM_DROP_REASONS, Budget, StreamCapture
 from gateway.records.decode import (
     LOSS_REASONS,
     MAX_COLUMNS,
-    MAX_PREDICTION_ID,
     MAX_ROWS_PER_CALL,
     OIP_INFER,
     CallInfo,

@@ -35,7 +35,6 @@ class ExporterStats:
         default_factory=lambda: collections.defaultdict(int, dict.fromkeys(EXPORTER_DROP_REASONS,
                                                                            0)))
     """By reason: queue_full, invalid, shutdown, exporter_unavailable."""
-    queue_depth: int = 0
 
 
 class ExporterWorker:
@@ -83,7 +82,6 @@ class ExporterWorker:
             self._queue.extend(taken)
             if len(taken) < len(records):
                 self.stats.dropped["queue_full"] += len(records) - len(taken)
-            self.stats.queue_depth = len(self._queue)
             # Wake the exporter for a first record or a full batch, not for every record: it
             # waits for the batch to fill (at most flush_interval_s) anyway.
             if was_empty or len(self._queue) >= self.batch_size:
@@ -109,13 +107,11 @@ class ExporterWorker:
                 if self._stopping and time.monotonic() > self._deadline:
                     self.stats.dropped["shutdown"] += len(self._queue)
                     self._queue.clear()
-                    self.stats.queue_depth = 0
                     self._cond.notify_all()
                     break
                 n = min(self.batch_size, len(self._queue))
                 batch = [self._queue.popleft() for _ in range(n)]
                 self._busy = n
-                self.stats.queue_depth = len(self._queue)
             self._export(batch)
             with self._cond:
                 self._busy = 0
@@ -198,7 +194,6 @@ class ExporterWorker:
             if self._queue:
                 self.stats.dropped["shutdown"] += len(self._queue)
                 self._queue.clear()
-            self.stats.queue_depth = 0
         if self.exporter is not None and not alive:
             try:
                 self.exporter.shutdown(max(0.0, deadline - time.monotonic()) * 1000)
