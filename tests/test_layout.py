@@ -99,6 +99,12 @@ def test_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def test_only_the_command_line_imports_the_app() -> None:
+    # Observers and operator surfaces see the gateway through gateway.hooks.RunningGateway.
+    importers = sorted(name for name, deps in graph().items() if "gateway.app" in deps)
+    assert importers == ["gateway.cli"], importers
+
+
 def test_cycle_finder_sees_type_checking_and_function_imports(tmp_path: Path) -> None:
     # The checker itself: a cycle closed only under TYPE_CHECKING, or only inside a function,
     # is still a cycle.

@@ -1,5 +1,5 @@
-"""The forwarding core: route a call, pick a replica, forward it as bytes, retry what never
-reached a replica, map every failure to one status, and record the call.
+"""The forwarding core: admit a call (routed by routing.py), pick a replica, forward it as
+bytes, retry what never reached a replica, map every failure to one status, record the call.
 
 Hot path rules: no protobuf decoding, no blocking I/O, no per-call formatting for disabled
 features. The two drivers (`forward_unary`: one response; `forward_stream`: a response
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,17 +20,15 @@ import grpc
 from gateway.dataplane import errors
 from gateway.dataplane.call import (
     HOP_BY_HOP,
-    MAX_REQUEST_ID_LEN,
     CallRecord,
     Observer,
     trailers,
-    valid_request_id,
 )
 from gateway.dataplane.errors import GatewayError
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
-from gateway.dataplane.router import Router
+from gateway.dataplane.routing import AppRoute, route_call
 
 log = logging.getLogger("gateway.proxy")
 
@@ -39,22 +36,6 @@ OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED
 HOLD_REFUSAL_S = 2.0
 """Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
-
-
-class AppRoute:
-    """Everything the proxy needs for one application, built when the config is applied."""
-
-    __slots__ = ("capture", "deployment", "name", "router", "stream_capture")
-
-    def __init__(self, name: str, router: Router) -> None:
-        self.name = name
-        self.deployment = router.deployment
-        self.router = router
-        self.capture: Callable[[str], bool] | None = None
-        """Set by the record pipeline: decides per method whether to keep the payloads."""
-        self.stream_capture: Callable[[str], Any] | None = None
-        """Set by the record pipeline: for a sampled streaming call, an object that keeps its
-        messages (`requests_of`, `response`, `done`; gateway/records/capture.py), else None."""
 
 
 def _upstream_cut() -> bool:
@@ -257,7 +238,17 @@ class Forwarder:
     def _admit(self, c: _CallState, ctx: Any, request: Any) -> tuple[AppRoute, list[Any], Any]:
         """Route the call (or raise its refusal); the metadata to forward and the request,
         wrapped to keep its messages when the call is sampled."""
-        route, c.rid, md = self._prepare(ctx)
+        route, rid, md, err = route_call(ctx, self.routes, self.default_route)
+        if self.draining:
+            self.drain_refusals += 1
+            err = errors.draining()
+        if err is not None:
+            err.request_id = rid  # so the refusal is logged and answered with its request id
+            if route is not None:
+                err.application, err.deployment = route.name, route.deployment
+            raise err
+        assert route is not None
+        c.rid = rid
         c.admitted = True
         self.admitted += 1
         c.app, c.dep = route.name, route.deployment
@@ -332,63 +323,6 @@ class Forwarder:
             except Exception:  # an observer must never break the call path
                 log.exception("call observer failed")
         return rec
-
-    def _prepare(self, ctx: Any) -> tuple[AppRoute, str, list[tuple[str, Any]]]:
-        """Route, request id and the metadata to forward.
-
-        A refusal still carries what is known (application, deployment, a request id), so
-        it is answered, counted and logged with them.
-        """
-        app: str | None = None
-        rid: str | None = None
-        rid_key = "x-request-id"
-        alt: str | None = None
-        fwd: list[tuple[str, Any]] = []
-        for key, value in ctx.invocation_metadata() or ():
-            if key in HOP_BY_HOP:
-                continue
-            if key == "application":
-                app = value
-            elif key == "x-request-id":
-                if rid is None:
-                    rid = value
-                continue
-            elif key == "request_id":
-                if alt is None:
-                    alt = value
-                continue
-            fwd.append((key, value))
-        if not rid:
-            # x-request-id wins over Ray's request_id when both are sent.
-            rid, rid_key = alt, "request_id"
-        bad: GatewayError | None = None
-        if rid and not valid_request_id(rid):
-            bad = errors.bad_request_id(rid_key, rid, MAX_REQUEST_ID_LEN)
-            rid = None
-        if not rid:
-            rid = str(uuid.uuid4())
-        fwd.append(("x-request-id", rid))
-        err: GatewayError | None = None
-        route: AppRoute | None = None
-        if app is None:
-            route = self.default_route
-            if route is None:
-                err = errors.application_missing(self.routes)
-        else:
-            route = self.routes.get(app)
-            if route is None:
-                err = errors.application_unknown(app, self.routes)
-        if self.draining:
-            self.drain_refusals += 1
-            err = errors.draining()
-        err = err or bad
-        if err is not None:
-            err.request_id = rid  # so the refusal is logged and answered with its request id
-            if route is not None:
-                err.application, err.deployment = route.name, route.deployment
-            raise err
-        assert route is not None
-        return route, rid, fwd
 
     async def _hold_refusal(self, gate: asyncio.Event) -> None:
         """Answer a refusal only once the gateway has begun shutting its listener down."""

@@ -2,9 +2,10 @@
 forwarded, as bytes, to a replica of the application the call names.
 
 Where a call goes: this handler (per method path, the driver of its shape) -> the forwarding
-core (gateway/dataplane/forward.py: routing, replica choice through the application's
-`Router`, retries, statuses) -> a replica (gateway/dataplane/replicas.py, mux.py) -> the
-observers, with one `CallRecord` (gateway/dataplane/call.py, gateway/hooks.py).
+core (gateway/dataplane/forward.py: admission, replica choice through the application's
+`Router`, retries, statuses; routing.py: application and request id) -> a replica
+(gateway/dataplane/replicas.py, mux.py) -> the observers, with one `CallRecord`
+(gateway/dataplane/call.py, gateway/hooks.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from gateway.dataplane.call import (
     Observer,
     valid_request_id,
 )
-from gateway.dataplane.forward import HOLD_REFUSAL_S, AppRoute, Forwarder
+from gateway.dataplane.forward import HOLD_REFUSAL_S, Forwarder
 from gateway.dataplane.methods import OTHER, MethodInfo, MethodTable
 from gateway.dataplane.replicas import STREAM_STREAM, STREAM_UNARY, UNARY_STREAM, UNARY_UNARY
+from gateway.dataplane.routing import AppRoute
 
 __all__ = [  # importers of the names that lived here before the split keep them
     "HOLD_REFUSAL_S", "HOP_BY_HOP", "MAX_REQUEST_ID_LEN", "REQUEST_ID_KEYS", "AppRoute",

@@ -26,7 +26,7 @@ import grpc
 from exporters.records.base import MAX_PREDICTION_ID
 from gateway.config import GatewayConfig
 from gateway.dataplane.call import CallRecord
-from gateway.dataplane.forward import AppRoute
+from gateway.dataplane.routing import AppRoute
 from gateway.records.actuals import ActualsFileError, actual_records, read_actuals_csv
 from gateway.records.capture import STREAM_DROP_REASONS, Budget, StreamCapture
 from gateway.records.decode import (
