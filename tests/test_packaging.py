@@ -1,11 +1,13 @@
-"""The package as users install it: a wheel built from the checkout, installed with the `arize`
-extra into a fresh venv, used from outside the checkout (no make, no grpcio-tools at run time)."""
+"""The package as users install it: an sdist built from the checkout, a wheel built from that
+sdist (as pip does from an index), installed with the `arize` extra into a fresh venv, used from
+outside the checkout (no make, no grpcio-tools at run time)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import tarfile
 import venv
 from pathlib import Path
 
@@ -40,7 +42,17 @@ def test_wheel_installs_and_serves_outside_the_checkout(tmp_path: Path) -> None:
     assert not list((src / "gateway" / "pb").glob("*_pb2*.py"))
 
     dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
+    # The sdist (no isolation, so it stays quick: making an sdist needs only setuptools, which
+    # this venv has) carries the .proto sources and no generated stubs...
+    run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
+         "--outdir", str(dist), str(src)], tmp_path, 300)
+    (sdist,) = dist.glob("grpc_observability_gateway-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = tar.getnames()
+    assert any(n.endswith("/protos/grpc_predict_v2.proto") for n in names), names
+    assert not [n for n in names if "_pb2" in n], names
+    # ...and the wheel built from it (isolated, as pip builds one from an index) has them.
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(sdist)],
         tmp_path, 300)
     (wheel,) = dist.glob("grpc_observability_gateway-*.whl")
 
