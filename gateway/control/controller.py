@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
 from gateway.control import process as replica_process
 from gateway.control.auth import ENV_CONTROL_SECRET, new_secret
+from gateway.control.discovery import Discovery
 from gateway.control.process import read_report as _read_all
 from gateway.control.process import restart_delay
 from gateway.control.state import (
@@ -67,6 +68,7 @@ class Controller:
         """Extra environment for a replica process (its logging settings; gateway/logs.py)."""
         self._closing = False
         self._pumps: set[asyncio.Future[None]] = set()
+        self.discovery = Discovery(self._new_slot, self._stop_slot)
 
     # -- goal state ----------------------------------------------------------------------
 
@@ -105,7 +107,7 @@ class Controller:
                 state.deployments[name] = dep
                 self._start_slots(dep)
                 continue
-            if _revision_differs(dep, dcfg):
+            if _revision_differs(dep, dcfg, self.discovery.names(dep)):
                 problems += await self._roll(dep, dcfg)
                 continue
             dep.rollout_error = ""  # the operator deployed what still serves: accepted
@@ -120,8 +122,11 @@ class Controller:
             dep.router.wake()
         return problems
 
-    def _new_slot(self, dep: DeploymentState, target: str | None = None) -> ReplicaSlot:
-        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target,
+    def _new_slot(self, dep: DeploymentState, target: str | None = None,
+                  source: str | None = None) -> ReplicaSlot:
+        # A DNS-discovered replica is known by its address (its `replica` label).
+        rid = target if source is not None and target else replica_tag(dep.app, dep.name)
+        slot = ReplicaSlot(dep.app, dep.name, rid, target=target, source=source,
                            import_path=dep.config.import_path if target is None else None)
         dep.slots.append(slot)
         run = self._run_local(dep, slot) if target is None else self._run_external(dep, slot)
@@ -130,10 +135,14 @@ class Controller:
 
     def _start_slots(self, dep: DeploymentState) -> None:
         cfg = dep.config
-        for target in cfg.targets if cfg.targets is not None else [None] * cfg.num_replicas:
+        targets = Discovery.static_targets(cfg.targets) if cfg.targets is not None else None
+        for target in targets if targets is not None else [None] * cfg.num_replicas:
             self._new_slot(dep, target)
+        self.discovery.watch(dep)  # the dns:/// targets
 
     async def _scale(self, dep: DeploymentState, n: int) -> None:
+        if n == 0:
+            self.discovery.forget(dep)  # removed: no new discovered replicas either
         while len(dep.slots) < n:
             self._new_slot(dep)
         extra = dep.slots[n:]
@@ -165,14 +174,16 @@ class Controller:
         dep.reflected = dep.reflect_done = False  # learn the new model's methods
         dep.router.max_ongoing = dcfg.max_ongoing_requests
         dep.router.max_queued = dcfg.max_queued_requests
-        targets: list[str | None] = (
-            list(dcfg.targets) if dcfg.targets is not None else [None] * dcfg.num_replicas
+        self.discovery.forget(dep)  # the roll decides the slots; watched again after it
+        targets: list[tuple[str | None, str | None]] = (
+            list(await self.discovery.expand(dcfg.targets)) if dcfg.targets is not None
+            else [(None, None)] * dcfg.num_replicas
         )
         problems: list[str] = []
         wait_s = STARTUP_TIMEOUT_S + dcfg.health_check_period_s + dcfg.health_check_timeout_s
         for i in range(max(len(targets), len(old))):
             if i < len(targets):
-                slot = self._new_slot(dep, targets[i])
+                slot = self._new_slot(dep, *targets[i])
                 if not await self._wait_serving(slot, wait_s):
                     if self._closing:
                         # Not the new model's fault: its replica is stopped with the rest.
@@ -183,6 +194,7 @@ class Controller:
                     problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
                                     "roll stopped, the previous replicas keep serving")
                     await self._stop_roll(dep, before, slot, why)
+                    self.discovery.watch(dep)  # dep.config is the previous one again
                     return problems
             if i < len(old):
                 victim = old[i]
@@ -191,6 +203,7 @@ class Controller:
                 dep.slots.remove(victim)
                 dep.publish()
                 await self._stop_slot(dep, victim)
+        self.discovery.watch(dep)
         dep.router.wake()
         return problems
 
@@ -341,6 +354,8 @@ class Controller:
                 dep.router.wake()
         else:
             slot.failures += 1
+            if slot.source is not None:
+                self.discovery.kick(dep)  # has the name moved on? look it up again soon
             if slot.state is not ReplicaState.UNHEALTHY:
                 slot.set_state(ReplicaState.UNHEALTHY, why)
                 slot.healthy = False
@@ -596,6 +611,7 @@ class Controller:
     async def close(self) -> None:
         """Stop every replica (local processes get SIGTERM, then SIGKILL after their grace)."""
         self._closing = True
+        await self.discovery.close()
         for app in list(self.apps.values()):
             for dep in app.deployments.values():
                 for slot in dep.slots:
@@ -654,12 +670,13 @@ def _supervised(coro: Any) -> asyncio.Task[None]:
     return task
 
 
-def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
+def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig, watched: list[str]) -> bool:
     """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
     if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
         return True
     if dcfg.targets is not None:
-        return sorted(s.target or "" for s in dep.slots) != sorted(dcfg.targets)
+        running = [s.target or "" for s in dep.slots if s.source is None] + watched
+        return sorted(running) != sorted(dcfg.targets)
     return any(s.import_path != dcfg.import_path for s in dep.slots)
 
 
