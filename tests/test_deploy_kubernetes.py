@@ -95,7 +95,9 @@ def test_the_configmap_is_a_valid_gateway_config_with_keys_from_the_secret() -> 
     raw = find("ConfigMap", "grpc-gateway-config")["data"]["config.yaml"]
     assert "${ARIZE_API_KEY}" in raw and "${ARIZE_SPACE_ID}" in raw
     pod = find("Deployment", "grpc-gateway")["spec"]["template"]["spec"]
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}
+    env = {e["name"]: e["valueFrom"].get("secretKeyRef") for e in pod["containers"][0]["env"]}
+    assert pod["containers"][0]["env"][0] == {"name": "GATEWAY_INSTANCE_ID", "valueFrom": {
+        "fieldRef": {"fieldPath": "metadata.name"}}}
     secret = find("Secret", "grpc-gateway-arize")
     for var in ("ARIZE_API_KEY", "ARIZE_SPACE_ID"):
         assert env[var]["name"] == secret["metadata"]["name"]

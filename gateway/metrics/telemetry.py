@@ -52,6 +52,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from gateway.config import MetricsConfig
 from gateway.dataplane.proxy import CallRecord
 from gateway.dataplane.replicas import ReplicaState
+from gateway.metrics.instance import instance_id
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
 
 if TYPE_CHECKING:
@@ -297,7 +298,8 @@ class Telemetry:
         self.actor_id = secrets.token_hex(16)
         self.node_id = secrets.token_hex(28)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.resource = Resource.create({"service.name": "grpc-gateway"})
+        self.resource = Resource.create({"service.name": "grpc-gateway",
+                                         "service.instance.id": instance_id()})
         self.exporters: list[MetricsExporter] = []
         if config.prometheus.enabled:
             self.exporters.append(load_exporter_class("prometheus")(config, self))
