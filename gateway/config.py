@@ -183,6 +183,9 @@ class DeploymentConfig(_Model):
                 raise ValueError("'targets' must list at least one address")
             for target in self.targets:
                 _check_target(target)
+            names = [t for t in self.targets if dns_name(t) is not None]
+            if len(set(names)) != len(names):
+                raise ValueError("a 'dns:///' target is listed twice")
             if "num_replicas" in self.model_fields_set and any(
                     dns_name(t) is not None for t in self.targets):
                 raise ValueError("num_replicas would be ignored: with a 'dns:///' target "

@@ -116,6 +116,8 @@ def test_config_accepts_dns_targets_and_says_what_is_wrong() -> None:
     ]:
         with pytest.raises(ConfigError, match=words):
             parse_config(dep(targets=bad))
+    with pytest.raises(ConfigError, match="listed twice"):
+        parse_config(dep(targets=[NAME, NAME]))
     with pytest.raises(ConfigError, match="num_replicas would be ignored"):
         parse_config(dep(targets=[NAME], num_replicas=3))
     with pytest.raises(ConfigError, match="dns_refresh_s"):
@@ -268,3 +270,51 @@ async def test_system_resolver_runs_off_the_event_loop(monkeypatch: pytest.Monke
 
 async def test_system_resolver_brackets_ipv6() -> None:
     assert await discovery_mod.system_resolve("::1", 7) == ["[::1]:7"]
+
+
+async def test_a_runaway_answer_adds_at_most_max_addresses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(discovery_mod, "MAX_ADDRESSES", 2)
+    dns = FakeDNS()
+    async with servers("A", "B", "C") as srv:
+        dns.answer = [a for _, _, a in srv]
+        async with gateway(tmp_path, dns) as gw:
+            await until(lambda: len(slots(gw)) == 2)
+            await asyncio.sleep(1.0)  # several refreshes later: still 2
+            assert set(slots(gw)) == set(dns.answer[:2])
+
+
+async def test_deploy_moves_between_dns_and_static_targets(tmp_path: Path) -> None:
+    dns = FakeDNS()
+    async with servers("A", "B", "S") as srv:
+        dns.answer = [srv[0][2], srv[1][2]]
+        static = srv[2][2]
+        async with gateway(tmp_path, dns) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            await until(lambda: len(slots(gw)) == 2
+                        and all(s is ReplicaState.RUNNING for s in slots(gw).values()))
+
+            def config(targets: list[str]) -> Any:
+                return gateway_config([{"name": "text", "deployments": [{
+                    "name": "Remote", "targets": targets, "health_check_period_s": 0.2,
+                    "dns_refresh_s": 0.3}]}], tmp_path)
+
+            assert await gw.apply(config([static])) == []
+            await until(lambda: [s.target for _, s in gw.controller.slots()] == [static])
+            n = dns.lookups
+            await asyncio.sleep(0.8)
+            assert dns.lookups == n, "the old name is still looked up"
+            r = await text_stub(ch).Predict(PredictRequest(text="good"), metadata=md(),
+                                            timeout=5)
+            assert r.label == "S"
+            assert await gw.apply(config([NAME])) == []
+            await until(lambda: set(slots(gw)) == set(dns.answer)
+                        and all(s is ReplicaState.RUNNING for s in slots(gw).values()))
+            await asyncio.sleep(0.8)  # the watcher adopted the roll's slots: no duplicates
+            assert sorted(s.target or "" for _, s in gw.controller.slots()) == \
+                sorted(dns.answer)
+            dep = gw.controller.apps["text"].deployments["Remote"]
+            # The same config again is no change (no roll).
+            before = list(dep.slots)
+            assert await gw.apply(config([NAME])) == []
+            assert dep.slots == before

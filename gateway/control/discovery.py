@@ -37,6 +37,8 @@ StopSlot = Callable[[DeploymentState, ReplicaSlot], Awaitable[None]]
 MIN_KICK_INTERVAL_S = 1.0
 """A replica failing its health checks asks for a lookup each time; at most one per second."""
 LOOKUP_TIMEOUT_S = 10.0
+MAX_ADDRESSES = 256
+"""Replicas one name may add (a runaway answer must not start thousands of health loops)."""
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -122,14 +124,14 @@ class Discovery:
                 continue
             with contextlib.suppress(Exception):
                 addrs = await asyncio.wait_for(self.resolve(*name), LOOKUP_TIMEOUT_S)
-                out += [(a, target) for a in addrs]
+                out += [(a, target) for a in addrs[:MAX_ADDRESSES]]
         return out
 
     async def close(self) -> None:
+        """Stop looking names up; replicas already draining finish their drain (bounded by
+        their graceful_shutdown_timeout_s), so none is left half-stopped."""
         for dep in list(self._watches):
             self.forget(dep)
-        for task in list(self._drains):
-            task.cancel()
         await asyncio.gather(*self._drains, return_exceptions=True)
 
     # -- inside ------------------------------------------------------------------------
@@ -159,6 +161,11 @@ class Discovery:
                 try:
                     addrs = await self._lookup(w)
                     w.error = "" if addrs else f"{w.target}: the name resolves to no address"
+                    if len(addrs) > MAX_ADDRESSES:
+                        log.warning("deployment %s/%s: %s resolves to %d addresses; using "
+                                    "the first %d", dep.app, dep.name, w.target, len(addrs),
+                                    MAX_ADDRESSES)
+                        addrs = addrs[:MAX_ADDRESSES]
                 except TimeoutError:
                     addrs, w.error = [], f"{w.target}: lookup timed out"
                 except (OSError, UnicodeError) as e:
