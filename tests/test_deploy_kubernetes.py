@@ -152,6 +152,11 @@ def test_model_pool_is_a_headless_service_the_gateway_discovers() -> None:
     assert c["command"] == ["python", "-m", "gateway.runtime.replica"]
     assert c["args"][c["args"].index("--port") + 1] == str(port)
     assert c["readinessProbe"]["grpc"]["port"] == port
+    # Its preStop wait (out of DNS first) plus its drain fit in the pod's grace.
+    wait = float(c["lifecycle"]["preStop"]["exec"]["command"][-1].split()[1])
+    grace = float(c["args"][c["args"].index("--grace") + 1])
+    assert model["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= wait + grace
+    assert wait > cfg.applications[0].deployments[0].dns_refresh_s
     assert svc["spec"]["selector"].items() <= \
         model["spec"]["template"]["metadata"]["labels"].items()
     pdb = find("PodDisruptionBudget", "grpc-gateway")
