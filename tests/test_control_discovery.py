@@ -48,7 +48,7 @@ class FakeDNS:
 
     def __init__(self) -> None:
         self.answer: list[str] = []
-        self.error: OSError | None = None
+        self.error: Exception | None = None
         self.lookups = 0
 
     async def resolve(self, host: str, port: int) -> list[str]:
@@ -199,6 +199,11 @@ async def test_failed_lookup_keeps_the_replicas_and_says_why(tmp_path: Path) -> 
             assert r.label == "A"
             dns.error = None
             await until(lambda: dep.message == "", what="error cleared")
+            # Any exception from a resolver is one failed lookup, not the end of discovery.
+            dns.error = ValueError("label empty or too long")
+            await until(lambda: "lookup failed: label empty" in dep.message)
+            dns.error = None
+            await until(lambda: dep.message == "", what="error cleared again")
 
 
 async def test_name_that_resolves_to_nothing_is_unhealthy_with_a_message(

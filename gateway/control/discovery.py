@@ -168,10 +168,10 @@ class Discovery:
                         addrs = addrs[:MAX_ADDRESSES]
                 except TimeoutError:
                     addrs, w.error = [], f"{w.target}: lookup timed out"
-                except (OSError, UnicodeError) as e:
+                except Exception as e:  # any failure of one lookup: try again next period
                     addrs = []
-                    w.error = f"{w.target}: lookup failed: {e.strerror or e}" if isinstance(
-                        e, OSError) else f"{w.target}: lookup failed: {e}"
+                    why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+                    w.error = f"{w.target}: lookup failed: {why or type(e).__name__}"
                 if w.error:
                     log.warning("deployment %s/%s: %s; keeping the replicas it had",
                                 dep.app, dep.name, w.error)
