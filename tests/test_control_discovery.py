@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from examples.models import TextModel
+from gateway.admin.service import AdminClient
 from gateway.app import Gateway
 from gateway.config import ConfigError, parse_config
 from gateway.control import discovery as discovery_mod
@@ -142,6 +143,17 @@ async def test_every_resolved_address_is_a_replica_with_its_own_row_and_label(
                                                 timeout=5)
                 seen.add(r.label)
             assert seen == {"A", "B"}
+            # `gateway status --verbose`: one row per address.
+            loop = asyncio.get_running_loop()
+            with AdminClient(f"127.0.0.1:{gw.admin_port}", None, timeout=10) as admin:
+                st = await loop.run_in_executor(None, admin.status)
+            text = st.to_yaml(verbose=True)
+            for addr in dns.answer:
+                assert text.count(addr) >= 1, text
+            reps = [r for a in st.applications.values() for d in a.deployments.values()
+                    for r in d.replicas]
+            assert sorted((r.replica_id, r.address) for r in reps) == \
+                sorted((a, a) for a in dns.answer)
             rows = {s.replica_id: s for _, s in gw.controller.slots()}
             for addr in dns.answer:
                 assert rows[addr].replica is not None and rows[addr].replica.address == addr
