@@ -50,10 +50,32 @@ def _printable_name(value: str, what: str) -> str:
     return value
 
 
+DNS_SCHEME = "dns:///"
+"""gRPC's name syntax: `dns:///name:port` is every address `name` resolves to."""
+
+
+def dns_name(target: str) -> tuple[str, int] | None:
+    """(host, port) of a `dns:///host:port` target; None for a plain `host:port`."""
+    if not target.startswith(DNS_SCHEME):
+        return None
+    host, _, port = target[len(DNS_SCHEME):].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def _check_target(target: str) -> None:
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"target {target!r} must look like 'host:port' (port 1-65535)")
+    rest = target
+    if target.startswith("dns:"):
+        if not target.startswith(DNS_SCHEME):
+            # dns://8.8.8.8/name:port names a DNS server; the gateway uses the system's.
+            raise ValueError(f"target {target!r}: write DNS names as 'dns:///name:port' "
+                             "(three slashes; the system resolver is used, a DNS server "
+                             "in the target is not supported)")
+        rest = target[len(DNS_SCHEME):]
+    host, sep, port = rest.rpartition(":")
+    if (not sep or not host or "/" in host or not host.isprintable()
+            or not port.isdigit() or not 0 < int(port) < 65536):
+        raise ValueError(f"target {target!r} must look like 'host:port' or "
+                         "'dns:///name:port' (port 1-65535)")
 
 
 class DeploymentConfig(_Model):
@@ -63,7 +85,11 @@ class DeploymentConfig(_Model):
     import_path: str | None = None
     """`module:Class` of a servicer subclassing a generated `...Servicer` (local replicas)."""
     targets: list[str] | None = None
-    """Addresses (`host:port`) of replicas that someone else runs (external replicas)."""
+    """Addresses (`host:port`) of replicas that someone else runs (external replicas), or
+    `dns:///name:port`: every address the name resolves to is a replica."""
+    dns_refresh_s: float = Field(default=10.0, gt=0)
+    """How often `dns:///` targets are resolved again (also whenever a replica of theirs
+    cannot be reached)."""
     num_replicas: int = Field(default=1, ge=0)
     max_ongoing_requests: int = Field(default=5, ge=1)
     """Calls in flight per replica before calls queue."""
@@ -89,6 +115,13 @@ class DeploymentConfig(_Model):
                 raise ValueError("'targets' must list at least one address")
             for target in self.targets:
                 _check_target(target)
+            names = [t for t in self.targets if dns_name(t) is not None]
+            if len(set(names)) != len(names):
+                raise ValueError("a 'dns:///' target is listed twice")
+            if "num_replicas" in self.model_fields_set and any(
+                    dns_name(t) is not None for t in self.targets):
+                raise ValueError("num_replicas would be ignored: with a 'dns:///' target "
+                                 "there is one replica per address the name resolves to")
             if ("num_replicas" in self.model_fields_set
                     and self.num_replicas != len(self.targets)):
                 raise ValueError(f"num_replicas {self.num_replicas} would be ignored: with "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.control.discovery import Discovery
 from gateway.control.state import (
     ApplicationState,
     DeploymentState,
@@ -27,6 +28,9 @@ log = logging.getLogger("gateway.controller")
 
 class ControlBase:
     """State and hooks shared by every layer of the controller; all run on the event loop."""
+
+    discovery: Discovery
+    """The `dns:///` targets' lookups (made by the Controller, which can start slots)."""
 
     def __init__(self, config: GatewayConfig, logs_dir: Path | None = None) -> None:
         self.config = config

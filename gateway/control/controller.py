@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from gateway.config import ApplicationConfig, DeploymentConfig, GatewayConfig
+from gateway.control.discovery import Discovery
 from gateway.control.state import (
     ApplicationState,
     ApplicationStatus,
@@ -37,6 +39,10 @@ __all__ = [  # the states live in gateway/control/state.py; importers keep these
 
 class Controller(Supervisor):
     """Reconciles the goal state; all methods run on the gateway's event loop."""
+
+    def __init__(self, config: GatewayConfig, logs_dir: Path | None = None) -> None:
+        super().__init__(config, logs_dir)
+        self.discovery = Discovery(self._new_slot, self._stop_slot)
 
     # -- goal state ----------------------------------------------------------------------
 
@@ -75,7 +81,7 @@ class Controller(Supervisor):
                 state.deployments[name] = dep
                 self._start_slots(dep)
                 continue
-            if _revision_differs(dep, dcfg):
+            if _revision_differs(dep, dcfg, self.discovery.names(dep)):
                 problems += await self._roll(dep, dcfg)
                 continue
             dep.rollout_error = ""  # the operator deployed what still serves: accepted
@@ -92,10 +98,14 @@ class Controller(Supervisor):
 
     def _start_slots(self, dep: DeploymentState) -> None:
         cfg = dep.config
-        for target in cfg.targets if cfg.targets is not None else [None] * cfg.num_replicas:
+        targets = Discovery.static_targets(cfg.targets) if cfg.targets is not None else None
+        for target in targets if targets is not None else [None] * cfg.num_replicas:
             self._new_slot(dep, target)
+        self.discovery.watch(dep)  # the dns:/// targets
 
     async def _scale(self, dep: DeploymentState, n: int) -> None:
+        if n == 0:
+            self.discovery.forget(dep)  # removed: no new discovered replicas either
         while len(dep.slots) < n:
             self._new_slot(dep)
         extra = dep.slots[n:]
@@ -127,14 +137,16 @@ class Controller(Supervisor):
         dep.reflected = dep.reflect_done = False  # learn the new model's methods
         dep.router.max_ongoing = dcfg.max_ongoing_requests
         dep.router.max_queued = dcfg.max_queued_requests
-        targets: list[str | None] = (
-            list(dcfg.targets) if dcfg.targets is not None else [None] * dcfg.num_replicas
+        self.discovery.forget(dep)  # the roll decides the slots; watched again after it
+        targets: list[tuple[str | None, str | None]] = (
+            list(await self.discovery.expand(dcfg.targets)) if dcfg.targets is not None
+            else [(None, None)] * dcfg.num_replicas
         )
         problems: list[str] = []
         wait_s = STARTUP_TIMEOUT_S + dcfg.health_check_period_s + dcfg.health_check_timeout_s
         for i in range(max(len(targets), len(old))):
             if i < len(targets):
-                slot = self._new_slot(dep, targets[i])
+                slot = self._new_slot(dep, *targets[i])
                 if not await self._wait_serving(slot, wait_s):
                     if self._closing:
                         # Not the new model's fault: its replica is stopped with the rest.
@@ -145,6 +157,7 @@ class Controller(Supervisor):
                     problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
                                     "roll stopped, the previous replicas keep serving")
                     await self._stop_roll(dep, before, slot, why)
+                    self.discovery.watch(dep)  # dep.config is the previous one again
                     return problems
             if i < len(old):
                 victim = old[i]
@@ -153,6 +166,7 @@ class Controller(Supervisor):
                 dep.slots.remove(victim)
                 dep.publish()
                 await self._stop_slot(dep, victim)
+        self.discovery.watch(dep)
         dep.router.wake()
         return problems
 
@@ -198,6 +212,7 @@ class Controller(Supervisor):
     async def close(self) -> None:
         """Stop every replica (local processes get SIGTERM, then SIGKILL after their grace)."""
         self._closing = True
+        await self.discovery.close()
         for app in list(self.apps.values()):
             for dep in app.deployments.values():
                 for slot in dep.slots:
@@ -244,10 +259,11 @@ class Controller(Supervisor):
         return False
 
 
-def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
+def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig, watched: list[str]) -> bool:
     """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
     if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
         return True
     if dcfg.targets is not None:
-        return sorted(s.target or "" for s in dep.slots) != sorted(dcfg.targets)
+        running = [s.target or "" for s in dep.slots if s.source is None] + watched
+        return sorted(running) != sorted(dcfg.targets)
     return any(s.import_path != dcfg.import_path for s in dep.slots)

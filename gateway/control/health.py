@@ -57,6 +57,8 @@ class HealthChecks(Reconfigurer):
                 dep.router.wake()
         else:
             slot.failures += 1
+            if slot.source is not None:
+                self.discovery.kick(dep)  # has the name moved on? look it up again soon
             if slot.state is not ReplicaState.UNHEALTHY:
                 slot.set_state(ReplicaState.UNHEALTHY, why)
                 log.warning("replica %s is unhealthy: %s", slot.replica_id, why)

@@ -47,6 +47,8 @@ class ReplicaSlot:
     replica_id: str
     target: str | None = None
     """External address; None for a local replica."""
+    source: str | None = None
+    """The `dns:///` target that found this address (gateway/control/discovery.py)."""
     import_path: str | None = None
     """The model this slot runs (restarts keep it, even while a roll is stopped half-way)."""
     replica: Replica | None = None
@@ -95,6 +97,10 @@ class DeploymentState:
         """Why the last rolling change was stopped; cleared by the next deploy of it."""
         self.reflected = False
         self.reflect_done = False
+        self.discovery_pending = False
+        """A `dns:///` target of it has not been resolved yet (gateway/control/discovery.py)."""
+        self.discovery_error = ""
+        """Why the last lookup of a `dns:///` target failed ("" when it worked)."""
 
     @property
     def name(self) -> str:
@@ -120,7 +126,10 @@ class DeploymentState:
         if want and running == want:
             return DeploymentStatus.HEALTHY
         if want == 0:
-            return DeploymentStatus.HEALTHY
+            # A DNS name not resolved yet, or resolved to nothing usable: nothing serves.
+            if self.discovery_pending:
+                return DeploymentStatus.UPDATING
+            return DeploymentStatus.UNHEALTHY if self.discovery_error else DeploymentStatus.HEALTHY
         # A replica being restarted after a failure (its message says which) still counts as
         # unhealthy: otherwise the status flickers to UPDATING on every retry.
         if any(s.state is ReplicaState.UNHEALTHY
@@ -131,7 +140,8 @@ class DeploymentState:
     @property
     def message(self) -> str:
         msgs = sorted({s.message for s in self.slots if s.message})
-        return "; ".join(([self.rollout_error] if self.rollout_error else []) + msgs)
+        head = [m for m in (self.rollout_error, self.discovery_error) if m]
+        return "; ".join(head + msgs)
 
     def replica_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -33,8 +33,11 @@ class Supervisor(HealthChecks):
     """Runs one task per replica slot: a local process (restarted after a crash, with
     backoff) or an external target (health-checked only)."""
 
-    def _new_slot(self, dep: DeploymentState, target: str | None = None) -> ReplicaSlot:
-        slot = ReplicaSlot(dep.app, dep.name, replica_tag(dep.app, dep.name), target=target,
+    def _new_slot(self, dep: DeploymentState, target: str | None = None,
+                  source: str | None = None) -> ReplicaSlot:
+        # A DNS-discovered replica is known by its address (its `replica` label).
+        rid = target if source is not None and target else replica_tag(dep.app, dep.name)
+        slot = ReplicaSlot(dep.app, dep.name, rid, target=target, source=source,
                            import_path=dep.config.import_path if target is None else None)
         dep.slots.append(slot)
         run = self._run_local(dep, slot) if target is None else self._run_external(dep, slot)

@@ -34,6 +34,7 @@ from gateway.metrics.aggregate import OK, UNKNOWN_APPLICATION, CallAggregate, Se
 from gateway.metrics.exporter import SCOPE, MetricsExporter, load_exporter_class, merge_metrics
 from gateway.metrics.gauges import LiveGauges
 from gateway.metrics.histograms import histogram_metrics
+from gateway.metrics.instance import instance_id
 from gateway.metrics.replica_scrape import ReplicaScrape
 
 log = logging.getLogger("gateway.telemetry")
@@ -62,7 +63,8 @@ class Telemetry:
         self.node_id = secrets.token_hex(28)
         self.gauges = LiveGauges(gateway, self.actor_id, self.node_id, self._handle)
         self.scrape = ReplicaScrape(self.gauges.slot_list)
-        self.resource = Resource.create({"service.name": "grpc-gateway"})
+        self.resource = Resource.create({"service.name": "grpc-gateway",
+                                         "service.instance.id": instance_id()})
         self.exporters: list[MetricsExporter] = []
         if config.prometheus.enabled:
             self.exporters.append(load_exporter_class("prometheus")(config, self))

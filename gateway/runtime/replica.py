@@ -156,7 +156,9 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
                     on_call=logs.mux_on_call if logs is not None and logs.access else None)
     replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer, mux), server)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{args.host}:0")
+    # 0 (the gateway's own replicas): an ephemeral port, reported on the pipe; a fixed one
+    # when run by hand as a model server others reach by address (deploy/kubernetes/).
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     _report(args.report_fd, {"port": port, "pid": os.getpid()})
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--import-path", required=True)
     p.add_argument("--user-config", default="")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="listen port (default: any free one)")
     p.add_argument("--report-fd", type=int, default=-1)
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("--grace", type=float, default=5.0)
