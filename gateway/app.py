@@ -21,8 +21,10 @@ from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
+from gateway.ingress.http import HttpIngress
 from gateway.logs.core import GatewayLogging
 from gateway.metrics import telemetry
+from gateway.metrics.http import HttpMetrics
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records import pipeline as records
 
@@ -86,6 +88,8 @@ class Gateway:
         # Before the controller starts anything, so every replica event is seen.
         self.telemetry = telemetry.attach(self)
         self.records = records.attach(self)
+        self.http = self._http_ingress(config)
+        """The HTTP ingress (OIP REST, JSON transcoding), when `http.enabled`."""
         """Prediction records: sampled calls decoded off the call path, sent to exporters."""
         self.metrics_port: int | None = None
         """Bound port of the Prometheus endpoint (None when it is off)."""
@@ -105,6 +109,21 @@ class Gateway:
     def address(self) -> str:
         # The listener bound at start: a deploy changing proxy.host takes effect on restart.
         return grpc_address(self._host, self.port)
+
+    def _http_ingress(self, config: GatewayConfig) -> HttpIngress | None:
+        if not config.http.enabled:
+            return None
+        metrics = None
+        t = self.telemetry
+        if t is not None:
+            metrics = HttpMetrics(config.metrics.latency_buckets_ms, t.node_id, config.http.host)
+            metrics.register(t.provider.get_meter(telemetry.SCOPE.name, telemetry.SCOPE.version))
+            t.extra_sources.append(metrics.histograms)
+        ingress = HttpIngress(self.proxy, self.methods, config, metrics,
+                              lambda: self.state == ProxyState.HEALTHY)
+        if t is not None:
+            t.http_calls_ongoing = lambda: ingress.in_proxy
+        return ingress
 
     def _learn_methods(self, files: list[Any]) -> None:
         for fd in files:
@@ -165,6 +184,8 @@ class Gateway:
         if self.telemetry is not None:
             await self.telemetry.start()
             self.metrics_port = self.telemetry.prometheus_port
+        if self.http is not None:
+            await self.http.start()
         # Off the loop: building an exporter may import its SDK (arize: about a second).
         await asyncio.get_running_loop().run_in_executor(None, self.records.start)
         await self.controller.apply(cfg)
@@ -199,6 +220,8 @@ class Gateway:
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)
+        if self.http is not None:
+            self.http.apply(config)
         self.config = config
         self.logging.apply(config)
         return await self.controller.apply(config)
@@ -230,6 +253,8 @@ class Gateway:
             self.proxy.cut_at_stop = True
         if self.server is not None:
             await self._shut_listener(self.server, end)
+        if self.http is not None:
+            await self.http.stop()
         self.state = ProxyState.DRAINED
         # Every call has ended (and been observed): send the queued records, within a bound.
         await asyncio.get_running_loop().run_in_executor(None, self.records.shutdown)

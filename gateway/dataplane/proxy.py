@@ -79,6 +79,8 @@ class CallRecord:
     request: bytes | None = None
     """Captured request bytes (unary requests of sampled calls only)."""
     response: bytes | None = None
+    http: bool = False
+    """True for calls that came through the HTTP ingress (gateway/ingress/http)."""
 
 
 Observer = Callable[[CallRecord], None]
@@ -319,7 +321,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 log.exception("call observer failed")
 
     async def _forward_unary(
-        self, path: str, label: str, shape: int, request: Any, ctx: Any
+        self, path: str, label: str, shape: int, request: Any, ctx: Any, http: bool = False
     ) -> bytes | None:
         """Unary and client-streaming calls: one response (or a status) comes back."""
         t0 = time.perf_counter()
@@ -422,7 +424,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             rec = CallRecord(
                 app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
                 rid, req_size, len(response) if response is not None else 0, gw_err,
-                request if captured else None, response if captured else None,
+                request if captured else None, response if captured else None, http,
             )
             self._finish(rec)
             if stream is not None:
@@ -430,7 +432,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return None  # pragma: no cover - abort raises
 
     async def _forward_stream(
-        self, path: str, label: str, shape: int, request: Any, ctx: Any
+        self, path: str, label: str, shape: int, request: Any, ctx: Any, http: bool = False
     ) -> AsyncIterator[bytes]:
         """Server-streaming and bidi calls (and calls of unknown shape)."""
         t0 = time.perf_counter()
@@ -533,7 +535,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 req_size = counted.size
             rec = CallRecord(
                 app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
-                rid, req_size, sent, gw_err,
+                rid, req_size, sent, gw_err, http=http,
             )
             self._finish(rec)
             if stream is not None:

@@ -149,8 +149,8 @@ def merge_metrics(data: MetricsData | None, extra: Sequence[Metric], resource: R
     return MetricsData(resource_metrics=[replace(first, scope_metrics=scopes), *rest])
 
 
-_Key = tuple[str, str, str, str, grpc.StatusCode, bool]
-"""application, deployment, replica, method label, status, made by the gateway."""
+_Key = tuple[str, str, str, str, grpc.StatusCode, bool, bool]
+"""application, deployment, replica, method label, status, made by the gateway, came over HTTP."""
 
 
 def a66_method(path: str) -> str:
@@ -166,6 +166,7 @@ class _Series:
         "app",
         "code",
         "deployment",
+        "http",
         "lat",
         "lat_max",
         "lat_min",
@@ -189,7 +190,9 @@ class _Series:
     )
 
     def __init__(self, key: _Key, n_lat: int) -> None:
-        app, dep, rep, method, code, gateway_error = key
+        app, dep, rep, method, code, gateway_error, http = key
+        self.http = http
+        """HTTP ingress calls: in the deployment and replica rows, not the gRPC proxy's."""
         self.app = app or UNKNOWN_APPLICATION
         self.deployment = dep
         self.replica = rep
@@ -306,6 +309,10 @@ class Telemetry:
         self.provider = MeterProvider(
             metric_readers=[e.reader() for e in self.exporters], resource=self.resource
         )
+        self.extra_sources: list[Callable[[], list[Metric]]] = []
+        """More histograms to export with these (the HTTP rows: gateway/metrics/http.py)."""
+        self.http_calls_ongoing: Callable[[], int] = lambda: 0
+        """Calls in the proxy that came over HTTP: not counted as ongoing gRPC requests."""
         self._instruments()
 
     # -- the hot path ----------------------------------------------------------------------
@@ -314,7 +321,7 @@ class Telemetry:
         """Count one finished call (the proxy's observer; a few us)."""
         code = rec.code
         key = (rec.application, rec.deployment, rec.replica, rec.method_label, code,
-               rec.gateway_error)
+               rec.gateway_error, rec.http)
         s = self._series.get(key)
         if s is None:
             s = self._series[key] = _Series(key, self._n_lat)
@@ -361,7 +368,7 @@ class Telemetry:
         series = dict(self._series)
         for key in gone:
             old = series.pop(key)
-            into_key = (key[0], key[1], "", key[3], key[4], key[5])
+            into_key = (key[0], key[1], "", key[3], key[4], key[5], key[6])
             into = series.get(into_key)
             merged = _Series(into_key, self._n_lat)
             merged.reached_replica = False
@@ -493,17 +500,17 @@ class Telemetry:
         return [Observation(v, dict(k)) for k, v in sums.items()]
 
     def _requests(self) -> list[Observation]:
-        return self._project(lambda s: (
+        return self._project(lambda s: None if s.http else (
             ("application", s.app), ("method", s.method), ("route", s.app),
             ("status_code", s.status)))
 
     def _errors(self) -> list[Observation]:
-        return self._project(lambda s: None if s.code is OK else (
+        return self._project(lambda s: None if s.code is OK or s.http else (
             ("application", s.app), ("error_code", s.status), ("method", s.method),
             ("route", s.app)))
 
     def _deployment_errors(self) -> list[Observation]:
-        return self._project(lambda s: None if s.code is OK or not s.deployment else (
+        return self._project(lambda s: None if s.code is OK or not s.deployment or s.http else (
             ("application", s.app), ("deployment", s.deployment), ("error_code", s.status),
             ("method", s.method), ("route", s.app)))
 
@@ -529,7 +536,8 @@ class Telemetry:
             ("route", s.app)))
 
     def _calls_started(self) -> list[Observation]:
-        return self._project(lambda s: (("grpc.method", a66_method(s.method)),))
+        return self._project(lambda s: None if s.http else (
+            ("grpc.method", a66_method(s.method)),))
 
     # Gauges and replica counters: live state.
 
@@ -563,7 +571,7 @@ class Telemetry:
         return [Observation(0, self._replica_attrs(s)) for s in self._slot_list()]
 
     def _ongoing(self) -> list[Observation]:
-        return [Observation(self._gw.proxy.ongoing, {
+        return [Observation(self._gw.proxy.ongoing - self.http_calls_ongoing(), {
             "node_id": self.node_id, "node_ip_address": self._gw.config.proxy.host})]
 
     def _deployments(self) -> list[tuple[str, str, int]]:
@@ -655,15 +663,17 @@ class Telemetry:
         key: tuple[tuple[str, str], ...]
         for s in series:
             lat = list(s.lat)  # copied first: the loop may be adding to it
-            key = (("application", s.app), ("method", s.method), ("route", s.app),
-                   ("status_code", s.status))
-            group(latency, key, n_lat, s.start_ns).add(lat, s.lat_sum, s.lat_min, s.lat_max,
-                                                      s.start_ns)
             if s.reached_replica:
                 key = (("application", s.app), ("deployment", s.deployment),
                        ("replica", s.replica), ("route", s.app))
                 group(processing, key, n_lat, s.start_ns).add(
                     lat, s.lat_sum, s.lat_min, s.lat_max, s.start_ns)
+            if s.http:
+                continue  # the HTTP proxy's own rows: gateway/metrics/http.py
+            key = (("application", s.app), ("method", s.method), ("route", s.app),
+                   ("status_code", s.status))
+            group(latency, key, n_lat, s.start_ns).add(lat, s.lat_sum, s.lat_min, s.lat_max,
+                                                      s.start_ns)
             key = (("grpc.method", a66_method(s.method)), ("grpc.status", s.status))
             group(duration, key, n_s, s.start_ns).add(
                 list(s.s), s.lat_sum / 1000.0, s.lat_min / 1000.0, s.lat_max / 1000.0, s.start_ns)
@@ -688,6 +698,7 @@ class Telemetry:
             _hist_metric("grpc.server.call.rcvd_total_compressed_message_size",
                          "Total bytes (compressed, not including grpc framing) received across "
                          "all request messages per RPC.", "By", A66_SIZE_BOUNDS, rcvd, now),
+            *(m for source in self.extra_sources for m in source()),
         ]
 
     # -- local replicas' own metrics (scrape time) ---------------------------------------------
