@@ -20,7 +20,9 @@ from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.records.tensors import DecodeProblem, tensor_values
 
 _HTTP_ONLY_PARAMS = frozenset({"binary_data", "binary_data_size", "binary_data_output"})
-_INTS = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
+_INTS = {f"{s}INT{b}": ((-(2 ** (b - 1)), 2 ** (b - 1) - 1) if s == "" else (0, 2**b - 1))
+         for s in ("", "U") for b in (8, 16, 32, 64)}
+"""Integer datatypes and their ranges."""
 
 
 def _flatten(data: Any) -> Iterator[Any]:
@@ -68,7 +70,8 @@ def _check_value(name: str, datatype: str, v: Any) -> Any:
     if datatype == "BOOL":
         ok = isinstance(v, bool)
     elif datatype in _INTS:
-        ok = isinstance(v, int) and not isinstance(v, bool)
+        lo, hi = _INTS[datatype]
+        ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
     elif datatype == "BYTES":
         ok = isinstance(v, str)
     else:
