@@ -157,8 +157,8 @@ class HttpIngress:
                 m.observe(info.route, request.method, info.app, info.deployment, status,
                           time.perf_counter() - t0)
 
-    def _route_app(self, request: web.Request, info: _Req) -> tuple[str | None, str]:
-        """(application named by header or prefix, the path inside it)."""
+    def _route_app(self, request: web.Request, info: _Req) -> tuple[str | None, str, str]:
+        """(application named by header or prefix, the matched prefix, the path inside it)."""
         path = request.path
         name = request.headers.get("application")
         prefix = ""
@@ -171,12 +171,11 @@ class HttpIngress:
         route = self.proxy.routes.get(name) if name is not None else self.proxy.default_route
         if route is not None:
             info.app, info.deployment = route.name, route.deployment
-        info.route = prefix.rstrip("/")  # the template is appended once a route matches
-        return name, inner
+        return name, prefix.rstrip("/"), inner
 
     async def _dispatch(self, request: web.Request, info: _Req, rid: str) -> web.StreamResponse:
-        name, inner = self._route_app(request, info)
-        base = info.route
+        # `route` stays "other" until a route template matches (prefix + template).
+        name, base, inner = self._route_app(request, info)
         md: list[tuple[str, str]] = []
         if name is not None:
             md.append(("application", name))
