@@ -45,7 +45,8 @@ def grpc_calls(address: str) -> list[Any]:
 def http_calls(address: str) -> list[Any]:
     c = thttp.InferenceServerClient(address, connection_timeout=10, network_timeout=10)
     try:
-        out: list[Any] = [c.is_server_live(headers=dict(HEADERS)), c.is_server_ready(headers=dict(HEADERS)),
+        out: list[Any] = [c.is_server_live(headers=dict(HEADERS)),
+                          c.is_server_ready(headers=dict(HEADERS)),
                           c.is_model_ready("iris", headers=dict(HEADERS)),
                           c.get_model_metadata("iris", headers=dict(HEADERS))["outputs"]]
         for binary_in in (True, False):
