@@ -135,3 +135,27 @@ async def test_records_from_rest_calls_match_grpc_ones(
         assert rest["tags"]["request_id"] == "rest-1"
         for key in set(rest["tags"]) - {"request_id", "latency_ms"}:
             assert rest["tags"][key] == grpc_rec["tags"][key], key
+
+
+async def test_a_client_leaving_mid_stream_is_499_and_nothing_leaks(start_gateway: Any) -> None:
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        assert gw.http is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
+        body = b'{"text": "a", "repeat": 3, "sleepS": 1.5}'
+        writer.write(b"POST /demo.text.TextModel/PredictStream HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        first = await asyncio.wait_for(reader.readuntil(b"}}\n"), 10)
+        assert first.startswith(b"HTTP/1.1 200")
+        writer.close()
+        await writer.wait_closed()
+        route = "/demo.text.TextModel/PredictStream"
+        s = await scrape_until(gw, lambda s: s.get(
+            "ray_serve_num_http_requests_total", route=route, method="POST",
+            application="text", status_code="499") == 1.0)
+        assert s.get("ray_serve_num_http_requests_total", route=route, method="POST",
+                     application="text", status_code="499") == 1.0
+        assert gw.http.in_proxy == 0 and gw.proxy.ongoing == 0
+        assert list(s.series("ray_serve_num_ongoing_http_requests").values()) == [0.0]
+        # Found when the next message could not be written: the call counts once.
+        assert sum(s.series("ray_serve_deployment_request_counter_total").values()) == 1.0

@@ -325,3 +325,37 @@ async def test_curl_examples(start_gateway: Any) -> None:
             "positive", "positive"]
         out = await asyncio.to_thread(curl, "-i", f"{base}/v2/health/ready")
         assert out.stdout.startswith("HTTP/1.1 200")
+
+
+async def test_hostile_headers_and_paths(start_gateway: Any) -> None:
+    async with start_gateway([iris(), text()], http=HTTP) as gw:
+        # Grpc-Metadata-* cannot reroute a call or replace its request id.
+        r = await call("POST", url(gw, "/text" + PREDICT), json={"text": "a"},
+                       headers={"Grpc-Metadata-application": "classifier",
+                                "Grpc-Metadata-x-request-id": "forged", "x-request-id": "mine",
+                                "Grpc-Metadata-x-bin": "AAAA", "Grpc-Metadata-ok": "yes"})
+        assert r.status_code == 200, r.text
+        seen = r.json()["seenMetadata"]
+        assert seen["application"] == "text" and seen["x-request-id"] == "mine"
+        assert seen["ok"] == "yes" and "x-bin" not in seen
+        # A value grpc could not send is the client's error, not the gateway's.
+        r = await call("POST", url(gw, "/text" + PREDICT), json={},
+                       headers={"Grpc-Metadata-k": "caf\xe9"})
+        assert r.status_code == 400 and "printable ASCII" in r.json()["error"]
+        # Every answer has a request id, the gateway's own health answers too.
+        r = await call("GET", url(gw, "/v2/health/live"))
+        assert r.status_code == 200 and len(r.headers["x-request-id"]) == 36
+        # Deep JSON, a path shaped like a method that does not exist.
+        r = await call("POST", url(gw, "/iris/v2/models/iris/infer"),
+                       data="[" * 100000 + "]" * 100000)
+        assert r.status_code == 400 and r.json() == {"error": "invalid JSON: nested too deeply"}
+        r = await call("GET", url(gw, "/junk/x"))
+        assert r.status_code == 404 and "no route for GET" in r.json()["error"]
+        # A client sending half a body and leaving: nothing logged as an error, still served.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
+        writer.write(b"POST /text" + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        assert (await call("GET", url(gw, "/v2/health/live"))).status_code == 200

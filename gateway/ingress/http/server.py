@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import GatewayConfig
 from gateway.dataplane.methods import MethodTable
@@ -42,16 +43,35 @@ _MODEL = re.compile(
     r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<op>/ready|/infer)?"
 )
 _METHOD = re.compile(r"/[A-Za-z_][\w.]*/[A-Za-z_]\w*")
+_RESERVED_KEYS = frozenset({"application", "x-request-id", "request_id", "te", "content-type",
+                            "user-agent", "grpc-timeout", "grpc-encoding",
+                            "grpc-accept-encoding"})
+_MD_KEY = re.compile(r"[0-9a-z_.-]{1,200}")
 OTHER_ROUTE = "other"
 """The route label of requests that match no route."""
+
+
+class _ClientFault(logging.Filter):
+    """aiohttp logs a malformed request (bad header bytes...) at ERROR with a traceback; it is
+    the client's fault and already answered 400, so it is kept as one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc.message}"[:500]
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
 
 
 class _Req:
     """What one HTTP request was, for its metric row and log lines."""
 
-    __slots__ = ("app", "deployment", "route")
+    __slots__ = ("app", "deployment", "route", "status")
 
     def __init__(self) -> None:
+        self.status: int | None = None
+        """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
         self.app = ""
         self.deployment = ""
@@ -99,6 +119,9 @@ class HttpIngress:
         self.prefixes = sorted(((p, n) for p, n in pairs if p), key=lambda x: -len(x[0]))
 
     async def start(self) -> int:
+        server_log = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, _ClientFault) for f in server_log.filters):
+            server_log.addFilter(_ClientFault())
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -142,6 +165,10 @@ class HttpIngress:
                     log.log(logging.ERROR if status >= 500 else logging.WARNING,
                             "HTTP %s %s %d: %s", request.method, info.route, status, e.message)
                     return _error(e.status, e.message, {"x-request-id": shown})
+                except ConnectionResetError:
+                    # The client went away while its body was read: nobody to answer.
+                    status = 499
+                    return web.Response(status=499)
                 except web.HTTPRequestEntityTooLarge:
                     status = 413
                     log.warning("HTTP %s %s 413: body over %d bytes", request.method,
@@ -149,7 +176,9 @@ class HttpIngress:
                     return _error(413, f"the request body is larger than {self.max_body} "
                                        "bytes (proxy.max_message_bytes)",
                                   {"x-request-id": shown})
-            status = resp.status
+            status = info.status or resp.status
+            if not resp.prepared:
+                resp.headers.setdefault("x-request-id", shown)
             return resp
         finally:
             if m is not None:
@@ -174,7 +203,7 @@ class HttpIngress:
         return name, prefix.rstrip("/"), inner
 
     async def _dispatch(self, request: web.Request, info: _Req, rid: str) -> web.StreamResponse:
-        # `route` stays "other" until a route template matches (prefix + template).
+        # The route label (`info.route`) stays "other" until a route template matches.
         name, base, inner = self._route_app(request, info)
         md: list[tuple[str, str]] = []
         if name is not None:
@@ -184,7 +213,13 @@ class HttpIngress:
         for key, value in request.headers.items():
             k = key.lower()
             if k.startswith("grpc-metadata-") and len(k) > 14:
-                md.append((k[14:], value))
+                k = k[14:]
+                if k in _RESERVED_KEYS or k.endswith("-bin") or not _MD_KEY.fullmatch(k):
+                    continue  # routing and ids come from the request itself; no binary values
+                if not (value.isascii() and value.isprintable()):
+                    raise RestError(400, f"header {key[:100]!r}: a metadata value must be "
+                                         "printable ASCII")
+                md.append((k, value))
         verb = request.method
         if inner in ("/v2/health/live", "/v2/health/ready"):
             info.route = base + inner
@@ -207,31 +242,34 @@ class HttpIngress:
         if inner in ("/v2", "/v2/"):
             info.route = base + "/v2"
             self._allow(verb, "GET")
+            self._need_application(name)
             data, ctx = await self._unary(OIP + "ServerMetadata", b"", md)
             if data is None:
                 return self._failed(ctx)
             smd = pb.ServerMetadataResponse.FromString(data)
             return _json(200, {"name": smd.name, "version": smd.version,
                                "extensions": list(smd.extensions)}, self._out(ctx))
-        if name is None and self.proxy.default_route is None and (
-                inner.startswith("/v2/") or _METHOD.fullmatch(inner)):
-            info.route = base + (inner if self.methods.descriptor(inner) else "/v2")
-            raise RestError(404, self._no_application())
         mm = _MODEL.fullmatch(inner)
         if mm is not None:
-            return await self._model(request, info, base, mm, md)
+            return await self._model(request, info, base, mm, md, name)
         if _METHOD.fullmatch(inner) and self.methods.descriptor(inner) is not None:
             info.route = base + inner  # a known method path: a fixed, bounded set
             self._allow(verb, "POST")
-            return await self._transcoded(request, inner, md, rid)
+            self._need_application(name)
+            return await self._transcoded(request, info, inner, md, rid)
         raise RestError(404, f"no route for {verb} {request.path[:200]!r}: OIP REST is under "
                              "/v2 and JSON transcoding at /{package.Service}/{Method}")
 
-    def _no_application(self) -> str:
+    def _need_application(self, name: str | None) -> None:
+        """404 naming the applications (and prefixes) when nothing names one and there are
+        several (the proxy's own message speaks of gRPC metadata)."""
+        if name is not None or self.proxy.default_route is not None:
+            return
         names = ", ".join(repr(n) for n in sorted(self.proxy.routes)) or "none"
         prefixes = ", ".join(f"{p} -> {n!r}" for p, n in self.prefixes)
-        return (f"No application matched: send header 'application' with one of: {names}"
-                + (f"; or use a route_prefix ({prefixes})" if prefixes else ""))
+        raise RestError(404, f"No application matched: send header 'application' with one "
+                             f"of: {names}" + (f"; or use a route_prefix ({prefixes})"
+                                                if prefixes else ""))
 
     @staticmethod
     def _allow(verb: str, want: str) -> None:
@@ -239,10 +277,11 @@ class HttpIngress:
             raise RestError(405, f"method {verb} not allowed here; use {want}")
 
     async def _model(self, request: web.Request, info: _Req, base: str, mm: re.Match[str],
-                     md: list[tuple[str, str]]) -> web.StreamResponse:
+                     md: list[tuple[str, str]], name: str | None) -> web.StreamResponse:
         model, version, op = mm["model"], mm["version"] or "", mm["op"] or ""
         info.route = (base + "/v2/models/{model}" + ("/versions/{version}" if version else "")
                       + op)
+        self._need_application(name)
         if op == "/infer":
             self._allow(request.method, "POST")
             body = await request.read()
@@ -267,8 +306,8 @@ class HttpIngress:
             return self._failed(ctx)
         return _json(200, oip_rest.metadata_json(data), self._out(ctx))
 
-    async def _transcoded(self, request: web.Request, path: str, md: list[tuple[str, str]],
-                          rid: str) -> web.StreamResponse:
+    async def _transcoded(self, request: web.Request, info: _Req, path: str,
+                          md: list[tuple[str, str]], rid: str) -> web.StreamResponse:
         desc = self.methods.descriptor(path)
         if desc.client_streaming:
             raise RestError(501, f"{path} is a client-streaming or bidirectional method: "
@@ -298,15 +337,18 @@ class HttpIngress:
                 "Content-Type": "application/x-ndjson", "x-request-id": rid})
             await resp.prepare(request)
             msg = first
-            while msg is not None:
-                doc = transcode.response_json(desc, msg)
-                await resp.write(transcode.ndjson_line({"result": doc}))
-                msg = await anext(stream, None)
-            if ctx.code is not grpc.StatusCode.OK:
-                await resp.write(transcode.ndjson_line({"error": {
-                    "code": ctx.code.value[0], "status": ctx.code.name,
-                    "message": ctx.details}}))
-            await resp.write_eof()
+            try:
+                while msg is not None:
+                    doc = transcode.response_json(desc, msg)
+                    await resp.write(transcode.ndjson_line({"result": doc}))
+                    msg = await anext(stream, None)
+                if ctx.code is not grpc.StatusCode.OK:
+                    await resp.write(transcode.ndjson_line({"error": {
+                        "code": ctx.code.value[0], "status": ctx.code.name,
+                        "message": ctx.details}}))
+                await resp.write_eof()
+            except ConnectionResetError:
+                info.status = 499  # the client left mid-stream; the upstream call is cancelled
             return resp
         finally:
             self.in_proxy -= 1
