@@ -352,7 +352,7 @@ async def test_hostile_headers_and_paths(start_gateway: Any) -> None:
         r = await call("GET", url(gw, "/junk/x"))
         assert r.status_code == 404 and "no route for GET" in r.json()["error"]
         # A client sending half a body and leaving: nothing logged as an error, still served.
-        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
         writer.write(b"POST /text" + PREDICT.encode() + b" HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: 100\r\n\r\n{")
         await writer.drain()
