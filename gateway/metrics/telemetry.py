@@ -571,7 +571,7 @@ class Telemetry:
         return [Observation(0, self._replica_attrs(s)) for s in self._slot_list()]
 
     def _ongoing(self) -> list[Observation]:
-        return [Observation(self._gw.proxy.ongoing - self.http_calls_ongoing(), {
+        return [Observation(max(0, self._gw.proxy.ongoing - self.http_calls_ongoing()), {
             "node_id": self.node_id, "node_ip_address": self._gw.config.proxy.host})]
 
     def _deployments(self) -> list[tuple[str, str, int]]:

@@ -124,7 +124,9 @@ class HttpIngress:
             server_log.addFilter(_ClientFault())
         app = web.Application(client_max_size=self.max_body)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Closed after the gRPC drain (Gateway._stop): calls still running then are past the
+        # grace, and get a second more, not aiohttp's default minute.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False)
