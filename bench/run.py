@@ -312,13 +312,21 @@ class H2Result:
 
 
 def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
-           calls: int | None = None, duration_s: float | None = None) -> H2Result:
-    """One h2load run over one connection with `concurrency` streams."""
-    log = work / "h2load.log"
+           calls: int | None = None, duration_s: float | None = None,
+           path: str = ECHO_METHOD, h1_json: bool = False, log_name: str = "h2load.log",
+           ) -> H2Result:
+    """One h2load run over one connection with `concurrency` streams; `h1_json`: HTTP/1.1
+    JSON posts over `concurrency` connections instead (the HTTP ingress cell)."""
+    log = work / log_name
     log.unlink(missing_ok=True)
-    cmd = ["h2load", "-c", "1", "-t", "1", "-m", str(concurrency), "-d", str(frame),
-           "-H", "content-type: application/grpc", "-H", "te: trailers",
-           "-H", f"application: {app}", f"--log-file={log}"]
+    if h1_json:
+        cmd = ["h2load", "--h1", "-c", str(concurrency), "-t", "1", "-d", str(frame),
+               "-H", "content-type: application/json", "-H", f"application: {app}",
+               f"--log-file={log}"]
+    else:
+        cmd = ["h2load", "-c", "1", "-t", "1", "-m", str(concurrency), "-d", str(frame),
+               "-H", "content-type: application/grpc", "-H", "te: trailers",
+               "-H", f"application: {app}", f"--log-file={log}"]
     if duration_s is not None:
         cmd += ["-D", f"{round(duration_s * 1000)}ms"]
         timeout = duration_s + 30
@@ -326,7 +334,7 @@ def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
         assert calls is not None
         cmd += ["-n", str(calls)]
         timeout = 60 + calls / 200  # generous even at 200 calls/s
-    cmd.append(f"http://{address}{ECHO_METHOD}")
+    cmd.append(f"http://{address}{path}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     text = out.stdout
     fin = re.search(r"finished in ([\d.]+)(us|ms|s), ([\d.]+) req/s", text)
@@ -659,6 +667,10 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", "## Features active per gateway variant", ""]
     for v, f in result["features"].items():
         lines.append(f"- {v}: " + ", ".join(f"{k}={val}" for k, val in f.items()))
+    if result.get("http"):
+        from bench.http_cell import render_http
+
+        lines += render_http(result["http"])
     lines += ["", "## Issue 6 targets (same run)", "", *targets_summary(cells, mem), ""]
     lines += ["How each call is checked to be gRPC OK: " + result["ok_method"], ""]
     return "\n".join(lines)
@@ -863,6 +875,9 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                           f"  p50 {cell['p50_ms']:.3f} ms  ok={cell['grpc_ok']}",
                           file=sys.stderr, flush=True)
         memory = measure_memory(mem_gw, s, frame, message, work)
+        from bench.http_cell import run_http_cells  # imports this module: not at the top
+
+        http_cells = run_http_cells(s, tmp, env)
         features = {v: gateway_features(g) for v, g in gws.items()}
         clients.close()
     add_ratios(cells)
@@ -875,6 +890,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg": os.getloadavg()},
         "notes": notes, "ok_method": OK_METHOD, "cells": cells, "memory": memory,
+        "http": http_cells,
         "features": features,
         "gateway_configs": {v: g.config for v, g in gws.items()},
         "nginx": nginx is not None,
@@ -902,7 +918,9 @@ def main(argv: list[str] | None = None) -> int:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     print(text)
     print(f"written: {stem}.md, {stem}.json")
-    return 0 if all(c["grpc_ok"] for c in result["cells"]) else 1
+    ok = all(c["grpc_ok"] for c in result["cells"]) and all(
+        c["ok"] for c in result["http"]["cells"])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 
+from gateway.oip import Tensor, infer_response
 from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.pb import text_model_pb2, text_model_pb2_grpc
@@ -110,25 +111,12 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
             labels.append(label.encode())
             scores.append(score)
         n = len(rows)
-        out = pb.ModelInferResponse.InferOutputTensor
-        return pb.ModelInferResponse(
+        # In the request's form: raw outputs for raw inputs (what Triton's clients read).
+        return infer_response(
+            request,
+            [Tensor("label", "BYTES", [n], labels), Tensor("score", "FP32", [n], scores)],
             model_name=self.name,
             model_version=self.version,
-            id=request.id,
-            outputs=[
-                out(
-                    name="label",
-                    datatype="BYTES",
-                    shape=[n],
-                    contents=pb.InferTensorContents(bytes_contents=labels),
-                ),
-                out(
-                    name="score",
-                    datatype="FP32",
-                    shape=[n],
-                    contents=pb.InferTensorContents(fp32_contents=scores),
-                ),
-            ],
         )
 
     async def _rows(self, request: pb.ModelInferRequest, context: Any) -> list[tuple[float, ...]]:

@@ -22,7 +22,10 @@ from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
 from gateway.hooks import ProxyState
+from gateway.ingress.http import HttpIngress
 from gateway.logs.gateway_process import GatewayLogging
+from gateway.metrics.exporter import SCOPE
+from gateway.metrics.http import HttpMetrics
 from gateway.metrics.telemetry import Telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records.pipeline import RecordPipeline
@@ -93,6 +96,8 @@ class Gateway:
         self.proxy.observers.append(self.records.observe)
         self.controller.replica_env = self.logging.replica_env
         self.controller.replica_output = self.logging.replica_output
+        self.http = self._http_ingress(config)
+        """The HTTP ingress (OIP REST, JSON transcoding), when `http.enabled`."""
         self.metrics_port: int | None = None
         """Bound port of the Prometheus endpoint (None when it is off)."""
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -109,6 +114,25 @@ class Gateway:
     def address(self) -> str:
         # The listener bound at start: a deploy changing proxy.host takes effect on restart.
         return grpc_address(self._host, self.port)
+
+    @property
+    def http_address(self) -> str | None:
+        return self.http.address if self.http is not None else None
+
+    def _http_ingress(self, config: GatewayConfig) -> HttpIngress | None:
+        if not config.http.enabled:
+            return None
+        metrics = None
+        t = self.telemetry
+        if t is not None:
+            metrics = HttpMetrics(config.metrics.latency_buckets_ms, t.node_id, config.http.host)
+            metrics.register(t.provider.get_meter(SCOPE.name, SCOPE.version))
+            t.extra_sources.append(metrics.histograms)
+        ingress = HttpIngress(self.proxy, self.methods, config, metrics,
+                              lambda: self.state == ProxyState.HEALTHY)
+        if t is not None:
+            t.gauges.http_calls_ongoing = lambda: ingress.in_proxy
+        return ingress
 
     def _learn_methods(self, files: list[Any]) -> None:
         for fd in files:
@@ -169,6 +193,8 @@ class Gateway:
         if self.telemetry is not None:
             await self.telemetry.start()
             self.metrics_port = self.telemetry.prometheus_port
+        if self.http is not None:
+            await self.http.start()
         # Off the loop: building an exporter may import its SDK (arize: about a second).
         await asyncio.get_running_loop().run_in_executor(None, self.records.start)
         await self.controller.apply(cfg)
@@ -203,6 +229,8 @@ class Gateway:
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)
+        if self.http is not None:
+            self.http.apply(config)
         self.config = config
         self.logging.apply(config)
         return await self.controller.apply(config)
@@ -234,6 +262,8 @@ class Gateway:
             self.proxy.cut_at_stop = True
         if self.server is not None:
             await self._shut_listener(self.server, end)
+        if self.http is not None:
+            await self.http.stop()
         self.state = ProxyState.DRAINED
         # Every call has ended (and been observed): send the queued records, within a bound.
         await asyncio.get_running_loop().run_in_executor(None, self.records.shutdown)

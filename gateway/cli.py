@@ -56,6 +56,8 @@ async def _run(config: GatewayConfig) -> int:
         await gw.stop(0)
         return EXIT_FAILED
     print(f"gateway: serving gRPC on {gw.address}", flush=True)
+    if gw.http is not None:
+        print(f"gateway: serving HTTP on {gw.http.address}", flush=True)
     print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}", flush=True)
     if gw.metrics_port:
         prom = config.metrics.prometheus

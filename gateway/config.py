@@ -143,10 +143,18 @@ class ApplicationConfig(_Model):
     """Deployment that receives the application's calls (default: the first)."""
     logging_config: LoggingConfig | None = None
     prediction_records: PredictionRecordsConfig = Field(default_factory=PredictionRecordsConfig)
+    route_prefix: str | None = None
+    """HTTP path prefix routed to this application (Ray's field; the longest match wins)."""
 
     @model_validator(mode="after")
     def _names(self) -> ApplicationConfig:
         _printable_name(self.name, "application name")
+        rp = self.route_prefix
+        if rp is not None and (not rp.startswith("/") or (rp != "/" and rp.endswith("/"))
+                               or "//" in rp or not rp.isprintable() or " " in rp
+                               or "{" in rp or "}" in rp or len(rp) > 200):
+            raise ValueError(f"route_prefix {rp[:200]!r} must start with '/', not end with '/' "
+                             "(unless it is '/'), and hold no spaces, braces or '//'")
         names = [d.name for d in self.deployments]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -183,6 +191,15 @@ class ProxyConfig(_Model):
     gRPC call each. External replicas always get plain gRPC calls."""
 
 
+class HttpConfig(_Model):
+    """The HTTP ingress: Open Inference Protocol REST and JSON transcoding (Ray's port 8000)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    _bare = field_validator("host")(bare_host)
+
+
 class AdminConfig(_Model):
     """The admin gRPC service behind `gateway status/config/deploy/shutdown`."""
 
@@ -209,6 +226,7 @@ class GatewayConfig(_Model):
     """The whole goal state."""
 
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -225,6 +243,8 @@ class GatewayConfig(_Model):
             raise ValueError(f"duplicate application names: {sorted(dup)}")
         listeners = [("proxy.port", self.proxy.host, self.proxy.port),
                      ("admin.port", self.admin.host, self.admin.port)]
+        if self.http.enabled:
+            listeners.append(("http.port", self.http.host, self.http.port))
         if self.metrics.enabled and self.metrics.prometheus.enabled:
             prom = self.metrics.prometheus
             listeners.append(("metrics.prometheus.port", prom.host, prom.port))
@@ -234,6 +254,10 @@ class GatewayConfig(_Model):
                 if port and port == other_port and collide(host, other_host):
                     raise ValueError(f"{key} {port} is also {other}: each listener needs "
                                      "its own port")
+        prefixes = [a.route_prefix for a in self.applications if a.route_prefix is not None]
+        dup = {p for p in prefixes if prefixes.count(p) > 1}
+        if dup:
+            raise ValueError(f"duplicate route_prefix values: {sorted(dup)}")
         known = {"default", "arize", "jsonl", *(e.name for e in self.records.exporters)}
         for app in self.applications:
             unknown = [n for n in app.prediction_records.exporters if n not in known]

@@ -65,6 +65,11 @@ class RunningGateway(Protocol):
     def port(self) -> int: ...
 
     @property
+    def http_address(self) -> str | None:
+        """Where the HTTP ingress is bound; None when it is off."""
+        ...
+
+    @property
     def proxy(self) -> Proxy: ...
 
     @property

@@ -31,9 +31,10 @@ pytestmark = pytest.mark.skipif(shutil.which("h2load") is None,
                                 reason="h2load (Debian nghttp2-client) is not installed")
 
 
+@pytest.mark.timeout(300)
 def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=110)
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [js] = tmp_path.glob("*-smoke.json")
     [md] = tmp_path.glob("*-smoke.md")
@@ -46,6 +47,16 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
                 for c in (1, 16, 64) if t != "nginx" or has_nginx}
     cells = {(c["kind"], c["target"], c["concurrency"]): c for c in result["cells"]}
     assert set(cells) == expected
+    # The HTTP cell: the iris model over REST and gRPC through the gateway, and direct.
+    http = {(c["target"], c["concurrency"]): c for c in result["http"]["cells"]}
+    assert set(http) == {(t, c) for t in ("direct gRPC", "gateway gRPC",
+                                          "gateway HTTP (OIP REST)") for c in (1, 16)} | {
+        ("gateway gRPC, HTTP under load", 16)}
+    for key, c in http.items():
+        assert c["ok"] and c["calls_per_s"] > 0 and 0 < c["p50_ms"] <= c["p99_ms"], (key, c)
+        assert (c["gateway_cpu_us_per_call"] is None) is (key[0] == "direct gRPC"), key
+    assert http["gateway gRPC, HTTP under load", 16]["http_background_calls_per_s"] > 0
+    assert "## HTTP cell" in md.read_text()
     for key, c in cells.items():
         assert c["grpc_ok"], (key, c["problems"])
         assert c["problems"] == []

@@ -338,7 +338,10 @@ async def test_open_inference_protocol_typed_and_raw(start_gateway: Any) -> None
         b = await stub.ModelInfer(raw, metadata=md("classifier"))
         labels = list(a.outputs[0].contents.bytes_contents)
         assert labels == [b"setosa", b"virginica"]
-        assert list(b.outputs[0].contents.bytes_contents) == labels
+        # Raw inputs get raw outputs (what Triton's clients read): 4-byte length, then bytes.
+        assert not b.outputs[0].HasField("contents")
+        assert b.raw_output_contents[0] == b"".join(
+            struct.pack("<I", len(v)) + v for v in labels)
         assert a.id == "r1"
         live = await stub.ServerLive(oip.ServerLiveRequest(), metadata=md("classifier"))
         assert live.live

@@ -5,6 +5,7 @@ gateway after known traffic (errors and prediction records included)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
@@ -14,10 +15,12 @@ import shutil
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -42,18 +45,12 @@ needs_prometheus = pytest.mark.skipif(
 # Panels over metrics the gateway does not export yet, each with the issue that adds them.
 # Every one must come back empty: when its metric appears, take the panel off this list.
 NOT_YET_EXPORTED = {
-    # HTTP ingress (a later issue)
-    ("grpc-gateway-overview", "HTTP calls/s"),
-    ("grpc-gateway-overview", "HTTP errors/s by code"),
-    ("grpc-gateway-overview", "HTTP error ratio (5xx)"),
-    ("grpc-gateway-overview", "HTTP latency"),
-    ("grpc-gateway-overview", "Ongoing HTTP calls"),
     # multiplexed models (a later issue)
     ("grpc-gateway-deployment", "Multiplexed models loaded"),
     ("grpc-gateway-deployment", "Model loads and unloads/s"),
     ("grpc-gateway-deployment", "Model load latency"),
 }
-NOT_YET_EXPORTED_METRICS = re.compile(r"ray_serve_\w*http\w*|ray_serve_\w*multiplexed\w*")
+NOT_YET_EXPORTED_METRICS = re.compile(r"ray_serve_\w*multiplexed\w*")
 
 # What Grafana puts in for its macros; `.*` is what "All" of every template variable means.
 MACROS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
@@ -351,6 +348,33 @@ async def known_traffic(address: str) -> None:
             await iris.ModelInfer(infer_request(ROWS), metadata=md("classifier"), timeout=10)
 
 
+@contextlib.asynccontextmanager
+async def http_traffic(gw: Any) -> AsyncIterator[None]:
+    """REST calls flowing in the background (bounded: at most one every 50 ms), one in five
+    failing with 500, so the HTTP rates, ratios and quantiles have data."""
+    stop = asyncio.Event()
+    assert gw.http is not None
+    url = f"http://127.0.0.1:{gw.http.port}/demo.text.TextModel/Predict"
+
+    async def run() -> None:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            for i in range(2000):
+                if stop.is_set():
+                    return
+                body = {"text": "good", "failCode": 13 if i % 5 == 4 else 0}
+                async with session.post(url, json=body, headers={"application": "text"}) as r:
+                    await r.read()
+                await asyncio.sleep(0.05)
+
+    task = asyncio.ensure_future(run())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
 def gateway_setup(fake: FakeArize) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     text = {"name": "text", "deployments": [
         {"name": "TextModel", "import_path": "examples.models:TextModel"}],
@@ -396,7 +420,7 @@ async def test_every_panel_returns_data_from_a_real_gateway(
     with FakeArize() as fake:
         fake.status = 500  # Arize down: retries, then failed records; up again below
         apps, records = gateway_setup(fake)
-        async with start_gateway(apps, records=records) as gw, \
+        async with start_gateway(apps, records=records, http={"enabled": True, "port": 0}) as gw, \
                 grpc.aio.insecure_channel(gw.address) as ch:
             assert gw.metrics_port
             with prometheus_server(tmp_path, gw.metrics_port) as base:
@@ -406,7 +430,7 @@ async def test_every_panel_returns_data_from_a_real_gateway(
                 while gw.records.stats["arize"].failed == 0 and loop.time() < end:
                     await asyncio.sleep(0.05)
                 fake.status = 200
-                async with traffic(ch):
+                async with traffic(ch), http_traffic(gw):
                     end = loop.time() + 60
                     while True:
                         results = await evaluate(base)

@@ -152,8 +152,9 @@ async def test_oip_batched_call_becomes_one_arize_record_per_row(
         # Raw contents decode to the same features; a one-row call's id ends in :0 too.
         raw = got["req-oip-raw:0"]
         assert features(raw) == pytest.approx(dict(zip(COLUMNS, ROWS[0], strict=True)))
+        # The raw call was answered raw (gateway.oip.infer_response); records read both forms.
         assert raw.prediction.prediction_label.score_categorical.score_category.category == (
-            raw_resp.outputs[0].contents.bytes_contents[0].decode())
+            raw_resp.raw_output_contents[0][4:].decode()) == classify(ROWS[0])[0]
         # The real SDK's transport: POST /v1/log, key and space id in headers.
         first = fake.received[0]
         assert first.path == "/v1/log"

@@ -109,6 +109,8 @@ def node_id(gw: RunningGateway) -> str:
 
 def build_status(gw: RunningGateway) -> GatewayStatus:
     out = GatewayStatus(proxies={node_id(gw): ProxyStatus(gw.state, gw.address)})
+    if gw.http_address is not None:
+        out.proxies[f"{node_id(gw)}/http"] = ProxyStatus(gw.state, gw.http_address)
     for name, app in gw.controller.apps.items():
         deps: dict[str, DeploymentStatusOverview] = {}
         for dname, dep in app.deployments.items():

@@ -63,6 +63,8 @@ class CallRecord:
     request: bytes | None = None
     """Captured request bytes (unary requests of sampled calls only)."""
     response: bytes | None = None
+    http: bool = False
+    """True for calls that came through the HTTP ingress (gateway/ingress/http)."""
 
 
 Observer = Callable[[CallRecord], None]

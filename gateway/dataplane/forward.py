@@ -67,11 +67,12 @@ class _Counted:
 class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
-    __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "label",
-                 "path", "rep_id", "req_size", "rid", "shape", "stream", "t0", "wall")
+    __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "http",
+                 "label", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0", "wall")
 
-    def __init__(self, path: str, label: str, shape: int) -> None:
+    def __init__(self, path: str, label: str, shape: int, http: bool) -> None:
         self.t0 = time.perf_counter()
+        self.http = http
         self.wall = time.time()
         self.path = path
         self.label = label
@@ -116,10 +117,10 @@ class Forwarder:
     # -- the two drivers -------------------------------------------------------------------
 
     async def forward_unary(
-        self, path: str, label: str, shape: int, request: Any, ctx: Any
+        self, path: str, label: str, shape: int, request: Any, ctx: Any, http: bool = False
     ) -> bytes | None:
         """Unary and client-streaming calls: one response (or a status) comes back."""
-        c = _CallState(path, label, shape)
+        c = _CallState(path, label, shape, http)
         self.ongoing += 1
         if shape == UNARY_UNARY:
             c.req_size = len(request)
@@ -174,10 +175,10 @@ class Forwarder:
         return None  # pragma: no cover - abort raises
 
     async def forward_stream(
-        self, path: str, label: str, shape: int, request: Any, ctx: Any
+        self, path: str, label: str, shape: int, request: Any, ctx: Any, http: bool = False
     ) -> AsyncIterator[bytes]:
         """Server-streaming and bidi calls (and calls of unknown shape)."""
-        c = _CallState(path, label, shape)
+        c = _CallState(path, label, shape, http)
         self.ongoing += 1
         if shape == UNARY_STREAM:
             c.req_size = len(request)
@@ -315,7 +316,7 @@ class Forwarder:
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, c.label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
-            request, response,
+            request, response, c.http,
         )
         for obs in self.observers:
             try:

@@ -37,6 +37,8 @@ class MethodTable:
 
     def __init__(self, modules: tuple[str, ...] | list[str] = BUILTIN_PROTO_MODULES) -> None:
         self._methods: dict[str, MethodInfo] = {}
+        self._descriptors: dict[str, Any] = {}
+        """Path -> MethodDescriptor, for the HTTP ingress's JSON transcoding."""
         for name in modules:
             self.add_module(importlib.import_module(name))
 
@@ -56,9 +58,14 @@ class MethodTable:
                     input_type=m.input_type.full_name,
                     output_type=m.output_type.full_name,
                 )
+                self._descriptors[path] = m
 
     def get(self, path: str) -> MethodInfo | None:
         return self._methods.get(path)
+
+    def descriptor(self, path: str) -> Any:
+        """The method's protobuf MethodDescriptor (input and output message types), or None."""
+        return self._descriptors.get(path)
 
     def label(self, path: str) -> str:
         """The metric label for a method: its path when known, `other` otherwise."""

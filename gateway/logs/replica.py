@@ -222,7 +222,10 @@ class _ReplicaInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         def end(token: contextvars.Token[CallContext | None], rid: str, t0: float,
                 exc: BaseException | None, context: Any) -> None:
-            _call.reset(token)
+            try:
+                _call.reset(token)
+            except ValueError:
+                pass  # a stream finalised in another context (closed by grpc after a cancel)
             rl.record_call(path, _code_of(exc, context), time.perf_counter() - t0, rid)
 
         if not h.response_streaming:

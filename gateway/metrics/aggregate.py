@@ -38,8 +38,8 @@ _NOT_REPLICA_ERRORS = frozenset(
 )
 
 
-_Key = tuple[str, str, str, str, grpc.StatusCode, bool]
-"""application, deployment, replica, method label, status, made by the gateway."""
+_Key = tuple[str, str, str, str, grpc.StatusCode, bool, bool]
+"""application, deployment, replica, method label, status, made by the gateway, came over HTTP."""
 
 
 def a66_method(path: str) -> str:
@@ -55,6 +55,7 @@ class Series:
         "app",
         "code",
         "deployment",
+        "http",
         "lat",
         "lat_max",
         "lat_min",
@@ -78,7 +79,9 @@ class Series:
     )
 
     def __init__(self, key: _Key, n_lat: int) -> None:
-        app, dep, rep, method, code, gateway_error = key
+        app, dep, rep, method, code, gateway_error, http = key
+        self.http = http
+        """HTTP ingress calls: in the deployment and replica rows, not the gRPC proxy's."""
         self.app = app or UNKNOWN_APPLICATION
         self.deployment = dep
         self.replica = rep
@@ -133,7 +136,7 @@ class CallAggregate:
         """Count one finished call (the proxy's observer; a few us)."""
         code = rec.code
         key = (rec.application, rec.deployment, rec.replica, rec.method_label, code,
-               rec.gateway_error)
+               rec.gateway_error, rec.http)
         s = self._series.get(key)
         if s is None:
             s = self._series[key] = Series(key, self.n_lat)
@@ -177,7 +180,7 @@ class CallAggregate:
         series = dict(self._series)
         for key in gone:
             old = series.pop(key)
-            into_key = (key[0], key[1], "", key[3], key[4], key[5])
+            into_key = (key[0], key[1], "", key[3], key[4], key[5], key[6])
             into = series.get(into_key)
             merged = Series(into_key, self.n_lat)
             merged.reached_replica = False

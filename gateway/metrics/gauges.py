@@ -30,6 +30,8 @@ class LiveGauges:
         self.slots: dict[str, ReplicaSlot] = {}
         """The replicas to report (kept by `Telemetry.on_replica_event`)."""
         self._procs: dict[int, psutil.Process] = {}
+        self.http_calls_ongoing: Callable[[], int] = lambda: 0
+        """Calls in the proxy that came over HTTP: not ongoing gRPC requests (set by app.py)."""
 
     def slot_list(self) -> list[ReplicaSlot]:
         return list(self.slots.values())
@@ -61,7 +63,8 @@ class LiveGauges:
         return [Observation(0, self._replica_attrs(s)) for s in self.slot_list()]
 
     def ongoing(self) -> list[Observation]:
-        return [Observation(self._gw.proxy.ongoing, {
+        ongoing = max(0, self._gw.proxy.ongoing - self.http_calls_ongoing())
+        return [Observation(ongoing, {
             "node_id": self.node_id, "node_ip_address": self._gw.config.proxy.host})]
 
     def _deployments(self) -> list[tuple[str, str, int]]:

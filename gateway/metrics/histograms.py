@@ -84,15 +84,17 @@ def histogram_metrics(series: Sequence[Series], lat_bounds: Sequence[float]) -> 
     key: _Labels
     for s in series:
         lat = list(s.lat)  # copied first: the loop may be adding to it
-        key = (("application", s.app), ("method", s.method), ("route", s.app),
-               ("status_code", s.status))
-        group(latency, key, n_lat, s.start_ns).add(lat, s.lat_sum, s.lat_min, s.lat_max,
-                                                  s.start_ns)
         if s.reached_replica:
             key = (("application", s.app), ("deployment", s.deployment),
                    ("replica", s.replica), ("route", s.app))
             group(processing, key, n_lat, s.start_ns).add(
                 lat, s.lat_sum, s.lat_min, s.lat_max, s.start_ns)
+        if s.http:
+            continue  # the HTTP proxy's own rows: gateway/metrics/http.py
+        key = (("application", s.app), ("method", s.method), ("route", s.app),
+               ("status_code", s.status))
+        group(latency, key, n_lat, s.start_ns).add(lat, s.lat_sum, s.lat_min, s.lat_max,
+                                                  s.start_ns)
         key = (("grpc.method", a66_method(s.method)), ("grpc.status", s.status))
         group(duration, key, n_s, s.start_ns).add(
             list(s.s), s.lat_sum / 1000.0, s.lat_min / 1000.0, s.lat_max / 1000.0, s.start_ns)

@@ -73,6 +73,8 @@ class Telemetry:
         self.provider = MeterProvider(
             metric_readers=[e.reader() for e in self.exporters], resource=self.resource
         )
+        self.extra_sources: list[Callable[[], list[Metric]]] = []
+        """More histograms to export with these (the HTTP rows: gateway/metrics/http.py)."""
         self._instruments()
 
     def on_replica_event(self, event: str, slot: ReplicaSlot) -> None:
@@ -128,7 +130,8 @@ class Telemetry:
 
     def extra_metrics(self) -> list[Metric]:
         """The histograms, as SDK metric points (cumulative); readers export them with the rest."""
-        return histogram_metrics(self.aggregate.series(), self.aggregate.lat_bounds)
+        return [*histogram_metrics(self.aggregate.series(), self.aggregate.lat_bounds),
+                *(m for source in self.extra_sources for m in source())]
 
     def replica_expositions(self) -> list[str]:
         """Prometheus text of every running local replica's custom metrics (bounded wait)."""
@@ -211,17 +214,17 @@ class Telemetry:
         return [Observation(v, dict(k)) for k, v in sums.items()]
 
     def _requests(self) -> list[Observation]:
-        return self._project(lambda s: (
+        return self._project(lambda s: None if s.http else (
             ("application", s.app), ("method", s.method), ("route", s.app),
             ("status_code", s.status)))
 
     def _errors(self) -> list[Observation]:
-        return self._project(lambda s: None if s.code is OK else (
+        return self._project(lambda s: None if s.code is OK or s.http else (
             ("application", s.app), ("error_code", s.status), ("method", s.method),
             ("route", s.app)))
 
     def _deployment_errors(self) -> list[Observation]:
-        return self._project(lambda s: None if s.code is OK or not s.deployment else (
+        return self._project(lambda s: None if s.code is OK or not s.deployment or s.http else (
             ("application", s.app), ("deployment", s.deployment), ("error_code", s.status),
             ("method", s.method), ("route", s.app)))
 
@@ -247,4 +250,5 @@ class Telemetry:
             ("route", s.app)))
 
     def _calls_started(self) -> list[Observation]:
-        return self._project(lambda s: (("grpc.method", a66_method(s.method)),))
+        return self._project(lambda s: None if s.http else (
+            ("grpc.method", a66_method(s.method)),))
