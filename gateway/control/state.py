@@ -34,7 +34,8 @@ class ApplicationStatus:
 
 
 ReplicaEvent = Callable[[str, "ReplicaSlot"], None]
-"""Hook for telemetry and logs: ('started' | 'healthy' | 'unhealthy' | 'stopped', slot)."""
+"""Hook for telemetry, logs and the dashboard: ('started' | 'healthy' | 'unhealthy' | 'updating' |
+'checked' (after each health check) | 'stopped', slot)."""
 
 
 @dataclass
