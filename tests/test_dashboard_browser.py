@@ -132,7 +132,7 @@ def test_a_chart_grows_after_calls(gateway: tuple[GatewayProcess, str],
 
 def test_a_killed_replica_shows_dead_then_a_new_one_running(
         gateway: tuple[GatewayProcess, str], browser: Any, shots: Path) -> None:  # noqa: F811
-    gp, url = gateway
+    _gp, url = gateway
     serve = get_json(url + "/api/serve/applications/")
     victim = serve["applications"]["classifier"]["deployments"]["Iris"]["replicas"][0]
     old_pid, rid = victim["pid"], victim["replica_id"]

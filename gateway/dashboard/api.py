@@ -236,7 +236,7 @@ class DashboardApi:
                 return None
             return {"replica_id": replica_id, "state": "STOPPED", "events": events,
                     "application": replica_id.split("#")[0],
-                    "deployment": (replica_id.split("#") + [""])[1]}
+                    "deployment": ([*replica_id.split("#"), ""])[1]}
         dep, slot = found
         return {"application": dep.app, "deployment": dep.name,
                 **self.replica_details(dep, slot), "events": events}
@@ -247,7 +247,7 @@ class DashboardApi:
             dep, slot = found
             return self.replica_log(dep.app, dep.name, slot.replica_id) \
                 if slot.target is None else None
-        for p in self.procs.list():  # a dead one still listed
+        for p in self.procs.all():  # a dead one still listed
             if p.kind == "replica" and p.name == replica_id:
                 return Path(p.log_file)
         return None
@@ -258,7 +258,7 @@ class DashboardApi:
                 "points": [p.to_dict() for p in self.series.points(app, deployment)]}
 
     def processes(self) -> dict[str, Any]:
-        return {"now": time.time(), "processes": [p.to_dict() for p in self.procs.list()]}
+        return {"now": time.time(), "processes": [p.to_dict() for p in self.procs.all()]}
 
     def records_view(self) -> dict[str, Any]:
         snap = self.records() if self.records is not None else {}

@@ -157,7 +157,7 @@ class ProcessTable:
 
     # -- readers --------------------------------------------------------------------------
 
-    def list(self) -> list[Proc]:
+    def all(self) -> list[Proc]:
         return sorted(self.procs.values(),
                       key=lambda p: (p.kind != "gateway", not p.alive, p.name, p.started_at))
 

@@ -46,6 +46,10 @@ def _error(status: int, message: str) -> web.Response:
     return _json({"error": message}, status)
 
 
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=302, headers={"Location": location})
+
+
 class DashboardServer:
     """`port = await start()`, `await stop()`."""
 
@@ -75,9 +79,9 @@ class DashboardServer:
         r.add_get("/static/{name}", self._static)
         r.add_get("/api/serve/applications/", self._applications)
         r.add_get("/api/serve/applications", self._applications)
-        r.add_get("/api/gateway/overview", lambda _r: self._answer(self.api.overview()))
-        r.add_get("/api/gateway/processes", lambda _r: self._answer(self.api.processes()))
-        r.add_get("/api/gateway/records", lambda _r: self._answer(self.api.records_view()))
+        r.add_get("/api/gateway/overview", self._answer(self.api.overview))
+        r.add_get("/api/gateway/processes", self._answer(self.api.processes))
+        r.add_get("/api/gateway/records", self._answer(self.api.records_view))
         r.add_get("/api/gateway/timeseries", self._timeseries)
         r.add_get("/api/gateway/deployments/{app}/{deployment}", self._deployment)
         r.add_get("/api/gateway/replicas/{replica_id}", self._replica)
@@ -120,12 +124,12 @@ class DashboardServer:
                                    "'Authorization: Bearer <token>'")
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="gateway"'
             else:
-                resp = web.HTTPFound("/login?" + _query(next=request.path_qs))
+                resp = _redirect("/login?" + _query(next=request.path_qs))
         else:
             try:
                 resp = await handler(request)
-            except web.HTTPException as e:
-                resp = e
+            except web.HTTPException as e:  # aiohttp's own (405, 413): answered as they are
+                resp = web.Response(status=e.status, text=e.text, headers=e.headers)
             except Exception:
                 log.exception("dashboard: %s failed", request.path)
                 resp = _error(500, "internal error (see the gateway log)")
@@ -134,14 +138,14 @@ class DashboardServer:
 
     async def _login_form(self, request: web.Request) -> web.StreamResponse:
         if self._token() is None:
-            raise web.HTTPFound("/")
+            return _redirect("/")
         nxt = auth.safe_next(request.query.get("next", "/"))
         return web.Response(text=pages.login(nxt, False), content_type="text/html")
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
         token = self._token()
         if token is None:
-            raise web.HTTPFound("/")
+            return _redirect("/")
         form = await request.post()
         offered = str(form.get("token", ""))
         nxt = auth.safe_next(str(form.get("next", "/")))
@@ -149,13 +153,13 @@ class DashboardServer:
             await asyncio.sleep(0.3)  # a guesser gets a few tries a second, not thousands
             return web.Response(text=pages.login(nxt, True), status=401,
                                 content_type="text/html")
-        resp = web.HTTPFound(nxt)
+        resp = _redirect(nxt)
         resp.set_cookie(auth.COOKIE, auth.session_value(token), httponly=True,
                         samesite="Strict", path="/")
         return resp
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
-        resp = web.HTTPFound("/login" if self._token() is not None else "/")
+        resp = _redirect("/login" if self._token() is not None else "/")
         resp.del_cookie(auth.COOKIE, path="/")
         return resp
 
@@ -195,8 +199,10 @@ class DashboardServer:
 
     # -- API ----------------------------------------------------------------------------
 
-    async def _answer(self, data: Any) -> web.Response:
-        return _json(data)
+    def _answer(self, build: Callable[[], Any]) -> Handler:
+        async def handler(_request: web.Request) -> web.StreamResponse:
+            return _json(build())
+        return handler
 
     async def _applications(self, _request: web.Request) -> web.StreamResponse:
         return _json(self.api.applications())
