@@ -190,7 +190,7 @@ async def test_control_loop_counts_times_and_survives_a_failing_step() -> None:
     assert data is not None
     found = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics
              for m in sm.metrics}
-    loops_point = list(found["ray_serve_controller_num_control_loops"].data.data_points)[0]
+    loops_point = next(iter(found["ray_serve_controller_num_control_loops"].data.data_points))
     assert loops_point.value == loop.num_loops
     assert loops_point.attributes == {"actor_id": loop.actor_id}
     assert "ray_serve_controller_control_loop_duration_s" in found
