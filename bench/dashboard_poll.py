@@ -69,7 +69,7 @@ def _cpu_during(proc: psutil.Process, seconds: float, base: str | None) -> float
     if poller is not None:
         poller.stop_event.set()
         poller.join(10)
-    return (t.user + t.system - before) / seconds
+    return float(t.user + t.system - before) / seconds
 
 
 def main(argv: list[str] | None = None) -> int:
