@@ -133,7 +133,9 @@ function chart(title, unit, lines, window, kind) {
     label.textContent = fmt(v);
     svg.appendChild(label);
   }
-  for (const [tx, anchor, text] of [[t0, "start", "-" + Math.round((t1 - t0) / 60) + " min"],
+  const span = t1 - t0;
+  const spanText = span >= 120 ? "-" + Math.round(span / 60) + " min" : "-" + Math.round(span) + " s";
+  for (const [tx, anchor, text] of [[t0, "start", spanText],
     [t1, "end", "now"]]) {
     const label = s("text", { x: x(tx), y: H - 4, class: "axis", "text-anchor": anchor });
     label.textContent = text;
@@ -168,7 +170,10 @@ function chart(title, unit, lines, window, kind) {
 
 function charts(ts, now) {
   const pts = ts.points || [];
-  const window = [now - ts.window_s, now];
+  // The last 15 minutes, or since the first point when the gateway is younger (a minute at
+  // least), so a fresh gateway's charts are not squeezed against the right edge.
+  const first = pts.length ? pts[0].t - ts.step_s : now;
+  const window = [Math.min(now - 60, Math.max(now - ts.window_s, first)), now];
   const codes = new Set();
   for (const p of pts) for (const c of Object.keys(p.errors_per_s || {})) codes.add(c);
   const errLines = [...codes].sort().map((c) => ({
@@ -233,7 +238,7 @@ async function overview(root) {
   ];
   for (const app of apps) {
     sections.push(h("section", { class: "app-charts", "data-app": app.name },
-      h("h3", {}, link(appHref(app.name), app.name), " — last " +
+      h("h3", {}, link(appHref(app.name), app.name), " — calls over the last " +
         Math.round(ov.chart_window_s / 60) + " minutes"),
       await chartsFor(app.name, "", ov.now)));
   }
