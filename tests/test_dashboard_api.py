@@ -257,3 +257,30 @@ async def test_controller_loop_metrics_under_rays_names(gw: Gateway) -> None:
                and float(line.rsplit(" ", 1)[1]) >= 0 for line in first.splitlines())
     await asyncio.sleep(0.5)
     assert loops(await asyncio.to_thread(scrape)) > loops(first)
+
+
+async def test_odd_names_and_malformed_requests(start_gateway: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from urllib.parse import quote
+
+    odd = [{"name": "a/b<x>", "deployments": [{"name": "D<i>",
+                                               "import_path": "examples.models:TextModel"}]}]
+    async with start_gateway(odd, **dash()) as g:
+        slot = g.controller.slots()[0][1]
+        app, dep, rid = (quote(x, safe="") for x in ("a/b<x>", "D<i>", slot.replica_id))
+        status, _, html = await fetch(g, f"/apps/{app}")
+        assert status == 200 and "a/b&lt;x&gt;" in html and "<x>" not in html
+        assert (await fetch(g, f"/replicas/{rid}"))[0] == 200
+        status, data, _ = await fetch(g, f"/api/gateway/deployments/{app}/{dep}")
+        assert status == 200 and data["name"] == "D<i>"
+        assert (await fetch(g, f"/api/gateway/replicas/{rid}"))[1]["replica_id"] == \
+            slot.replica_id
+        # An overlong URL is refused (400) without a traceback in the gateway's log.
+        caplog.clear()
+        assert (await fetch(g, "/api/gateway/logs?component=gateway&q=" + "x" * 20000))[0] \
+            == 400
+        assert not [r for r in caplog.records if r.levelno >= 40]
+        # Out-of-range numbers are clamped, not errors.
+        for q in ("limit=-5", "limit=99999999999", "after=-1", "after=99999999999"):
+            assert (await fetch(g, f"/api/gateway/logs?component=gateway&{q}"))[0] == 200
+        assert (await fetch(g, "/api/gateway/timeseries?application=nope"))[1]["points"] == []

@@ -101,6 +101,8 @@ class ProcessTable:
                 self.procs[pid] = Proc(pid, "replica", rid, slot.application, slot.deployment,
                                        log_file=str(self._replica_log(rid)),
                                        handle=slot.process)
+        if event == "stopped":
+            self.started_at.pop(rid, None)  # ids are not reused: keep the dict bounded
         if event == "checked":
             ok = slot.failures == 0
             self._event(rid, "health check " + ("passed" if ok else "failed"),

@@ -23,6 +23,7 @@ log = logging.getLogger("gateway.dashboard")
 
 STATIC = Path(__file__).parent / "static"
 STATIC_TYPES = {".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
+SHUTDOWN_S = 2.0
 LOG_READS = 2
 """Log files read at once (worker threads); more requests wait their turn."""
 
@@ -89,7 +90,14 @@ class DashboardServer:
         return app
 
     async def start(self) -> int:
-        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # aiohttp logs every malformed request (an overlong URL, a bad header) with a traceback:
+        # a client could fill the gateway's log with them. Handler failures are logged by
+        # _guard; the protocol's own complaints are dropped.
+        quiet = logging.getLogger("gateway.dashboard.http")
+        quiet.setLevel(logging.CRITICAL + 1)
+        # A page still loading when the gateway stops gets a moment, not aiohttp's minute.
+        runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, logger=quiet,
+                               shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
