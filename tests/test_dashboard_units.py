@@ -194,3 +194,17 @@ async def test_control_loop_counts_times_and_survives_a_failing_step() -> None:
     assert loops_point.value == loop.num_loops
     assert loops_point.attributes == {"actor_id": loop.actor_id}
     assert "ray_serve_controller_control_loop_duration_s" in found
+
+
+def test_records_shown_are_bounded() -> None:
+    from gateway.dashboard import MAX_RECORD_CHARS, records_snapshot
+
+    big = SimpleNamespace(to_dict=lambda: {"features": {f"f{i}": i for i in range(5000)}})
+    small = SimpleNamespace(to_dict=lambda: {"prediction_id": "p1"})
+    stats = SimpleNamespace(last_error="boom", last_error_at=1.0, recent=[big, small])
+    pipeline = SimpleNamespace(
+        snapshot=lambda: {"exporters": {"jsonl": {"exported": 1}}}, stats={"jsonl": stats})
+    entry = records_snapshot(pipeline)["exporters"]["jsonl"]
+    assert entry["last_error"] == "boom"
+    assert len(entry["recent"][0]) == MAX_RECORD_CHARS + 1
+    assert entry["recent"][1] == {"prediction_id": "p1"}

@@ -6,6 +6,7 @@ its bookkeeping to the control loop, and serves on `dashboard.host:port` once st
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from gateway.dashboard.processes import ProcessTable
 from gateway.dashboard.series import CallSeries
 from gateway.dashboard.server import DashboardServer
 
-__all__ = ["Dashboard", "DashboardApi", "GatewayView", "Scrubber"]
+__all__ = ["MAX_RECORD_CHARS", "Dashboard", "DashboardApi", "GatewayView", "Scrubber",
+           "records_snapshot"]
 
 
 class Dashboard:
@@ -81,5 +83,14 @@ def records_snapshot(pipeline: Any) -> dict[str, Any]:
             continue
         entry["last_error"] = getattr(st, "last_error", "")
         entry["last_error_at"] = getattr(st, "last_error_at", 0.0) or None
-        entry["recent"] = [r.to_dict() for r in list(getattr(st, "recent", ()))]
+        entry["recent"] = [_bounded(r.to_dict()) for r in list(getattr(st, "recent", ()))]
     return snap
+
+
+MAX_RECORD_CHARS = 4000
+
+
+def _bounded(record: dict[str, Any]) -> Any:
+    """A record as shown: cut when large (a tensor's features), so the page stays light."""
+    text = json.dumps(record, default=str)
+    return record if len(text) <= MAX_RECORD_CHARS else text[:MAX_RECORD_CHARS] + "…"
