@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.admin")
 
 SERVICE = "gateway.admin.v1.GatewayAdmin"
-_LISTENER_SECTIONS = ("proxy", "admin", "metrics")
+_LISTENER_SECTIONS = ("proxy", "admin", "metrics", "dashboard")
 
 
 # -- server ------------------------------------------------------------------------------

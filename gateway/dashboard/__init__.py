@@ -45,10 +45,11 @@ class Dashboard:
             [(d.app, d.name) for a in gw.controller.apps.values()
              for d in a.deployments.values()]))
         self.api = DashboardApi(gw, self.series, self.procs, replica_log, gateway_log, records)
-        self.server = DashboardServer(
-            self.api, config.host, config.port,
-            token=lambda: (gw.config.admin.token.get_secret_value()
-                           if gw.config.admin.token is not None else None))
+        # Fixed at start, like the admin service's own token (a deploy changing it says it
+        # takes effect on restart, for both).
+        secret = gw.config.admin.token
+        token = secret.get_secret_value() if secret is not None else None
+        self.server = DashboardServer(self.api, config.host, config.port, token=lambda: token)
         self.port = 0
 
     async def start(self) -> int:

@@ -99,6 +99,7 @@ class DashboardApi:
         self.gateway_log = gateway_log
         self.records = records
         self.node_id = socket.gethostname()
+        self.prometheus_url = gw.config.dashboard.prometheus_url
         self._scrub: tuple[GatewayConfig, Scrubber] | None = None
 
     @property
@@ -208,7 +209,7 @@ class DashboardApi:
                           "admin": f"{cfg.admin.host}:{gw.admin_port}" if gw.admin_port
                           else None,
                           "metrics": metrics,
-                          "prometheus": cfg.dashboard.prometheus_url},
+                          "prometheus": self.prometheus_url},
             "chart_step_s": self.series.step_s,
             "chart_window_s": self.series.window_s,
         }
