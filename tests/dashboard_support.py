@@ -136,12 +136,16 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "dashboard-screenshots"
+
+
 @pytest.fixture(scope="session")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where screenshots go (a test artifact folder under pytest's tmp dir)."""
-    folder = tmp_path_factory.mktemp("dashboard-screenshots")
-    print(f"\ndashboard screenshots: {folder}")
-    return folder
+def shots() -> Path:
+    """Where screenshots go: `test-artifacts/dashboard-screenshots/` in the checkout (ignored
+    by git; pytest's own tmp dirs are pruned after three runs)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\ndashboard screenshots: {ARTIFACTS}")
+    return ARTIFACTS
 
 
 def screenshot(driver: Any, folder: Path, name: str, full: bool = True) -> Path:
