@@ -208,3 +208,18 @@ def test_records_shown_are_bounded() -> None:
     assert entry["last_error"] == "boom"
     assert len(entry["recent"][0]) == MAX_RECORD_CHARS + 1
     assert entry["recent"][1] == {"prediction_id": "p1"}
+
+
+def test_tick_samples_only_when_due() -> None:
+    s = CallSeries(step_s=60.0, window_s=600.0)
+    asked: list[int] = []
+
+    def routes() -> list[tuple[str, str]]:
+        asked.append(1)
+        return [("a", "D")]
+
+    s.tick(routes)
+    assert asked == [] and s.points("a", "D") == []  # not due yet: routes not even listed
+    s._next_due = 0.0
+    s.tick(routes)
+    assert asked == [1] and len(s.points("a", "D")) == 1

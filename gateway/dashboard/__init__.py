@@ -41,9 +41,9 @@ class Dashboard:
         observers.append(self.series.observe)
         gw.controller.listeners.append(self.procs.on_replica_event)
         loop.add(self.procs.tick)
-        loop.add(lambda: self.series.tick(
-            [(d.app, d.name) for a in gw.controller.apps.values()
-             for d in a.deployments.values()]))
+        loop.add(lambda: self.series.tick(lambda: [
+            (d.app, d.name) for a in gw.controller.apps.values()
+            for d in a.deployments.values()]))
         self.api = DashboardApi(gw, self.series, self.procs, replica_log, gateway_log, records)
         # Fixed at start, like the admin service's own token (a deploy changing it says it
         # takes effect on restart, for both).

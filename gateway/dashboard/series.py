@@ -14,6 +14,7 @@ import math
 import time
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,12 +126,12 @@ class CallSeries:
 
     # -- the control loop ---------------------------------------------------------------
 
-    def tick(self, routes: list[tuple[str, str]]) -> None:
-        """Close the interval when one is due; `routes` are the deployments that exist now
-        (they get a zero point when idle, so their charts keep moving)."""
+    def tick(self, routes: Callable[[], list[tuple[str, str]]]) -> None:
+        """Close the interval when one is due; `routes()` names the deployments that exist
+        now (they get a zero point when idle, so their charts keep moving)."""
         now = time.monotonic()
         if now >= self._next_due:
-            self.sample(routes, now)
+            self.sample(routes(), now)
 
     def sample(self, routes: list[tuple[str, str]], now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
