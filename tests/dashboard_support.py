@@ -60,8 +60,12 @@ def start_gateway(tmp: Path, token: str | None = None) -> tuple[GatewayProcess, 
     text = text.replace("TOKEN", f", token: {json.dumps(token)}" if token else "")
     cfg.write_text(text)
     gp = GatewayProcess(cfg)
-    url = gp.wait_for(r"dashboard on (\S+)", 10)
-    gp.wait_for(r"application 'classifier': (RUNNING)", 30)
+    try:
+        url = gp.wait_for(r"dashboard on (\S+)", 10)
+        gp.wait_for(r"application 'classifier': (RUNNING)", 30)
+    except BaseException:
+        stop_gateway(gp)  # never leave a gateway behind a failed start
+        raise
     return gp, url
 
 
