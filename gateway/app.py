@@ -17,6 +17,7 @@ from gateway.admin.service import AdminServer
 from gateway.config import GatewayConfig
 from gateway.config_source import DeployError
 from gateway.control.controller import Controller
+from gateway.control.loop import ControlLoop
 from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
@@ -107,6 +108,11 @@ class Gateway:
         self.admin = AdminServer(self, config)
         self.admin_port = 0
         """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""
+        self.control_loop = ControlLoop()
+        """The controller's periodic bookkeeping, measured under Ray's names."""
+        if self.telemetry is not None:
+            self.control_loop.register_metrics(self.telemetry.provider)
+        self.dashboard = _dashboard(self) if config.dashboard.enabled else None
         self._stopping: asyncio.Future[None] | None = None
         self._host = config.proxy.host
 
@@ -190,6 +196,9 @@ class Gateway:
         self.server = server
         # Up before the replicas, so `gateway status` can show a gateway that is STARTING.
         self.admin_port = await self.admin.start()
+        self.control_loop.start()
+        if self.dashboard is not None:
+            await self.dashboard.start()
         if self.telemetry is not None:
             await self.telemetry.start()
             self.metrics_port = self.telemetry.prometheus_port
@@ -271,6 +280,9 @@ class Gateway:
         if self.telemetry is not None:
             await self.telemetry.stop()
         await self.admin.stop()
+        await self.control_loop.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         self.logging.stop()
         self._stopped.set()
 
@@ -322,3 +334,14 @@ class Gateway:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _dashboard(gw: Gateway) -> Any:
+    from gateway.dashboard import Dashboard, records_snapshot
+    from gateway.logs.core import replica_log_file
+
+    return Dashboard(
+        gw, gw.config.dashboard, gw.proxy.observers, gw.control_loop,
+        replica_log=lambda a, d, r: replica_log_file(gw.logging.replica_settings(a, d).logs_dir,
+                                                     r),
+        gateway_log=gw.logging.log_file, records=lambda: records_snapshot(gw.records))

@@ -62,6 +62,8 @@ async def _run(config: GatewayConfig) -> int:
     if gw.metrics_port:
         prom = config.metrics.prometheus
         print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)
+    if gw.dashboard is not None:
+        print(f"gateway: dashboard on {gw.dashboard.url}", flush=True)
     for name, app in gw.controller.apps.items():
         print(f"gateway: application {name!r}: {app.status}", flush=True)
     stopped = asyncio.ensure_future(gw.wait_stopped())

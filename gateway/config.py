@@ -222,12 +222,33 @@ class AdminConfig(_Model):
         return self
 
 
+class DashboardConfig(_Model):
+    """The web dashboard (pages and the JSON API behind them), served by the gateway itself."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8265, ge=0, le=65535)
+    """Ray's dashboard port, so bookmarks and scripts keep working."""
+    _bare = field_validator("host")(bare_host)
+    prometheus_url: str | None = None
+    """A Prometheus that scrapes this gateway: the pages link to it (nothing is read from it)."""
+
+    @field_validator("prometheus_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s\"'<>]+", value):
+            raise ValueError("prometheus_url must be an http:// or https:// URL")
+        return value
+
+
 class GatewayConfig(_Model):
     """The whole goal state."""
 
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    """When `admin.token` is set, the dashboard asks for it too."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging_config: LoggingConfig = Field(default_factory=LoggingConfig)
     records: RecordsConfig = Field(default_factory=RecordsConfig)
@@ -248,6 +269,12 @@ class GatewayConfig(_Model):
         if self.metrics.enabled and self.metrics.prometheus.enabled:
             prom = self.metrics.prometheus
             listeners.append(("metrics.prometheus.port", prom.host, prom.port))
+        if self.dashboard.enabled:
+            listeners.append(("dashboard.port", self.dashboard.host, self.dashboard.port))
+        if (self.dashboard.enabled and self.admin.token is None
+                and not is_loopback(self.dashboard.host)):
+            raise ValueError(f"the dashboard on {self.dashboard.host} (not loopback) needs "
+                             "admin.token: it shows the replicas' logs and configuration")
         for i, (key, host, port) in enumerate(listeners):
             for other, other_host, other_port in listeners[:i]:
                 # The same port on two different addresses is fine (not on all interfaces).

@@ -32,7 +32,7 @@ __all__ = [  # the client lived here before; importers keep these names
 log = logging.getLogger("gateway.admin")
 
 SERVICE = "gateway.admin.v1.GatewayAdmin"
-_LISTENER_SECTIONS = ("proxy", "http", "admin", "metrics")
+_LISTENER_SECTIONS = ("proxy", "http", "admin", "metrics", "dashboard")
 
 
 # -- server ------------------------------------------------------------------------------

@@ -114,6 +114,7 @@ class HealthChecks(Reconfigurer):
             if slot.stopping or not alive():
                 return
             self._set_health(dep, slot, ok, why)
+            self._emit("checked", slot)  # the dashboard lists recent checks
             slot.wake.clear()
             period = dep.config.health_check_period_s
             if not ok:

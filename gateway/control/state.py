@@ -34,8 +34,9 @@ class ApplicationStatus:
 
 
 ReplicaEvent = Callable[[str, "ReplicaSlot"], None]
-"""Hook for telemetry and logs: ('started' | 'updating' | 'healthy' | 'unhealthy' |
-'stopped', slot); 'updating': a new user_config is being pushed (it keeps serving)."""
+"""Hook for telemetry, logs and the dashboard: ('started' | 'updating' | 'healthy' |
+'unhealthy' | 'checked' (after each health check) | 'stopped', slot); 'updating': a new
+user_config is being pushed (it keeps serving)."""
 
 
 @dataclass

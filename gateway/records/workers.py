@@ -21,6 +21,7 @@ from exporters.records.base import Record, RecordExporter
 log = logging.getLogger("gateway.records")
 
 EXPORTER_DROP_REASONS = ("queue_full", "invalid", "shutdown", "exporter_unavailable")
+RECENT_RECORDS = 5
 """Why an exporter dropped records (each exported as 0 from the start)."""
 
 
@@ -35,6 +36,12 @@ class ExporterStats:
         default_factory=lambda: collections.defaultdict(int, dict.fromkeys(EXPORTER_DROP_REASONS,
                                                                            0)))
     """By reason: queue_full, invalid, shutdown, exporter_unavailable."""
+    last_error: str = ""
+    """The exporter's own words on its last failed batch (it never quotes a key)."""
+    last_error_at: float = 0.0
+    recent: collections.deque[Record] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_RECORDS))
+    """The last records handed to the exporter (the dashboard shows them)."""
 
 
 class ExporterWorker:
@@ -125,11 +132,14 @@ class ExporterWorker:
             res = self.exporter.export(batch)
         except Exception as e:  # a plug-in broke its contract: count, never propagate
             self.stats.failed += len(batch)
+            self.stats.last_error = f"the exporter raised {type(e).__name__}"
+            self.stats.last_error_at = time.time()
             self._log_once(f"raise:{type(e).__name__}",
                            "record exporter %s raised %s; counting its failures", self.name,
                            type(e).__name__)
             return
         st = self.stats
+        st.recent.extend(batch[-RECENT_RECORDS:])
         st.exported += res.exported
         st.failed += res.failed
         st.retries += res.retries
@@ -137,6 +147,9 @@ class ExporterWorker:
             st.dropped["invalid"] += res.invalid
         if res.dropped:
             st.dropped["shutdown"] += res.dropped
+        if res.failed or res.error:
+            st.last_error = res.error or f"{res.failed} record(s) failed"
+            st.last_error_at = time.time()
         if res.failed:
             # Exporters log their own failures (once); this is for debugging the pipeline.
             log.debug("record exporter %s: %d record(s) failed (%s)", self.name, res.failed,

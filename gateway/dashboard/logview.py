@@ -1,0 +1,104 @@
+"""Reading a component's log file for the dashboard: the tail, filtered, and what came after.
+
+Bounded whatever the file: at most `MAX_READ_BYTES` are read per request and at most
+`MAX_LINES` entries returned. Both encodings are understood: TEXT lines
+(`LEVEL date time application deployment replica request_id route where - message`, Ray
+Serve's order) and JSON objects; a line that is neither (a traceback's continuation) joins the
+entry before it. Runs in a worker thread (file I/O stays off the event loop).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_READ_BYTES = 2 * 1024 * 1024
+MAX_LINES = 5000
+DEFAULT_LINES = 1000
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+
+
+@dataclass
+class Entry:
+    level: str
+    time: str
+    request_id: str
+    message: str
+    line: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "time": self.time, "request_id": self.request_id,
+                "message": self.message, "line": self.line}
+
+
+def parse(line: str) -> Entry | None:
+    """One log line as an entry; None for a continuation line."""
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and str(obj.get("levelname", "")) in LEVELS:
+            return Entry(str(obj["levelname"]), str(obj.get("asctime", "")),
+                         str(obj.get("request_id", "") or ""), str(obj.get("message", "")),
+                         line)
+    parts = line.split(" ", 10)
+    if len(parts) >= 10 and parts[0] in LEVELS and parts[9] == "-":
+        rid = "" if parts[6] == "-" else parts[6]
+        return Entry(parts[0], f"{parts[1]} {parts[2]}", rid,
+                     parts[10] if len(parts) > 10 else "", line)
+    return None
+
+
+def _entries(text: str) -> list[Entry]:
+    out: list[Entry] = []
+    for raw in text.split("\n"):
+        if not raw:
+            continue
+        e = parse(raw)
+        if e is not None:
+            out.append(e)
+        elif out:
+            out[-1].message += "\n" + raw
+            out[-1].line += "\n" + raw
+        else:
+            out.append(Entry("", "", "", raw, raw))  # output that bypassed the logging
+    return out
+
+
+def read(path: Path, after: int | None = None, level: str = "", query: str = "",
+         limit: int = DEFAULT_LINES) -> dict[str, Any]:
+    """The entries of `path` that pass the filters: the last `limit` of its tail, or those
+    written past byte `after` (following). `offset` in the answer is where to follow from."""
+    limit = max(1, min(limit, MAX_LINES))
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            start = max(0, size - MAX_READ_BYTES)
+            if after is not None and 0 <= after <= size:
+                start = max(start, after)  # rotated (shrunk): from the new tail
+            f.seek(start)
+            data = f.read(size - start)
+    except FileNotFoundError:
+        return {"path": str(path), "exists": False, "offset": 0, "entries": [],
+                "truncated": False}
+    # Only whole lines: a partial first line (we started mid-file) and a partial last one
+    # (still being written) are left for the next read.
+    begin = 0
+    if start > 0 and (after is None or start != after):
+        begin = data.find(b"\n") + 1
+    end = data.rfind(b"\n") + 1
+    text = data[begin:end].decode("utf-8", "replace")
+    entries = _entries(text)
+    floor = LEVELS.get(level.upper(), 0)
+    if floor:
+        entries = [e for e in entries if LEVELS.get(e.level, 100) >= floor]
+    if query:
+        q = query.lower()
+        entries = [e for e in entries if q == e.request_id.lower() or q in e.line.lower()]
+    truncated = len(entries) > limit
+    return {"path": str(path), "exists": True, "offset": start + end,
+            "entries": [e.to_dict() for e in entries[-limit:]], "truncated": truncated}
