@@ -79,6 +79,8 @@ class CallRecord:
     request: bytes | None = None
     """Captured request bytes (unary requests of sampled calls only)."""
     response: bytes | None = None
+    model_id: str | None = None
+    """The call's `multiplexed_model_id`, when it had one."""
 
 
 Observer = Callable[[CallRecord], None]
@@ -200,7 +202,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     # -- per call ------------------------------------------------------------------------
 
-    def _prepare(self, ctx: Any) -> tuple[AppRoute, str, list[tuple[str, Any]]]:
+    def _prepare(self, ctx: Any) -> tuple[AppRoute, str, list[tuple[str, Any]], str | None]:
         """Route, request id and the metadata to forward.
 
         A refusal still carries what is known (application, deployment, a request id), so
@@ -210,6 +212,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         rid: str | None = None
         rid_key = "x-request-id"
         alt: str | None = None
+        mid: str | None = None  # routes by model (gateway/dataplane/model_affinity.py)
         fwd: list[tuple[str, Any]] = []
         for key, value in ctx.invocation_metadata() or ():
             if key in HOP_BY_HOP:
@@ -224,6 +227,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 if alt is None:
                     alt = value
                 continue
+            elif key == "multiplexed_model_id":
+                mid = value
             fwd.append((key, value))
         if not rid:
             # x-request-id wins over Ray's request_id when both are sent.
@@ -255,7 +260,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 err.application, err.deployment = route.name, route.deployment
             raise err
         assert route is not None
-        return route, rid, fwd
+        return route, rid, fwd, mid
 
     async def _hold_refusal(self, gate: asyncio.Event) -> None:
         """Answer a refusal only once the gateway has begun shutting its listener down."""
@@ -328,6 +333,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         admitted = False
         app = dep = rep_id = ""
         rid = ""
+        mid = None
         code = OK
         details = ""
         gw_err = False
@@ -340,7 +346,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             request = counted = _Counted(request)
             req_size = 0
         try:
-            route, rid, md = self._prepare(ctx)
+            route, rid, md, mid = self._prepare(ctx)
             admitted = True
             self.admitted += 1
             app, dep = route.name, route.deployment
@@ -354,10 +360,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             attempt = 0
             while True:
                 # The common case needs no await: a replica with room is there.
-                picked = router.take() if replica is None else None
+                picked = router.take(mid) if replica is None else None
                 if picked is None:
                     left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    replica = await router.acquire(left, exclude=replica)
+                    replica = await router.acquire(left, exclude=replica, model_id=mid)
                 else:
                     replica = picked
                 rep_id = replica.replica_id
@@ -422,7 +428,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             rec = CallRecord(
                 app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
                 rid, req_size, len(response) if response is not None else 0, gw_err,
-                request if captured else None, response if captured else None,
+                request if captured else None, response if captured else None, mid,
             )
             self._finish(rec)
             if stream is not None:
@@ -439,6 +445,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         admitted = False
         app = dep = rep_id = ""
         rid = ""
+        mid = None
         code = OK
         details = ""
         gw_err = False
@@ -450,7 +457,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             request = counted = _Counted(request)
             req_size = 0
         try:
-            route, rid, md = self._prepare(ctx)
+            route, rid, md, mid = self._prepare(ctx)
             admitted = True
             self.admitted += 1
             app, dep = route.name, route.deployment
@@ -467,7 +474,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             attempt = 0
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                replica = await router.acquire(left, exclude=replica)
+                replica = await router.acquire(left, exclude=replica, model_id=mid)
                 rep_id = replica.replica_id
                 call = None
                 got_any = False
@@ -533,7 +540,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 req_size = counted.size
             rec = CallRecord(
                 app, dep, rep_id, path, label, code, details, time.perf_counter() - t0, wall,
-                rid, req_size, sent, gw_err,
+                rid, req_size, sent, gw_err, None, None, mid,
             )
             self._finish(rec)
             if stream is not None:

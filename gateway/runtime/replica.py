@@ -29,6 +29,7 @@ from gateway.dataplane.mux import MuxServer, capture_unary_handlers
 from gateway.dataplane.replicas import channel_options
 from gateway.logs.core import ReplicaLogging, memory_profiler
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.runtime import multiplex
 from gateway.runtime.guard import StartupGuard, kill_own_group
 
 
@@ -137,6 +138,8 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
 
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         ControlAuthInterceptor(control_secret)]
+    if multiplex.in_use():  # model ids and load failures of plain gRPC calls
+        interceptors.append(multiplex.MultiplexInterceptor())
     if logs is not None:
         interceptors.append(logs.interceptor())
     server = grpc.aio.server(options=channel_options(args.max_message_bytes),
@@ -158,7 +161,10 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
     port = server.add_insecure_port(f"{args.host}:0")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    _report(args.report_fd, {"port": port, "pid": os.getpid()})
+    started: dict[str, Any] = {"port": port, "pid": os.getpid()}
+    if multiplex.in_use():
+        started["multiplexed_capacity"] = multiplex.declared_capacity()
+    _report(args.report_fd, started)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
