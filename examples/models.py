@@ -21,7 +21,6 @@ from typing import Any
 import grpc
 
 import gateway
-
 from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 from gateway.pb import text_model_pb2, text_model_pb2_grpc

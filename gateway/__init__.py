@@ -4,9 +4,9 @@ __version__ = "0.1.0"
 
 # `gateway.status(address)` returns what `gateway status` prints, as dataclasses. Imported
 # eagerly so `import gateway` is enough.
-from gateway.admin.status import GatewayStatus, status
-
 from typing import Any
+
+from gateway.admin.status import GatewayStatus, status
 
 __all__ = [
     "GatewayStatus", "__version__", "get_multiplexed_model_id", "multiplexed", "status",
