@@ -148,7 +148,10 @@ class _Metrics:
         self.requests = meter.create_counter(
             "serve_multiplexed_get_model_requests_counter",
             description="The number of calls to get a multiplexed model.")
+        # Series from the start (at zero), so rates and "no unloads yet" show on dashboards.
         self.num_models.set(0, self.attrs)
+        self.loads.add(0, self.attrs)
+        self.unloads.add(0, self.attrs)
 
     @classmethod
     def get(cls) -> _Metrics:
