@@ -323,7 +323,7 @@ def multiplexed(
                 return await cache_of(self).get(mid)
 
             method._gateway_multiplexed = n  # type: ignore[attr-defined]
-            _used.append(n)
+            _used.append((fn.__module__, n, True))
             return method
 
         @functools.wraps(fn)
@@ -332,27 +332,31 @@ def multiplexed(
             return await cache_of(None).get(mid)
 
         function._gateway_multiplexed = n  # type: ignore[attr-defined]
-        _used.append(n)
+        _used.append((fn.__module__, n, False))
         return function
 
     return decorate(func) if func is not None else decorate
 
 
-_used: list[int] = []
-"""`max_num_models_per_replica` of every loader decorated in this process."""
+_used: list[tuple[str, int, bool]] = []
+"""(module, max_num_models_per_replica, is a method) of every loader decorated here."""
 
 
-def in_use() -> bool:
-    """True once model code decorated a loader (then plain gRPC calls get the id set too)."""
-    return bool(_used)
-
-
-def declared_capacity() -> int | None:
-    """What the replica tells the gateway at start: None (no multiplexing), 0 (no limit) or
-    how many models it may hold. Decorators run when the servicer's module is imported."""
-    if not _used:
+def declared_capacity(servicer_class: type) -> int | None:
+    """What the replica tells the gateway at start: None (its servicer serves no multiplexed
+    models), 0 (no limit) or how many models it may hold: from the class's decorated loader
+    methods, else from function loaders of the class's own module. Decorators run when the
+    module is imported, before the replica serves."""
+    caps = [
+        v._gateway_multiplexed
+        for klass in servicer_class.__mro__ for v in vars(klass).values()
+        if hasattr(v, "_gateway_multiplexed")
+    ]
+    if not caps:
+        caps = [n for mod, n, method in _used if not method and mod == servicer_class.__module__]
+    if not caps:
         return None
-    return 0 if -1 in _used else sum(_used)
+    return 0 if -1 in caps else sum(caps)
 
 
 # -- plain gRPC calls to the replica (streaming methods; `local_transport: grpc`) ---------------

@@ -138,7 +138,8 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
 
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         ControlAuthInterceptor(control_secret)]
-    if multiplex.in_use():  # model ids and load failures of plain gRPC calls
+    capacity = multiplex.declared_capacity(cls)
+    if capacity is not None:  # model ids and load failures of plain gRPC calls
         interceptors.append(multiplex.MultiplexInterceptor())
     if logs is not None:
         interceptors.append(logs.interceptor())
@@ -162,8 +163,8 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     started: dict[str, Any] = {"port": port, "pid": os.getpid()}
-    if multiplex.in_use():
-        started["multiplexed_capacity"] = multiplex.declared_capacity()
+    if capacity is not None:
+        started["multiplexed_capacity"] = capacity
     _report(args.report_fd, started)
 
     stop = asyncio.Event()
