@@ -5,6 +5,7 @@ gateway after known traffic (errors and prediction records included)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,12 +50,8 @@ NOT_YET_EXPORTED = {
     ("grpc-gateway-overview", "HTTP error ratio (5xx)"),
     ("grpc-gateway-overview", "HTTP latency"),
     ("grpc-gateway-overview", "Ongoing HTTP calls"),
-    # multiplexed models (a later issue)
-    ("grpc-gateway-deployment", "Multiplexed models loaded"),
-    ("grpc-gateway-deployment", "Model loads and unloads/s"),
-    ("grpc-gateway-deployment", "Model load latency"),
 }
-NOT_YET_EXPORTED_METRICS = re.compile(r"ray_serve_\w*http\w*|ray_serve_\w*multiplexed\w*")
+NOT_YET_EXPORTED_METRICS = re.compile(r"ray_serve_\w*http\w*")
 
 # What Grafana puts in for its macros; `.*` is what "All" of every template variable means.
 MACROS = {"$__rate_interval": "30s", "$__interval": "5s", "$__range": "5m"}
@@ -371,7 +369,32 @@ def gateway_setup(fake: FakeArize) -> tuple[list[dict[str, Any]], dict[str, Any]
         "exporters": [{"name": "small", "type": "jsonl", "queue_size": 1}],
         "flush_interval_s": 0.05,
     }
-    return [text, iris], records
+    # Multiplexed models: 2 slots, calls cycling over 3 ids (every call loads and unloads).
+    mux = {"name": "mx", "deployments": [
+        {"name": "MuxText", "import_path": "tests.multiplex_models:MuxText"}]}
+    return [text, iris, mux], records
+
+
+@contextlib.asynccontextmanager
+async def mux_traffic(ch: grpc.aio.Channel) -> AsyncIterator[None]:
+    """Multiplexed calls in the background (bounded), so model loads keep happening."""
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        stub = text_stub(ch)
+        for n in range(2000):
+            if stop.is_set():
+                return
+            await stub.Predict(PredictRequest(text="x"), timeout=10, metadata=(
+                ("application", "mx"), ("multiplexed_model_id", f"m{n % 3}")))
+            await asyncio.sleep(0.1)
+
+    task = asyncio.ensure_future(run())
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
 
 
 def labels_of(legend: str) -> set[str]:
@@ -384,6 +407,7 @@ async def test_every_panel_returns_data_from_a_real_gateway(
 ) -> None:
     for var in ("ARIZE_API_KEY", "ARIZE_SPACE_ID"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MUX_TEST_SLOTS", "2")
     ds = dashboards()
     exprs = {(uid, p["title"]): " ".join(t["expr"] for t in p["targets"])
              for uid, d in ds.items() for p in panels(d)}
@@ -406,7 +430,7 @@ async def test_every_panel_returns_data_from_a_real_gateway(
                 while gw.records.stats["arize"].failed == 0 and loop.time() < end:
                     await asyncio.sleep(0.05)
                 fake.status = 200
-                async with traffic(ch):
+                async with traffic(ch), mux_traffic(ch):
                     end = loop.time() + 60
                     while True:
                         results = await evaluate(base)
@@ -451,7 +475,8 @@ async def test_every_panel_returns_data_from_a_real_gateway(
              results["grpc-gateway-overview", "gRPC errors/s by code", "A"]}
     assert {"INTERNAL", "INVALID_ARGUMENT", "NOT_FOUND"} <= codes
     healthy = series("grpc-gateway-overview", "Healthy replicas per deployment")
-    assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0}
+    assert healthy == {("Iris", "classifier"): 1.0, ("TextModel", "text"): 1.0,
+                       ("MuxText", "mx"): 1.0}
     dropped = {(s["metric"].get("exporter"), s["metric"]["reason"]) for s in results[
         "grpc-gateway-records", "Records dropped in 10 minutes by exporter and reason", "A"]}
     assert ("small", "queue_full") in dropped
