@@ -181,6 +181,9 @@ class ApplicationConfig(_Model):
     """Deployment that receives the application's calls (default: the first)."""
     logging_config: LoggingConfig | None = None
     prediction_records: PredictionRecordsConfig = Field(default_factory=PredictionRecordsConfig)
+    multiplexed_model_id_from: Literal["metadata", "oip_model_name"] = "metadata"
+    """Where a call's multiplexed model id comes from: the `multiplexed_model_id` metadata
+    only, or also (when that key is absent) an Open Inference Protocol request's `model_name`."""
 
     @model_validator(mode="after")
     def _names(self) -> ApplicationConfig:

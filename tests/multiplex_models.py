@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 import gateway
-from examples.models import TextModel
+from examples.models import TenantIris, TextModel
 from gateway.pb import text_model_pb2
 
 SLOTS = int(os.environ.get("MUX_TEST_SLOTS", "4"))
@@ -62,3 +62,12 @@ class MuxText(TextModel):
             resp = self._answer(request, context, i)
             resp.label = model.model_id
             yield resp
+
+
+class OipTenants(TenantIris):
+    """TenantIris whose clients name the tenant as the OIP `model_name` (Triton style)."""
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        assert request.model_name == gateway.get_multiplexed_model_id()
+        request.model_name = ""  # the model name is the tenant here, not `iris`
+        return await super().ModelInfer(request, context)

@@ -115,7 +115,7 @@ class _Counted:
 class AppRoute:
     """Everything the proxy needs for one application, built when the config is applied."""
 
-    __slots__ = ("capture", "deployment", "name", "router", "stream_capture")
+    __slots__ = ("capture", "deployment", "model_id_of", "name", "router", "stream_capture")
 
     def __init__(self, name: str, router: Router) -> None:
         self.name = name
@@ -126,6 +126,8 @@ class AppRoute:
         self.stream_capture: Callable[[str], Any] | None = None
         """Set by the record pipeline: for a sampled streaming call, an object that keeps its
         messages (`requests_of`, `response`, `done`; gateway/record_capture.py), else None."""
+        self.model_id_of: Callable[[str, Any], str | None] | None = None
+        """Set for `multiplexed_model_id_from: oip_model_name` (dataplane/oip_model_id.py)."""
 
 
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -350,6 +352,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             admitted = True
             self.admitted += 1
             app, dep = route.name, route.deployment
+            if mid is None and route.model_id_of is not None:
+                mid = route.model_id_of(path, request)
+                if mid is not None:  # the replica sees it as if the client had sent the key
+                    md.append(("multiplexed_model_id", mid))
             captured = route.capture is not None and shape == UNARY_UNARY and route.capture(path)
             if route.stream_capture is not None and shape != UNARY_UNARY:
                 stream = route.stream_capture(path)
