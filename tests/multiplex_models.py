@@ -57,7 +57,7 @@ class MuxText(TextModel):
     async def PredictStream(self, request: text_model_pb2.PredictRequest,
                             context: Any) -> Any:
         # Over plain gRPC (not the mux): the id reaches the handler there too.
-        model = await self.get_model()
+        model = await self.get_model(gateway.get_multiplexed_model_id())
         for i in range(max(request.repeat, 1)):
             resp = self._answer(request, context, i)
             resp.label = model.model_id

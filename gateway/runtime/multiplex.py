@@ -32,7 +32,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import grpc
 
@@ -275,6 +275,19 @@ class _ModelCache:
 
 
 _MISSING = object()
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@overload
+def multiplexed(func: F, *, max_num_models_per_replica: int = ...) -> F: ...
+
+
+@overload
+def multiplexed(
+    func: None = None, *, max_num_models_per_replica: int = ...
+) -> Callable[[F], F]: ...
 
 
 def multiplexed(
