@@ -26,7 +26,9 @@ MODEL_ID_KEY = "multiplexed_model_id"
 MAX_MODEL_ID_LEN = 256
 PLACED_S = 30.0
 """How long a placement counts without the replica confirming it (a model's load time)."""
-MAX_PLACED = 4096
+MAX_PLACED = 256
+"""Placements waiting for their replica's report: a handful in practice (each lasts one load);
+the bound keeps a flood of made-up ids from growing memory or the cost of a pick."""
 
 
 def valid_model_id(model_id: str) -> bool:
@@ -86,6 +88,14 @@ class ModelAffinity:
         if not spare:
             return None  # its holders are busy and no replica has a free model slot: wait
         best = min(spare, key=lambda r: (r.in_flight, self._models_on(r, now)))
-        if len(self._placed) < MAX_PLACED:
-            self._placed[model_id] = (best, now + PLACED_S)
+        self._place(model_id, best, now)
         return best
+
+    def _place(self, model_id: str, rep: Replica, now: float) -> None:
+        placed = self._placed
+        if len(placed) >= MAX_PLACED:
+            for mid in [m for m, (_, until) in placed.items() if until < now]:
+                del placed[mid]
+            while len(placed) >= MAX_PLACED:
+                del placed[next(iter(placed))]  # the oldest placement
+        placed[model_id] = (rep, now + PLACED_S)

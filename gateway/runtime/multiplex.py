@@ -48,6 +48,7 @@ log = logging.getLogger("gateway.multiplex")
 MODEL_ID_KEY = "multiplexed_model_id"
 """The gRPC metadata key that carries a call's model id (Ray Serve's)."""
 MAX_MODEL_ID_LEN = 256
+MAX_REPORTED = 512
 DEFAULT_MAX_MODELS = 3
 """Ray's default for `max_num_models_per_replica`."""
 LATENCY_BOUNDS_MS = (
@@ -99,7 +100,10 @@ class _Registry:
         self.version += 1
 
     def report(self) -> tuple[list[str], int]:
-        """(ids loaded or loading, how many this replica may hold; 0 = no limit)."""
+        """(ids loaded or loading, how many this replica may hold; 0 = no limit).
+
+        At most MAX_REPORTED ids (the most recently used), so a replica without a limit
+        never makes a result frame too big for the stream."""
         ids: list[str] = []
         cap = 0
         for c in self.caches:
@@ -109,6 +113,8 @@ class _Registry:
                 cap = -1
             else:
                 cap += c.max_models
+        if len(ids) > MAX_REPORTED:
+            ids = ids[-MAX_REPORTED:]
         return ids, max(cap, 0)
 
 
