@@ -214,3 +214,15 @@ async def test_loads_spread_over_replicas_with_free_slots(
         r = await call(stub, "a")
         loads.update(x.split("=")[0] for x in r.seen_metadata["loads"].split(","))
         assert loads["a"] == 1
+
+
+async def test_key_sent_twice_routes_and_serves_by_the_first(start_gateway: Any) -> None:
+    async with start_gateway([mux_app(2)]) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        r = await call(stub, "k1")
+        for _ in range(5):
+            r2 = await stub.Predict(PredictRequest(text="x"), timeout=20, metadata=(
+                ("application", "mx"), ("multiplexed_model_id", "k1"),
+                ("multiplexed_model_id", "k2")))
+            assert (r2.label, r2.replica) == ("k1", r.replica)
+        assert all("k2" not in ms for ms in held(gw).values())

@@ -229,8 +229,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 if alt is None:
                     alt = value
                 continue
-            elif key == "multiplexed_model_id":
-                mid = value
+            elif key == "multiplexed_model_id" and mid is None:
+                mid = value  # the first, as the replica reads it
             fwd.append((key, value))
         if not rid:
             # x-request-id wins over Ray's request_id when both are sent.
