@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 
 from gateway.admin.status import build_status
 from gateway.app import Gateway
@@ -226,3 +227,23 @@ async def test_key_sent_twice_routes_and_serves_by_the_first(start_gateway: Any)
                 ("multiplexed_model_id", "k2")))
             assert (r2.label, r2.replica) == ("k1", r.replica)
         assert all("k2" not in ms for ms in held(gw).values())
+
+
+async def test_status_verbose_shows_models_per_replica(start_gateway: Any) -> None:
+    from tests.conftest import TEXT_APP
+    from tests.test_admin import admin_address, cli
+
+    async with start_gateway([mux_app(1), TEXT_APP]) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        stub = text_stub(ch)
+        for mid in ("m-b", "m-a"):
+            await call(stub, mid)
+        rc, out, _ = await cli("status", "-a", admin_address(gw), "--verbose")
+        assert rc == 0
+        data = yaml.safe_load(out)
+        (rep,) = data["applications"]["mx"]["deployments"]["MuxText"]["replicas"]
+        assert rep["multiplexed_models"] == ["m-a", "m-b"]
+        (text,) = data["applications"]["text"]["deployments"]["TextModel"]["replicas"]
+        assert "multiplexed_models" not in text  # it serves no multiplexed models
+        rc, out, _ = await cli("status", "-a", admin_address(gw))
+        assert "multiplexed_models" not in out  # only with -v
