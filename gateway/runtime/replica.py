@@ -140,7 +140,9 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
         ControlAuthInterceptor(control_secret)]
     capacity = multiplex.declared_capacity(cls)
     if capacity is not None:  # model ids and load failures of plain gRPC calls
-        interceptors.append(multiplex.MultiplexInterceptor())
+        from gateway.runtime.multiplex_grpc import MultiplexInterceptor
+
+        interceptors.append(MultiplexInterceptor())
     if logs is not None:
         interceptors.append(logs.interceptor())
     server = grpc.aio.server(options=channel_options(args.max_message_bytes),
