@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import gateway
 from gateway.pb import bench_pb2, bench_pb2_grpc
 
 ECHO_METHOD = "/bench.Echo/Echo"
@@ -35,6 +36,19 @@ class Echo(bench_pb2_grpc.EchoServicer):
 
     async def Stats(self, request: bench_pb2.StatsRequest, context: Any) -> bench_pb2.StatsReply:
         return bench_pb2.StatsReply(calls=self.calls, pid=os.getpid())
+
+
+class MuxEcho(Echo):
+    """Echo with model multiplexing on: each call gets its (already loaded) model first."""
+
+    @gateway.multiplexed(max_num_models_per_replica=4)
+    async def get_model(self, model_id: str) -> str:
+        return model_id
+
+    async def Echo(self, request: bench_pb2.EchoMessage, context: Any) -> bench_pb2.EchoMessage:
+        await self.get_model(gateway.get_multiplexed_model_id())
+        self.calls += 1
+        return request
 
 
 async def serve(host: str, port: int) -> None:

@@ -12,6 +12,11 @@ drives unary `/bench.Echo/Echo` calls at:
 - `minimal-proxy`: bench/minimal_proxy.py, the floor of a Python `grpc.aio` proxy;
 - `nginx`: nginx `grpc_pass` with an upstream keepalive pool (skipped when nginx is absent).
 
+Beside the local cells, `multiplexed` cells call the default gateway's application
+`multiplexed` (a local `MuxEcho` replica, `@gateway.multiplexed`) with a `multiplexed_model_id`
+whose model is loaded: the cost of routing by model id and the cache lookup, compared with the
+plain local gateway cell.
+
 Each gateway variant is one `gateway run` process serving two applications, `local` and
 `external`, so both kinds are measured through the same process. Every cell checks that every
 call was a real gRPC OK, not only an HTTP 200 (see `check_cell`). Results: a markdown table on
@@ -57,6 +62,9 @@ KINDS = ("local", "external")
 TARGETS = ("direct", "gateway", "gateway+records", "gateway-telemetry-off", "minimal-proxy",
            "nginx")
 GATEWAY_VARIANTS = ("gateway", "gateway+records", "gateway-telemetry-off")
+MUX_KIND = "multiplexed"
+"""Application (and cell kind) with model multiplexing on, in the default gateway only."""
+MUX_MODEL = "bench-model"
 START_TIMEOUT_S = 60.0
 
 
@@ -160,11 +168,14 @@ class GatewayProc:
     config: dict[str, Any]
     local_replica_address: str = ""
     local_replica_pid: int = 0
+    mux_replica_address: str = ""
+    mux_replica_pid: int = 0
     calls: dict[str, int] = field(default_factory=lambda: {"local": 0, "external": 0})
     """Calls sent through this gateway per application (for the memory figures)."""
 
 
-def gateway_config_data(variant: str, tmp: Path, external: str) -> dict[str, Any]:
+def gateway_config_data(variant: str, tmp: Path, external: str,
+                        multiplexed: bool = False) -> dict[str, Any]:
     """The goal state of one gateway variant, validated through `gateway.config`."""
     deployment = {"name": "Echo", "num_replicas": 1,
                   # The benchmark measures the proxy, not admission control.
@@ -174,6 +185,9 @@ def gateway_config_data(variant: str, tmp: Path, external: str) -> dict[str, Any
          "deployments": [{**deployment, "import_path": "bench.echo_replica:Echo"}]},
         {"name": "external", "deployments": [{**deployment, "targets": [external]}]},
     ]
+    if multiplexed:
+        apps.append({"name": MUX_KIND, "deployments": [
+            {**deployment, "import_path": "bench.echo_replica:MuxEcho"}]})
     data: dict[str, Any] = {
         "proxy": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
@@ -198,10 +212,10 @@ def gateway_config_data(variant: str, tmp: Path, external: str) -> dict[str, Any
 
 
 def start_gateway(variant: str, tmp: Path, external: str, env: dict[str, str],
-                  subdir: str | None = None) -> GatewayProc:
+                  subdir: str | None = None, multiplexed: bool = False) -> GatewayProc:
     d = tmp / (subdir or variant.replace("+", "-"))
     d.mkdir()
-    data = gateway_config_data(variant, d, external)
+    data = gateway_config_data(variant, d, external, multiplexed)
     path = d / "config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     child = Child(variant, [sys.executable, "-m", "gateway.cli", "run", str(path)],
@@ -232,6 +246,12 @@ def wait_gateway(gw: GatewayProc) -> None:
     if not running:
         raise RuntimeError(f"{gw.variant}: no running local replica: {reps}")
     gw.local_replica_address, gw.local_replica_pid = running[0].address, running[0].pid
+    mux = st.applications.get(MUX_KIND)
+    if mux is not None:
+        reps = [r for r in mux.deployments["Echo"].replicas if r.state == "RUNNING"]
+        if mux.status != "RUNNING" or not reps:
+            raise RuntimeError(f"{gw.variant}: application {MUX_KIND!r} is not RUNNING: {mux}")
+        gw.mux_replica_address, gw.mux_replica_pid = reps[0].address, reps[0].pid
 
 
 def nginx_binary() -> str | None:
@@ -314,7 +334,7 @@ class H2Result:
 def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
            calls: int | None = None, duration_s: float | None = None,
            path: str = ECHO_METHOD, h1_json: bool = False, log_name: str = "h2load.log",
-           ) -> H2Result:
+           model_id: str | None = None) -> H2Result:
     """One h2load run over one connection with `concurrency` streams; `h1_json`: HTTP/1.1
     JSON posts over `concurrency` connections instead (the HTTP ingress cell)."""
     log = work / log_name
@@ -327,6 +347,8 @@ def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
         cmd = ["h2load", "-c", "1", "-t", "1", "-m", str(concurrency), "-d", str(frame),
                "-H", "content-type: application/grpc", "-H", "te: trailers",
                "-H", f"application: {app}", f"--log-file={log}"]
+        if model_id is not None:
+            cmd += ["-H", f"multiplexed_model_id: {model_id}"]
     if duration_s is not None:
         cmd += ["-D", f"{round(duration_s * 1000)}ms"]
         timeout = duration_s + 30
@@ -385,13 +407,17 @@ class Clients:
         calls: int = stub.Stats(bench_pb2.StatsRequest(), timeout=10).calls
         return calls
 
-    def verify(self, address: str, app: str, message: bytes, n: int) -> str | None:
+    def verify(self, address: str, app: str, message: bytes, n: int,
+               model_id: str | None = None) -> str | None:
         """`n` calls through `address` with the benchmark's request; None when each one came
         back with grpc-status OK and the echoed message, else what was wrong."""
         rpc = self.channel(address).unary_unary(ECHO_METHOD, None, None)
+        md: tuple[tuple[str, str], ...] = (("application", app),)
+        if model_id is not None:
+            md += (("multiplexed_model_id", model_id),)
         for _ in range(n):
             try:
-                resp, call = rpc.with_call(message, metadata=(("application", app),), timeout=10)
+                resp, call = rpc.with_call(message, metadata=md, timeout=10)
             except grpc.RpcError as e:
                 return f"verification call failed: {e.code().name}: {e.details()}"  # type: ignore[attr-defined]
             if call.code() is not grpc.StatusCode.OK or resp != message:
@@ -476,18 +502,20 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
              work: Path) -> dict[str, Any]:
     """Verify, warm up, then measure one (target, concurrency) cell and check every call."""
     app = t.kind
+    mid = MUX_MODEL if app == MUX_KIND else None  # the verification calls load it
     problems: list[str] = []
     checks: list[str] = []
     log_off = log_size(t.gateway.logs_dir) if t.gateway is not None else 0
-    bad = clients.verify(t.address, app, message, s.verify_calls)
+    bad = clients.verify(t.address, app, message, s.verify_calls, mid)
     if bad:
         problems.append(bad)
     else:
         checks.append(f"{s.verify_calls} Python gRPC calls: status OK, echo intact")
     if s.smoke:
-        warm = h2load(t.address, conc, frame, app, work, calls=max(s.warmup_calls, conc * 2))
+        warm = h2load(t.address, conc, frame, app, work, calls=max(s.warmup_calls, conc * 2),
+                      model_id=mid)
     else:
-        warm = h2load(t.address, conc, frame, app, work, duration_s=s.warmup_s)
+        warm = h2load(t.address, conc, frame, app, work, duration_s=s.warmup_s, model_id=mid)
     n = (s.measure_calls if s.smoke
          else int(min(400_000, max(conc * 50, 500, warm.calls_per_s * s.measure_s))))
     n = max(n, conc * 4)
@@ -500,12 +528,13 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
     proxy_pids = t.proxy_pids()
     cpu_p0, cpu_r0, cpu_l0 = cpu_seconds(proxy_pids), cpu_seconds([t.replica_pid]), \
         children_cpu_seconds()
-    res = h2load(t.address, conc, frame, app, work, calls=n)
+    res = h2load(t.address, conc, frame, app, work, calls=n, model_id=mid)
     cpu_p1, cpu_r1, cpu_l1 = cpu_seconds(proxy_pids), cpu_seconds([t.replica_pid]), \
         children_cpu_seconds()
     served = clients.replica_calls(t.replica_address) - served0
     if t.gateway is not None:
-        t.gateway.calls[app] += s.verify_calls + warm.succeeded + res.succeeded
+        sent = s.verify_calls + warm.succeeded + res.succeeded
+        t.gateway.calls[app] = t.gateway.calls.get(app, 0) + sent
 
     # Every call a real gRPC OK: h2load only sees HTTP 200, so each of these must also hold.
     frame_len = 5 + len(message)
@@ -573,6 +602,15 @@ def add_ratios(cells: list[dict[str, Any]]) -> None:
         pc = c["proxy_cpu_us_per_call"]
         c["proxy_cpu_vs_direct_replica_cpu"] = (
             _ratio(pc, d["replica_cpu_us_per_call"]) if pc is not None else None)
+    # Multiplexing on, beside the same gateway's plain local cell.
+    for c in cells:
+        if c["kind"] == MUX_KIND:
+            plain = find_cell(cells, "local", "gateway", c["concurrency"])
+            if plain is not None:
+                c["calls_per_s_vs_local_gateway"] = _ratio(c["calls_per_s"],
+                                                           plain["calls_per_s"])
+                c["proxy_cpu_us_vs_local_gateway"] = _ratio(c["proxy_cpu_us_per_call"],
+                                                            plain["proxy_cpu_us_per_call"])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -658,6 +696,19 @@ def render(result: dict[str, Any]) -> str:
                     f"{_fmt(c.get('proxy_cpu_vs_direct_replica_cpu'))} | "
                     f"{_fmt(c['replica_cpu_us_per_call'], 0)} | "
                     f"{'yes' if c['grpc_ok'] else 'NO: ' + '; '.join(c['problems'])} |")
+    lines += ["", "## multiplexed models (local replica, calls for a loaded model)", "",
+              "| target | conc | calls/s | vs plain local gateway | p50 ms | p99 ms | "
+              "proxy CPU us/call | vs plain local gateway | gRPC OK |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for conc in result["settings"]["concurrencies"]:
+        c = find_cell(cells, MUX_KIND, "gateway", conc)
+        if c is not None:
+            lines.append(
+                f"| gateway | {conc} | {c['calls_per_s']:.0f} | "
+                f"{_fmt(c.get('calls_per_s_vs_local_gateway'))} | {c['p50_ms']:.3f} | "
+                f"{c['p99_ms']:.3f} | {_fmt(c['proxy_cpu_us_per_call'], 0)} | "
+                f"{_fmt(c.get('proxy_cpu_us_vs_local_gateway'))} | "
+                f"{'yes' if c['grpc_ok'] else 'NO: ' + '; '.join(c['problems'])} |")
     mem = result["memory"]
     lines += ["", "## Gateway memory (default observability, local replica calls)", ""]
     for p in mem.get("points", []):
@@ -810,7 +861,8 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     tmp / "external-replica.log", env=env)
         children.append(ext)
         ext_addr = "127.0.0.1:" + ext.wait_for(r"listening (\d+)").group(1)
-        gws = {v: start_gateway(v, tmp, ext_addr, env) for v in GATEWAY_VARIANTS}
+        gws = {v: start_gateway(v, tmp, ext_addr, env, multiplexed=v == "gateway")
+               for v in GATEWAY_VARIANTS}
         # A fresh default gateway that serves only the memory run, so its first figure is
         # taken at 50k calls and not after whatever the cells sent.
         mem_gw = start_gateway("gateway", tmp, ext_addr, env, subdir="gateway-memory")
@@ -864,9 +916,12 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                 targets.append(Target(kind, "nginx", nginx_addr[kind], rep_addr, rep_pid,
                                       pids_of(nginx.pid, True),
                                       nginx_log=tmp / "nginx" / "access.log"))
+        targets.append(Target(MUX_KIND, "gateway", default.address, default.mux_replica_address,
+                              default.mux_replica_pid, pids_of(default.child.pid, False),
+                              gateway=default))
         work = tmp / "work"
         work.mkdir()
-        for kind in KINDS:
+        for kind in (*KINDS, MUX_KIND):
             for conc in s.concurrencies:
                 for t in (t for t in targets if t.kind == kind):
                     cell = run_cell(t, conc, s, frame, message, clients, work)

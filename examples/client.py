@@ -12,22 +12,42 @@ from gateway.pb import grpc_predict_v2_pb2 as oip
 from gateway.pb import grpc_predict_v2_pb2_grpc as oip_grpc
 from gateway.pb import text_model_pb2, text_model_pb2_grpc
 
+TENANTS = ("tenant-a", "tenant-b", "tenant-c", "tenant-d", "tenant-e")
+
+
+def iris_input() -> oip.ModelInferRequest:
+    tensor = oip.ModelInferRequest.InferInputTensor(
+        name="features",
+        datatype="FP32",
+        shape=[2, 4],
+        contents=oip.InferTensorContents(fp32_contents=[5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]),
+    )
+    return oip.ModelInferRequest(model_name="iris", inputs=[tensor])
+
+
+async def tenants(channel: grpc.aio.Channel) -> dict[str, list[float]]:
+    """Application `tenants`: the same input for a few model ids, each its own weights."""
+    infer = oip_grpc.GRPCInferenceServiceStub(channel)
+    scores: dict[str, list[float]] = {}
+    for model_id in TENANTS:
+        call = infer.ModelInfer(
+            iris_input(),
+            metadata=(("application", "tenants"), ("multiplexed_model_id", model_id)),
+        )
+        response = await call
+        trailers = dict(await call.trailing_metadata())
+        scores[model_id] = [round(s, 3) for s in response.outputs[1].contents.fp32_contents]
+        print(f"tenants {model_id}: scores={scores[model_id]} (replica {trailers['x-replica']})")
+    return scores
+
 
 async def main(address: str) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         # Open Inference Protocol: the `iris` model of application `classifier`.
         infer = oip_grpc.GRPCInferenceServiceStub(channel)
         request_id = str(uuid.uuid4())
-        tensor = oip.ModelInferRequest.InferInputTensor(
-            name="features",
-            datatype="FP32",
-            shape=[2, 4],
-            contents=oip.InferTensorContents(
-                fp32_contents=[5.1, 3.5, 1.4, 0.2, 6.7, 3.0, 5.2, 2.3]
-            ),
-        )
         call = infer.ModelInfer(
-            oip.ModelInferRequest(model_name="iris", inputs=[tensor]),
+            iris_input(),
             metadata=(("application", "classifier"), ("x-request-id", request_id)),
         )
         response = await call
@@ -53,6 +73,9 @@ async def main(address: str) -> None:
         r = await stub.PredictBatch(texts(), metadata=md)
         print(f"text client streaming: {r.index} messages -> {r.label}")
         print("text bidi:", [m.label async for m in stub.Chat(texts(), metadata=md)])
+
+        # Model multiplexing: application `tenants`, one model per `multiplexed_model_id`.
+        await tenants(channel)
 
 
 if __name__ == "__main__":

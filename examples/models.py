@@ -2,6 +2,8 @@
 
 - `Iris`: an Open Inference Protocol (KServe v2) model named `iris`: input `features` FP32
   [N, 4]; outputs `label` BYTES [N] and `score` FP32 [N]. Fixed weights, no files to load.
+- `TenantIris`: the same `iris` model multiplexed per tenant (`multiplexed_model_id`
+  metadata): each id gets its own weights, at most 2 models per replica (LRU).
 - `TextModel`: the example service with all four RPC shapes, plus test hooks (sleep, fail
   with a status code, report what metadata and deadline it saw, count cancellations).
 """
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import struct
@@ -17,6 +20,7 @@ from typing import Any
 
 import grpc
 
+import gateway
 from gateway.oip import Tensor, infer_response
 from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -32,10 +36,14 @@ WEIGHTS = (
 BIAS = (0.26, 0.6, -1.36)
 
 
-def classify(row: tuple[float, ...]) -> tuple[str, float]:
+def classify(
+    row: tuple[float, ...],
+    weights: tuple[tuple[float, ...], ...] = WEIGHTS,
+    bias: tuple[float, ...] = BIAS,
+) -> tuple[str, float]:
     logits = [
         sum(w * x for w, x in zip(ws, row, strict=True)) + b
-        for ws, b in zip(WEIGHTS, BIAS, strict=True)
+        for ws, b in zip(weights, bias, strict=True)
     ]
     top = max(logits)
     exps = [math.exp(v - top) for v in logits]
@@ -103,9 +111,10 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
         if request.model_name and request.model_name != self.name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model_name!r}")
         rows = await self._rows(request, context)
+        weights, bias = await self._weights(context)
         labels, scores = [], []
         for row in rows:
-            label, score = classify(row)
+            label, score = classify(row, weights, bias)
             if score < self.threshold:
                 label = "uncertain"
             labels.append(label.encode())
@@ -118,6 +127,9 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
             model_name=self.name,
             model_version=self.version,
         )
+
+    async def _weights(self, context: Any) -> tuple[Any, Any]:
+        return WEIGHTS, BIAS
 
     async def _rows(self, request: pb.ModelInferRequest, context: Any) -> list[tuple[float, ...]]:
         async def bad(why: str) -> Any:
@@ -143,6 +155,39 @@ class Iris(pb_grpc.GRPCInferenceServiceServicer):
             if len(flat) != n * 4:
                 return await bad(f"'features' holds {len(flat)} values, want {n * 4}")  # type: ignore[no-any-return]
         return [flat[i * 4 : (i + 1) * 4] for i in range(n)]
+
+
+class TenantModel:
+    """One tenant's iris weights: the shared ones, shifted by an amount derived from its id."""
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        digest = hashlib.sha256(model_id.encode()).digest()
+        shift = [(b - 128) / 256 for b in digest[:12]]
+        self.weights = tuple(
+            tuple(w + shift[i * 4 + j] for j, w in enumerate(ws)) for i, ws in enumerate(WEIGHTS)
+        )
+        self.bias = BIAS
+        self.closed = False
+
+    def close(self) -> None:
+        """Run by the gateway runtime when the model is evicted (least recently used)."""
+        self.closed = True
+
+
+class TenantIris(Iris):
+    """`iris` per tenant: the call's `multiplexed_model_id` picks the weights."""
+
+    @gateway.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> TenantModel:
+        await asyncio.sleep(0.05)  # as if fetched from a model store
+        return TenantModel(model_id)
+
+    async def _weights(self, context: Any) -> tuple[Any, Any]:
+        model = await self.get_model(gateway.get_multiplexed_model_id())
+        context.set_trailing_metadata((("x-model-id", model.model_id),
+                                       ("x-replica", _replica_name())))
+        return model.weights, model.bias
 
 
 class TextModel(text_model_pb2_grpc.TextModelServicer):

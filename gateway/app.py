@@ -20,6 +20,7 @@ from gateway.control.controller import Controller
 from gateway.control.loop import ControlLoop
 from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
+from gateway.dataplane.oip_model_id import model_id_from_oip
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
 from gateway.hooks import ProxyState
@@ -149,6 +150,9 @@ class Gateway:
         routes = {
             name: AppRoute(name, app.ingress.router) for name, app in self.controller.apps.items()
         }
+        for name, app in self.controller.apps.items():
+            if app.config.multiplexed_model_id_from == "oip_model_name":
+                routes[name].model_id_of = model_id_from_oip
         self.records.bind_routes(routes)
         self.proxy.set_routes(routes)
 

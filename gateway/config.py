@@ -145,6 +145,9 @@ class ApplicationConfig(_Model):
     prediction_records: PredictionRecordsConfig = Field(default_factory=PredictionRecordsConfig)
     route_prefix: str | None = None
     """HTTP path prefix routed to this application (Ray's field; the longest match wins)."""
+    multiplexed_model_id_from: Literal["metadata", "oip_model_name"] = "metadata"
+    """Where a call's multiplexed model id comes from: the `multiplexed_model_id` metadata
+    only, or also (when that key is absent) an Open Inference Protocol request's `model_name`."""
 
     @model_validator(mode="after")
     def _names(self) -> ApplicationConfig:

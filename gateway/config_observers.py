@@ -71,6 +71,9 @@ class PredictionRecordsConfig(StrictModel):
     """Names of record exporters ("default": Arize when keys are set, JSONL otherwise)."""
     model_name: str | None = None
     """Model name sent with each record and actual (default: the application's name)."""
+    multiplexed_model_id: Literal["model_name", "tag"] = "model_name"
+    """A call's `multiplexed_model_id` is its record's model name (each id its own model in
+    Arize; actuals then name it too), or only its `multiplexed_model_id` tag."""
     model_version: str | None = None
     model_type: Literal[
         "SCORE_CATEGORICAL", "BINARY_CLASSIFICATION", "NUMERIC", "REGRESSION"

@@ -45,6 +45,7 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
         assert any("nginx not found" in n for n in result["notes"])
     expected = {(k, t, c) for k in bench_run.KINDS for t in bench_run.TARGETS
                 for c in (1, 16, 64) if t != "nginx" or has_nginx}
+    expected |= {(bench_run.MUX_KIND, "gateway", c) for c in (1, 16, 64)}
     cells = {(c["kind"], c["target"], c["concurrency"]): c for c in result["cells"]}
     assert set(cells) == expected
     # The HTTP cell: the iris model over REST and gRPC through the gateway, and direct.
@@ -64,7 +65,9 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
         assert 0 < c["p50_ms"] <= c["p99_ms"], key
         assert c["latency_samples"] == c["calls"], key
         assert c["replica_cpu_us_per_call"] >= 0, key
-        if key[1] == "direct":
+        if key[0] == bench_run.MUX_KIND:  # no direct cell: compared with the plain gateway
+            assert c["calls_per_s_vs_local_gateway"] > 0
+        elif key[1] == "direct":
             assert c["proxy_cpu_us_per_call"] is None
             assert c["calls_per_s_vs_direct"] == 1.0
         else:
@@ -89,6 +92,7 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     table = md.read_text()
     assert table in proc.stdout
     assert "| gateway | 16 |" in table and "Issue 6 targets" in table
+    assert "## multiplexed models" in table
     # Everything the harness started is gone.
     for name, pid in result["processes"].items():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", name

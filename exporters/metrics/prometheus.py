@@ -26,6 +26,13 @@ log = logging.getLogger("exporters.prometheus")
 
 RESERVED_PREFIXES = ("ray_serve_", "ray_component_", "grpc_", "target")
 """Replica-defined families with these names would clash with the gateway's own: dropped."""
+RUNTIME_FAMILIES = frozenset({
+    # Recorded by the replica runtime itself (gateway/runtime/multiplex.py), not model code.
+    "ray_serve_multiplexed_model_load_latency_ms", "ray_serve_multiplexed_model_unload_latency_ms",
+    "ray_serve_num_multiplexed_models", "ray_serve_multiplexed_models_load_counter",
+    "ray_serve_multiplexed_models_unload_counter", "ray_serve_registered_multiplexed_model_id",
+    "ray_serve_multiplexed_get_model_requests_counter",
+})
 
 
 class _Reader(PrometheusMetricReader):
@@ -60,7 +67,7 @@ class ReplicaCollector:
                 log.warning("unreadable metrics from a replica: %s", e)
                 continue
             for fam in parsed:
-                if fam.name.startswith(RESERVED_PREFIXES):
+                if fam.name.startswith(RESERVED_PREFIXES) and fam.name not in RUNTIME_FAMILIES:
                     self._warn(fam.name, "uses a name reserved for the gateway's metrics")
                     continue
                 have = families.get(fam.name)

@@ -30,6 +30,8 @@ class ReplicaDetails:
     pid: int = 0
     address: str = ""
     starts: int = 0
+    multiplexed_models: list[str] | None = None
+    """The multiplexed model ids it holds (sorted); None when it serves no multiplexed models."""
 
 
 @dataclass
@@ -83,7 +85,9 @@ class GatewayStatus:
                 if verbose:
                     entry["replicas"] = [
                         {"replica_id": r.replica_id, "state": r.state, "pid": r.pid,
-                         "address": r.address, "starts": r.starts, "message": r.message}
+                         "address": r.address, "starts": r.starts, "message": r.message,
+                         **({} if r.multiplexed_models is None
+                            else {"multiplexed_models": list(r.multiplexed_models)})}
                         for r in d.replicas
                     ]
                 deps[dname] = entry
@@ -126,6 +130,7 @@ def build_status(gw: RunningGateway) -> GatewayStatus:
                         pid=s.pid or 0,
                         address=s.replica.address if s.replica is not None else (s.target or ""),
                         starts=s.starts,
+                        multiplexed_models=_models_of(s.replica),
                     )
                     for s in dep.slots
                 ],
@@ -137,6 +142,12 @@ def build_status(gw: RunningGateway) -> GatewayStatus:
             deployments=deps,
         )
     return out
+
+
+def _models_of(replica: Any) -> list[str] | None:
+    if replica is None or replica.mux_capacity is None:
+        return None
+    return sorted(replica.mux_models)
 
 
 # -- over the wire -----------------------------------------------------------------------
@@ -156,7 +167,9 @@ def to_proto(status: GatewayStatus) -> admin_pb2.GetStatusResponse:
             dm.replica_states.update(d.replica_states)
             for r in d.replicas:
                 dm.replicas.add(replica_id=r.replica_id, state=r.state, message=r.message,
-                                pid=r.pid, address=r.address, starts=r.starts)
+                                pid=r.pid, address=r.address, starts=r.starts,
+                                multiplexed=r.multiplexed_models is not None,
+                                multiplexed_model_ids=r.multiplexed_models or ())
     return msg
 
 
@@ -176,7 +189,8 @@ def from_proto(msg: admin_pb2.GetStatusResponse) -> GatewayStatus:
                     replica_states=dict(d.replica_states),
                     replicas=[
                         ReplicaDetails(r.replica_id, r.state, r.message, r.pid, r.address,
-                                       r.starts)
+                                       r.starts, list(r.multiplexed_model_ids)
+                                       if r.multiplexed else None)
                         for r in d.replicas
                     ],
                 )

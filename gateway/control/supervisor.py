@@ -184,6 +184,7 @@ class Supervisor(HealthChecks):
                                mux=self.config.proxy.local_transport == "mux",
                                control_secret=secret)
         slot.replica.pid = proc.pid
+        slot.replica.mux_capacity = report.get("multiplexed_capacity")  # runtime/multiplex.py
         self._emit("started", slot)
         dep.publish()
         return True

@@ -65,6 +65,8 @@ class CallRecord:
     response: bytes | None = None
     http: bool = False
     """True for calls that came through the HTTP ingress (gateway/ingress/http)."""
+    model_id: str | None = None
+    """The call's `multiplexed_model_id`, when it had one."""
 
 
 Observer = Callable[[CallRecord], None]

@@ -68,11 +68,13 @@ class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
     __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "http",
-                 "label", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0", "wall")
+                 "label", "mid", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0", "wall")
 
     def __init__(self, path: str, label: str, shape: int, http: bool) -> None:
         self.t0 = time.perf_counter()
         self.http = http
+        self.mid: str | None = None
+        """The call's multiplexed model id (routes it to a replica holding that model)."""
         self.wall = time.time()
         self.path = path
         self.label = label
@@ -137,10 +139,10 @@ class Forwarder:
             attempt = 0
             while True:
                 # The common case needs no await: a replica with room is there.
-                picked = router.take() if replica is None else None
+                picked = router.take(c.mid) if replica is None else None
                 if picked is None:
                     left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                    replica = await router.acquire(left, exclude=replica)
+                    replica = await router.acquire(left, exclude=replica, model_id=c.mid)
                 else:
                     replica = picked
                 c.rep_id = replica.replica_id
@@ -197,7 +199,7 @@ class Forwarder:
             attempt = 0
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                replica = await router.acquire(left, exclude=replica)
+                replica = await router.acquire(left, exclude=replica, model_id=c.mid)
                 c.rep_id = replica.replica_id
                 call = None
                 got_any = False
@@ -239,7 +241,7 @@ class Forwarder:
     def _admit(self, c: _CallState, ctx: Any, request: Any) -> tuple[AppRoute, list[Any], Any]:
         """Route the call (or raise its refusal); the metadata to forward and the request,
         wrapped to keep its messages when the call is sampled."""
-        route, rid, md, err = route_call(ctx, self.routes, self.default_route)
+        route, rid, md, mid, err = route_call(ctx, self.routes, self.default_route)
         if self.draining:
             self.drain_refusals += 1
             err = errors.draining()
@@ -253,6 +255,11 @@ class Forwarder:
         c.admitted = True
         self.admitted += 1
         c.app, c.dep = route.name, route.deployment
+        if mid is None and route.model_id_of is not None and c.shape == UNARY_UNARY:
+            mid = route.model_id_of(c.path, request)
+            if mid is not None:  # the replica sees it as if the client had sent the key
+                md.append(("multiplexed_model_id", mid))
+        c.mid = mid
         if route.stream_capture is not None and c.shape != UNARY_UNARY:
             c.stream = route.stream_capture(c.path)
             if c.stream is not None:
@@ -316,7 +323,7 @@ class Forwarder:
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, c.label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
-            request, response, c.http,
+            request, response, c.http, c.mid,
         )
         for obs in self.observers:
             try:

@@ -176,6 +176,9 @@ class MuxChannel:
         self._stream: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.on_models: Any = None
+        """Called with (model ids, capacity) when a result reports the replica's multiplexed
+        models, and with (None, None) when the stream ends (gateway/runtime/multiplex.py)."""
 
     def _ensure_stream(self) -> None:
         if self._stream is not None or self._closed:
@@ -304,6 +307,8 @@ class MuxChannel:
                     frame = parts.feed(piece) if piece.more or parts else piece
                     if frame is None:
                         continue
+                    if frame.models_report and self.on_models is not None:
+                        self.on_models(frame.models, frame.max_models)
                     call = calls.pop(frame.call_id, None)
                     if call is not None and not call._future.done():
                         call._future.set_result(frame)
@@ -318,6 +323,8 @@ class MuxChannel:
         # A stream that never connected delivered nothing: its calls are safe to retry.
         unsent = isinstance(err, grpc.aio.AioRpcError) and (why or "").startswith(_NOT_CONNECTED)
         self._stream = None
+        if self.on_models is not None:
+            self.on_models(None, None)  # a new stream (or process) reports afresh
         for t in list(self._tasks):
             if t is not asyncio.current_task():
                 t.cancel()

@@ -67,6 +67,8 @@ class Replica:
         "in_flight",
         "is_local",
         "message",
+        "mux_capacity",
+        "mux_models",
         "pid",
         "replica_id",
         "started_at",
@@ -101,8 +103,21 @@ class Replica:
         self.pid: int | None = None
         self.started_at = time.time()
         self._callables: dict[tuple[str, int], Any] = {}
+        self.mux_models: frozenset[str] = frozenset()
+        """Multiplexed model ids the replica holds or is loading, as it last reported."""
+        self.mux_capacity: int | None = None
+        """How many models it may hold (0: no limit); None when it serves no multiplexed
+        models (gateway/runtime/multiplex.py). Set from its start report and its results."""
         # Local replicas run our runtime, which speaks the mux protocol (see mux.py).
         self._mux = MuxChannel(self.channel, max_message_bytes) if mux else None
+        if self._mux is not None:
+            self._mux.on_models = self._on_models
+
+    def _on_models(self, models: Any, capacity: int | None) -> None:
+        """The replica's report of its multiplexed models (None: the stream ended)."""
+        self.mux_models = frozenset(models) if models is not None else frozenset()
+        if capacity is not None:
+            self.mux_capacity = capacity
 
     @property
     def routable(self) -> bool:

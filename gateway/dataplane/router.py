@@ -11,6 +11,7 @@ import random
 from collections import deque
 
 from gateway.dataplane import errors
+from gateway.dataplane.model_affinity import ModelAffinity
 from gateway.dataplane.replicas import Replica
 
 
@@ -18,6 +19,8 @@ class Router:
     __slots__ = (
         "_rng",
         "_waiters",
+        "_wanted",
+        "affinity",
         "application",
         "deployment",
         "max_ongoing",
@@ -39,6 +42,10 @@ class Router:
         """True once every method the replicas serve is known (local replicas, by reflection)."""
         self._rng = random.Random()
         self._waiters: deque[asyncio.Future[Replica]] = deque()
+        self._wanted: dict[asyncio.Future[Replica], str] = {}
+        """The model id of queued calls that carry one."""
+        self.affinity: ModelAffinity | None = None
+        """Set while a replica serves multiplexed models: calls with a model id route by it."""
 
     @property
     def queued(self) -> int:
@@ -46,9 +53,15 @@ class Router:
 
     def set_replicas(self, replicas: list[Replica]) -> None:
         self.replicas = list(replicas)
+        if any(r.mux_capacity is not None for r in self.replicas):
+            self.affinity = self.affinity or ModelAffinity()
+        else:
+            self.affinity = None
         self.wake()
 
-    def _pick(self) -> Replica | None:
+    def _pick(self, model_id: str | None = None) -> Replica | None:
+        if model_id is not None and self.affinity is not None:
+            return self.affinity.pick(self, model_id)
         reps = self.replicas
         n = len(reps)
         if n == 1:
@@ -70,18 +83,19 @@ class Router:
     def has_routable(self) -> bool:
         return any(r.routable for r in self.replicas)
 
-    def take(self) -> Replica | None:
+    def take(self, model_id: str | None = None) -> Replica | None:
         """A replica with room right now (counted as in flight), or None."""
         if self._waiters:
             return None  # first come, first served: the queue goes first
-        r = self._pick()
+        r = self._pick(model_id)
         if r is not None:
             r.in_flight += 1
         return r
 
-    async def acquire(self, timeout: float | None, exclude: Replica | None = None) -> Replica:
+    async def acquire(self, timeout: float | None, exclude: Replica | None = None,
+                      model_id: str | None = None) -> Replica:
         """A replica with room, counted as in flight; raises a `GatewayError` otherwise."""
-        r = self._pick()
+        r = self._pick(model_id)
         if r is not None and r is not exclude:
             r.in_flight += 1
             return r
@@ -102,6 +116,8 @@ class Router:
             raise errors.queue_full(self.application, self.deployment, self.max_queued)
         fut: asyncio.Future[Replica] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
+        if model_id is not None and self.affinity is not None:
+            self._wanted[fut] = model_id
         try:
             if timeout is None:
                 rep = await fut
@@ -120,6 +136,9 @@ class Router:
             if isinstance(e, TimeoutError):
                 raise errors.deadline_in_queue(self.application, self.deployment) from None
             raise
+        finally:
+            if self._wanted:
+                self._wanted.pop(fut, None)
         return rep
 
     def release(self, replica: Replica) -> None:
@@ -134,7 +153,12 @@ class Router:
             if fut.done():
                 self._waiters.popleft()
                 continue
-            r = self._pick()
+            try:
+                r = self._pick(self._wanted.get(fut) if self._wanted else None)
+            except errors.GatewayError as e:  # its model id is bad: fail that call only
+                self._waiters.popleft()
+                fut.set_exception(e)
+                continue
             if r is None:
                 if not self.has_routable():
                     # Nothing will free up: fail the waiters rather than let them hang.

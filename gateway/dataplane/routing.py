@@ -17,7 +17,7 @@ from gateway.dataplane.router import Router
 class AppRoute:
     """Everything the proxy needs for one application, built when the config is applied."""
 
-    __slots__ = ("capture", "deployment", "name", "router", "stream_capture")
+    __slots__ = ("capture", "deployment", "model_id_of", "name", "router", "stream_capture")
 
     def __init__(self, name: str, router: Router) -> None:
         self.name = name
@@ -28,12 +28,15 @@ class AppRoute:
         self.stream_capture: Callable[[str], Any] | None = None
         """Set by the record pipeline: for a sampled streaming call, an object that keeps its
         messages (`requests_of`, `response`, `done`; gateway/records/capture.py), else None."""
+        self.model_id_of: Callable[[str, Any], str | None] | None = None
+        """Set for `multiplexed_model_id_from: oip_model_name` (dataplane/oip_model_id.py)."""
 
 
 def route_call(
     ctx: Any, routes: dict[str, AppRoute], default_route: AppRoute | None
-) -> tuple[AppRoute | None, str, list[tuple[str, Any]], GatewayError | None]:
-    """The call's route, request id, the metadata to forward, and why it is refused (or None).
+) -> tuple[AppRoute | None, str, list[tuple[str, Any]], str | None, GatewayError | None]:
+    """The call's route, request id, the metadata to forward, its multiplexed model id (or
+    None), and why it is refused (or None).
 
     A refusal still carries what is known (application, deployment, a request id), so
     it is answered, counted and logged with them.
@@ -43,6 +46,7 @@ def route_call(
     rid_key = "x-request-id"
     alt: str | None = None
     fwd: list[tuple[str, Any]] = []
+    mid: str | None = None  # routes by model (gateway/dataplane/model_affinity.py)
     for key, value in ctx.invocation_metadata() or ():
         if key in HOP_BY_HOP:
             continue
@@ -56,6 +60,8 @@ def route_call(
             if alt is None:
                 alt = value
             continue
+        elif key == "multiplexed_model_id" and mid is None:
+            mid = value  # the first, as the replica reads it
         fwd.append((key, value))
     if not rid:
         # x-request-id wins over Ray's request_id when both are sent.
@@ -77,4 +83,4 @@ def route_call(
         route = routes.get(app)
         if route is None:
             err = errors.application_unknown(app, routes)
-    return route, rid, fwd, err or bad
+    return route, rid, fwd, mid, err or bad

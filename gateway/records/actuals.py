@@ -20,7 +20,6 @@ def actual_records(plan: Plan, actuals: Sequence[Any]) -> tuple[list[Record],
     application = plan.app
     model_type = plan.cfg.model_type
     numeric = model_type in ("NUMERIC", "REGRESSION")
-    model = plan.model
     records: list[Record] = []
     why: collections.Counter[str] = collections.Counter()
     for a in actuals:
@@ -45,6 +44,8 @@ def actual_records(plan: Plan, actuals: Sequence[Any]) -> tuple[list[Record],
             if not math.isfinite(score):
                 why[f"{model_type} model needs a numeric actual"] += 1
                 continue
+        # A multiplexed call's prediction went under its model id (Plan.model_of).
+        model = plan.model_of(str(get("multiplexed_model_id") or "") or None)
         records.append(ActualRecord(
             prediction_id=pid, model_name=model, model_type=model_type,
             environment=plan.cfg.environment, actual_label=label,

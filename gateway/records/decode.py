@@ -158,6 +158,14 @@ class Plan:
         self.model = cfg.model_name or app
         """The model name of every record and actual of this application: fixed by the
         config, so actuals join their predictions after a restart too."""
+        self.by_model_id = cfg.multiplexed_model_id == "model_name"
+
+    def model_of(self, model_id: str | None) -> str:
+        """The model name of a call's record: its multiplexed model id when it had a valid
+        one (and the config says so), else the application's model name."""
+        if model_id and self.by_model_id and len(model_id) <= 256 and model_id.isprintable():
+            return model_id
+        return self.model
 
     def capture(self, path: str) -> bool:
         if self.methods is not None and path not in self.methods:
@@ -186,6 +194,8 @@ def call_tags(rec: CallRecord) -> dict[str, str | bool | int | float]:
     }
     if rec.code is not OK and rec.details:
         tags["status_details"] = rec.details[:500]
+    if rec.model_id:
+        tags["multiplexed_model_id"] = rec.model_id[:256]
     return tags
 
 
@@ -246,7 +256,7 @@ class Decoder:
 
     def record(self, plan: Plan, rec: CallRecord, n: int = 0, **kw: Any) -> PredictionRecord:
         kw.setdefault("prediction_id", prediction_id(rec.request_id, n))
-        kw.setdefault("model_name", plan.model)
+        kw.setdefault("model_name", plan.model_of(rec.model_id))
         kw.setdefault("model_version", plan.cfg.model_version)
         kw.setdefault("prediction_timestamp", int(rec.start_time))
         kw.setdefault("tags", call_tags(rec))

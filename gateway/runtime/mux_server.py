@@ -29,6 +29,7 @@ from gateway.dataplane.mux_frames import (
     to_lists,
 )
 from gateway.pb import replica_control_pb2 as pb
+from gateway.runtime import multiplex
 from gateway.runtime.mux_context import MuxAbort, MuxContext, SyncMuxContext
 
 log = logging.getLogger("gateway.mux")
@@ -128,11 +129,19 @@ class MuxServer:
         peer = context.peer()
         writing = False
         limit = self.max_message_bytes
+        reported = 0  # the multiplexed models' version last told the gateway on this stream
 
         async def done(frame: pb.MuxFrame) -> None:
             # The call that finishes writes, with every other result ready by then; calls
             # finishing during that write leave theirs for it to pick up.
-            nonlocal writing, pending
+            nonlocal writing, pending, reported
+            if multiplex.registry.version != reported:
+                # The models this replica holds changed: the gateway routes by them.
+                reported = multiplex.registry.version
+                ids, cap = multiplex.registry.report()
+                frame.models_report = True
+                frame.models.extend(ids)
+                frame.max_models = cap
             # From here on a CANCEL for this call must not interrupt the write, which may
             # carry other calls' results too.
             running.pop(frame.call_id, None)
@@ -190,6 +199,9 @@ class MuxServer:
         self, frame: pb.MuxFrame, ctx: MuxContext, done: Callable[[pb.MuxFrame], Awaitable[None]]
     ) -> None:
         t0 = time.perf_counter()
+        if multiplex._used and multiplex.MODEL_ID_KEY in frame.md_keys:
+            # This task's own context: the handler (and a sync one's thread) sees the id.
+            multiplex.set_model_id(multiplex.model_id_of(ctx.invocation_metadata()))
         code, details, payload = await self._invoke(frame, ctx)
         ctx._finish()
         if ctx.cancelled_flag:
@@ -250,6 +262,8 @@ class MuxServer:
             # Cancelled by the gateway (then nobody reads this), or the method's own await
             # was cancelled: grpc answers that with CANCELLED too.
             return grpc.StatusCode.CANCELLED, "Cancelled", b""
+        except multiplex.MultiplexedModelError as e:
+            return e.code, e.details, b""
         except Exception as e:
             code, details = _unexpected(frame, e)
             if ctx._code is not None and ctx._code is not grpc.StatusCode.OK:

@@ -30,6 +30,7 @@ from gateway.dataplane.replicas import channel_options
 from gateway.logs.profiling import memory_profiler
 from gateway.logs.replica import ReplicaLogging
 from gateway.pb import replica_control_pb2, replica_control_pb2_grpc
+from gateway.runtime import multiplex
 from gateway.runtime.guard import StartupGuard, kill_own_group
 
 
@@ -138,6 +139,11 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
 
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         ControlAuthInterceptor(control_secret)]
+    capacity = multiplex.declared_capacity(cls)
+    if capacity is not None:  # model ids and load failures of plain gRPC calls
+        from gateway.runtime.multiplex_grpc import MultiplexInterceptor
+
+        interceptors.append(MultiplexInterceptor())
     if logs is not None:
         interceptors.append(logs.interceptor())
     server = grpc.aio.server(options=channel_options(args.max_message_bytes),
@@ -161,7 +167,10 @@ async def serve(args: argparse.Namespace, logs: ReplicaLogging | None = None,
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    _report(args.report_fd, {"port": port, "pid": os.getpid()})
+    started: dict[str, Any] = {"port": port, "pid": os.getpid()}
+    if capacity is not None:
+        started["multiplexed_capacity"] = capacity
+    _report(args.report_fd, started)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,379 @@
+"""Model multiplexing in a local replica, with Ray Serve's API and semantics.
+
+    import gateway
+
+    class Tenants(...Servicer):
+        @gateway.multiplexed(max_num_models_per_replica=2)
+        async def get_model(self, model_id: str) -> Model:
+            return await load(model_id)
+
+        async def ModelInfer(self, request, context):
+            model = await self.get_model(gateway.get_multiplexed_model_id())
+
+The id of a call comes from its `multiplexed_model_id` metadata (Ray's key). Each decorated
+loader keeps an LRU cache of at most N models per replica: a cached model is returned as it is;
+concurrent first calls for one id share one load; a failing load is not cached and the call
+fails with UNAVAILABLE naming the model; an evicted model's `close()` (sync or async) runs, or
+else dropping the last reference lets its `__del__` run.
+
+The replica tells the gateway which ids it holds (loaded or loading) with its call results
+(`MuxFrame.models`, see gateway/runtime/mux_server.py), so the gateway can route each id to a
+replica that has it. The seven `ray_serve_*multiplexed*` metrics are recorded here and reach the
+gateway's scrape with the replica's custom metrics (gateway/custom_metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
+
+import grpc
+
+__all__ = [
+    "MODEL_ID_KEY",
+    "MultiplexedModelError",
+    "get_multiplexed_model_id",
+    "multiplexed",
+]
+
+log = logging.getLogger("gateway.multiplex")
+
+MODEL_ID_KEY = "multiplexed_model_id"
+"""The gRPC metadata key that carries a call's model id (Ray Serve's)."""
+MAX_MODEL_ID_LEN = 256
+MAX_REPORTED = 512
+DEFAULT_MAX_MODELS = 3
+"""Ray's default for `max_num_models_per_replica`."""
+LATENCY_BOUNDS_MS = (
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+    30000.0, 60000.0, 120000.0, 300000.0,
+)
+"""Model loads take milliseconds (a small sklearn model) to minutes (a large download)."""
+
+_model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "gateway_multiplexed_model_id", default=""
+)
+
+
+def get_multiplexed_model_id() -> str:
+    """The model id of the call being served (its `multiplexed_model_id` metadata), or ""."""
+    return _model_id.get()
+
+
+def set_model_id(model_id: str) -> contextvars.Token[str]:
+    """Set by the replica runtime for the call it runs (mux server or plain gRPC handler)."""
+    return _model_id.set(model_id)
+
+
+def model_id_of(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == MODEL_ID_KEY:
+            return value if isinstance(value, str) else ""
+    return ""
+
+
+class MultiplexedModelError(Exception):
+    """A call the multiplexed loader could not serve; answered with `code` and `details`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _Registry:
+    """Every multiplexed cache of this process: what the replica reports to the gateway."""
+
+    def __init__(self) -> None:
+        self.caches: list[_ModelCache] = []
+        self.version = 0
+        """Bumped on every change of the ids held; the mux server reports when it moved."""
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def report(self) -> tuple[list[str], int]:
+        """(ids loaded or loading, how many this replica may hold; 0 = no limit).
+
+        At most MAX_REPORTED ids (the most recently used), so a replica without a limit
+        never makes a result frame too big for the stream."""
+        ids: list[str] = []
+        cap = 0
+        for c in self.caches:
+            ids.extend(c.models)
+            ids.extend(m for m in c.loading if m not in c.models)
+            if c.max_models < 0 or cap < 0:
+                cap = -1
+            else:
+                cap += c.max_models
+        if len(ids) > MAX_REPORTED:
+            ids = ids[-MAX_REPORTED:]
+        return ids, max(cap, 0)
+
+
+registry = _Registry()
+
+
+class _Metrics:
+    """The seven Ray rows, through the replica's custom-metrics SDK (one instance a process)."""
+
+    _instance: _Metrics | None = None
+
+    def __init__(self) -> None:
+        from gateway import custom_metrics
+
+        meter = custom_metrics._provider()[0].get_meter("gateway.multiplex")
+        self.attrs = custom_metrics._identity()
+        self._ids: dict[str, dict[str, str]] = {}
+        # Named without the `ray_` prefix: the custom-metrics reader adds it, as Ray's own.
+        self.load_latency = meter.create_histogram(
+            "serve_multiplexed_model_load_latency_ms", description="The time it takes to load "
+            "a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
+        self.unload_latency = meter.create_histogram(
+            "serve_multiplexed_model_unload_latency_ms", description="The time it takes to "
+            "unload a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
+        self.num_models = meter.create_gauge(
+            "serve_num_multiplexed_models",
+            description="The number of models loaded on the current replica.")
+        self.loads = meter.create_counter(
+            "serve_multiplexed_models_load_counter",
+            description="The number of times models loaded on the current replica.")
+        self.unloads = meter.create_counter(
+            "serve_multiplexed_models_unload_counter",
+            description="The number of times models unloaded on the current replica.")
+        self.registered = meter.create_gauge(
+            "serve_registered_multiplexed_model_id",
+            description="The mutlplexed model ID registered on the current replica.")
+        self.requests = meter.create_counter(
+            "serve_multiplexed_get_model_requests_counter",
+            description="The number of calls to get a multiplexed model.")
+        # Series from the start (at zero), so rates and "no unloads yet" show on dashboards.
+        self.num_models.set(0, self.attrs)
+        self.loads.add(0, self.attrs)
+        self.unloads.add(0, self.attrs)
+
+    @classmethod
+    def get(cls) -> _Metrics:
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def with_id(self, model_id: str) -> dict[str, str]:
+        attrs = self._ids.get(model_id)
+        if attrs is None:
+            attrs = {**self.attrs, "model_id": model_id}
+            if len(self._ids) < 4096:
+                self._ids[model_id] = attrs
+        return attrs
+
+
+async def _close(model: Any) -> None:
+    close = getattr(model, "close", None)
+    if close is None or not callable(close):
+        return  # dropping our reference lets its __del__ run
+    if inspect.iscoroutinefunction(close):
+        await close()
+    else:
+        result = await asyncio.get_running_loop().run_in_executor(None, close)
+        if inspect.isawaitable(result):
+            await result
+
+
+class _ModelCache:
+    """One decorated loader's models on this replica (for one servicer instance), LRU."""
+
+    def __init__(self, load: Callable[[str], Awaitable[Any]], max_models: int) -> None:
+        self._load = load
+        self.max_models = max_models
+        self.models: OrderedDict[str, Any] = OrderedDict()
+        self.loading: dict[str, asyncio.Task[Any]] = {}
+        self._metrics = _Metrics.get()
+        registry.caches.append(self)
+
+    async def get(self, model_id: Any) -> Any:
+        m = self._metrics
+        m.requests.add(1, m.attrs)
+        if not isinstance(model_id, str) or not model_id:
+            raise MultiplexedModelError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"this deployment serves multiplexed models: set the {MODEL_ID_KEY!r} "
+                "metadata to the model id",
+            )
+        if len(model_id) > MAX_MODEL_ID_LEN or not model_id.isprintable():
+            raise MultiplexedModelError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{MODEL_ID_KEY} must be 1-{MAX_MODEL_ID_LEN} printable characters",
+            )
+        model = self.models.get(model_id, _MISSING)
+        if model is not _MISSING:
+            self.models.move_to_end(model_id)
+            return model
+        task = self.loading.get(model_id)
+        if task is None:
+            # Its own task: a caller that goes away does not cancel the load the others await.
+            task = asyncio.ensure_future(self._load_one(model_id))
+            self.loading[model_id] = task
+            registry.changed()
+        try:
+            return await asyncio.shield(task)
+        except MultiplexedModelError:
+            raise
+        except asyncio.CancelledError:
+            if task.cancelled():  # the replica is stopping
+                raise MultiplexedModelError(
+                    grpc.StatusCode.UNAVAILABLE, f"loading model {model_id!r} was cancelled"
+                ) from None
+            raise
+
+    async def _evict_for_one(self) -> None:
+        """Unload least recently used models until one more fits (loads in flight count)."""
+        while (
+            self.max_models > 0 and self.models
+            and len(self.models) + len(self.loading) > self.max_models
+        ):
+            model_id, model = self.models.popitem(last=False)
+            registry.changed()
+            m = self._metrics
+            t0 = time.perf_counter()
+            try:
+                await _close(model)
+            except Exception:
+                log.exception("closing multiplexed model %r failed", model_id)
+            del model
+            m.unload_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
+            m.unloads.add(1, m.attrs)
+            m.registered.set(0, m.with_id(model_id))
+            m.num_models.set(len(self.models), m.attrs)
+            log.info("multiplexed model %r unloaded (least recently used)", model_id)
+
+    async def _load_one(self, model_id: str) -> Any:
+        m = self._metrics
+        try:
+            await self._evict_for_one()
+            t0 = time.perf_counter()
+            try:
+                model = await self._load(model_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("loading multiplexed model %r failed: %s: %s",
+                            model_id, type(e).__name__, e)
+                raise MultiplexedModelError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"multiplexed model {model_id!r} failed to load: {type(e).__name__}: {e}",
+                ) from e
+            m.load_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
+            m.loads.add(1, m.attrs)
+            self.models[model_id] = model
+            m.registered.set(1, m.with_id(model_id))
+            m.num_models.set(len(self.models), m.attrs)
+            return model
+        finally:
+            self.loading.pop(model_id, None)
+            registry.changed()
+
+
+_MISSING = object()
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@overload
+def multiplexed(func: F, *, max_num_models_per_replica: int = ...) -> F: ...
+
+
+@overload
+def multiplexed(
+    func: None = None, *, max_num_models_per_replica: int = ...
+) -> Callable[[F], F]: ...
+
+
+def multiplexed(
+    func: Callable[..., Awaitable[Any]] | None = None,
+    *,
+    max_num_models_per_replica: int = DEFAULT_MAX_MODELS,
+) -> Any:
+    """Decorate an async loader `(self, model_id)` or `(model_id)`: Ray Serve's `@multiplexed`.
+
+    The decorated function returns the model for `model_id` (the call's id when omitted),
+    from the cache or loaded once; `max_num_models_per_replica=-1` means no limit.
+    """
+    n = max_num_models_per_replica
+    if isinstance(n, bool) or not isinstance(n, int) or (n < 1 and n != -1):
+        raise ValueError(
+            f"max_num_models_per_replica must be a positive integer or -1, got {n!r}"
+        )
+
+    def decorate(fn: Callable[..., Awaitable[Any]]) -> Any:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(f"@multiplexed needs an async function; {fn.__qualname__} is not")
+        params = list(inspect.signature(fn).parameters)
+        if len(params) not in (1, 2):
+            raise TypeError(
+                f"@multiplexed loader {fn.__qualname__} must take (self, model_id) or (model_id)"
+            )
+        is_method = len(params) == 2
+        attr = f"_gateway_multiplex_{fn.__name__}"
+        module_cache: list[_ModelCache] = []
+
+        def cache_of(owner: Any) -> _ModelCache:
+            if owner is None:
+                if not module_cache:
+                    module_cache.append(_ModelCache(fn, n))
+                return module_cache[0]
+            c: _ModelCache | None = owner.__dict__.get(attr)
+            if c is None:
+                c = _ModelCache(functools.partial(fn, owner), n)
+                owner.__dict__[attr] = c
+            return c
+
+        if is_method:
+            @functools.wraps(fn)
+            async def method(self: Any, model_id: str | None = None) -> Any:
+                mid = get_multiplexed_model_id() if model_id is None else model_id
+                return await cache_of(self).get(mid)
+
+            method._gateway_multiplexed = n  # type: ignore[attr-defined]
+            _used.append((fn.__module__, n, True))
+            return method
+
+        @functools.wraps(fn)
+        async def function(model_id: str | None = None) -> Any:
+            mid = get_multiplexed_model_id() if model_id is None else model_id
+            return await cache_of(None).get(mid)
+
+        function._gateway_multiplexed = n  # type: ignore[attr-defined]
+        _used.append((fn.__module__, n, False))
+        return function
+
+    return decorate(func) if func is not None else decorate
+
+
+_used: list[tuple[str, int, bool]] = []
+"""(module, max_num_models_per_replica, is a method) of every loader decorated here."""
+
+
+def declared_capacity(servicer_class: type) -> int | None:
+    """What the replica tells the gateway at start: None (its servicer serves no multiplexed
+    models), 0 (no limit) or how many models it may hold: from the class's decorated loader
+    methods, else from function loaders of the class's own module. Decorators run when the
+    module is imported, before the replica serves."""
+    caps = [
+        v._gateway_multiplexed
+        for klass in servicer_class.__mro__ for v in vars(klass).values()
+        if hasattr(v, "_gateway_multiplexed")
+    ]
+    if not caps:
+        caps = [n for mod, n, method in _used if not method and mod == servicer_class.__module__]
+    if not caps:
+        return None
+    return 0 if -1 in caps else sum(caps)
+
