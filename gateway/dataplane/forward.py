@@ -68,7 +68,8 @@ class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
     __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "http",
-                 "label", "mid", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0", "wall")
+                 "label", "mid", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0",
+                 "wall")
 
     def __init__(self, path: str, label: str, shape: int, http: bool) -> None:
         self.t0 = time.perf_counter()

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from gateway.dataplane import errors
 from gateway.dataplane.replicas import Replica
 
-if TYPE_CHECKING:
-    from gateway.dataplane.router import Router
+
+class Router(Protocol):
+    """What affinity reads of a deployment's router (gateway/dataplane/router.py)."""
+
+    replicas: list[Replica]
+    max_ongoing: int
+
 
 MODEL_ID_KEY = "multiplexed_model_id"
 MAX_MODEL_ID_LEN = 256
