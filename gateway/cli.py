@@ -152,7 +152,7 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
 
 def _admin(args: argparse.Namespace, action: str) -> int:
     """Run one admin call; unreachable, refused and invalid each get a message and exit code."""
-    from gateway.admin.service import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+    from gateway.admin.client import AdminAuthError, AdminClient, AdminError, AdminUnreachable
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     used: dict[str, str] = {}  # values `deploy` expanded: never printed back

@@ -124,7 +124,10 @@ def start_loading(tmp_path: Path, import_path: str,
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pids = gp.replica_pids()
-        if pids:
+        # Its log file exists once its signal guard is in place (gateway/runtime/replica.py
+        # starts the guard, then logging, then loads the model): a slow start-up on a loaded
+        # machine must not take the default SIGINT for the guard's.
+        if pids and list((tmp_path / "logs").glob("replica_*.log")):
             return gp, pids[0]
         time.sleep(0.05)
     gp.kill()

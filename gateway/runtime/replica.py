@@ -246,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, secret, lifeline, guard)
     finally:
-        if args.parent_pid and os.getppid() != args.parent_pid:
-            kill_own_group()  # our gateway is gone: nobody else ends the model's children
+        if args.parent_pid:
+            # Started by a gateway, as the leader of our own group: the model's children end
+            # with us. Not only once getppid() says the gateway is gone: killed, it closes our
+            # lifeline before the kernel reparents us, so a quick stop still sees it as parent
+            # (and nobody else would end them). A gateway that stops us kills the group anyway.
+            kill_own_group()
 
 
 def _run(args: argparse.Namespace, secret: str, lifeline: int, guard: StartupGuard) -> int:
