@@ -25,6 +25,7 @@ from gateway.logs.core import GatewayLogging
 from gateway.metrics import telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records import pipeline as records
+from gateway.tls import ServerTLS, config_problems, listen
 
 log = logging.getLogger("gateway.server")
 
@@ -100,6 +101,8 @@ class Gateway:
         """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""
         self._stopping: asyncio.Future[None] | None = None
         self._host = config.proxy.host
+        self.tls: ServerTLS | None = None
+        """The gRPC listener's certificates (re-read on change; gateway/tls.py)."""
 
     @property
     def address(self) -> str:
@@ -152,13 +155,11 @@ class Gateway:
         reflection.enable_server_reflection(names, server)
         # Last: the catch-all forwarder; registered services above match first.
         server.add_generic_rpc_handlers((self.proxy,))
-        try:
-            self.port = server.add_insecure_port(
-                grpc_address(cfg.proxy.host, cfg.proxy.port))
-        except RuntimeError as e:
-            raise OSError(
-                f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
-            ) from None
+        problems = config_problems(cfg)
+        if problems:
+            raise OSError("; ".join(problems))
+        self.port, self.tls = listen(server, cfg.proxy.host, cfg.proxy.port, cfg.proxy.tls,
+                                     "proxy.tls")
         self.server = server
         # Up before the replicas, so `gateway status` can show a gateway that is STARTING.
         self.admin_port = await self.admin.start()
@@ -196,6 +197,9 @@ class Gateway:
                 # operator's environment put there (a secret, for all the gateway knows).
                 raise DeployError(f"proto_modules[{i}]: the module does not import "
                                   f"({type(e).__name__}); nothing was changed") from None
+        problems = config_problems(config)
+        if problems:
+            raise DeployError("; ".join(problems) + "; nothing was changed")
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)

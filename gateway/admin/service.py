@@ -21,8 +21,8 @@ import yaml
 from gateway.admin.status import GatewayStatus, build_status, from_proto, to_proto
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
-from gateway.dataplane.listen_address import grpc_address
 from gateway.pb import admin_pb2, admin_pb2_grpc
+from gateway.tls import ClientTLS, ClientTLSConfig, ServerTLS, listen
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -179,6 +179,7 @@ class AdminServer:
         self._cfg = config.admin
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.tls: ServerTLS | None = None
 
     async def start(self) -> int:
         cfg = self._cfg
@@ -188,13 +189,12 @@ class AdminServer:
         # No SO_REUSEPORT: a second gateway on this port must fail, not share its calls.
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
-        try:
-            self.port = server.add_insecure_port(grpc_address(cfg.host, cfg.port))
-        except RuntimeError as e:
-            raise OSError(f"admin service cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+        self.port, self.tls = listen(server, cfg.host, cfg.port, cfg.tls, "admin.tls",
+                                     what="admin service")
         await server.start()
         self.server = server
-        log.info("admin service listening on %s:%d", cfg.host, self.port)
+        log.info("admin service listening on %s:%d%s", cfg.host, self.port,
+                 " (TLS)" if cfg.tls else "")
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:
@@ -225,11 +225,18 @@ class AdminAuthError(AdminError):
 class AdminClient:
     """A blocking client: `with AdminClient(address, token) as c: c.status()`."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0,
+                 tls: ClientTLSConfig | None = None) -> None:
+        """`tls`: reach an admin service that serves TLS (`admin.tls`): its CA, and a client
+        certificate when it asks for one (mTLS)."""
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(address)
+        if tls is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            client = ClientTLS(tls, "admin client tls")
+            self._channel = grpc.secure_channel(address, client.credentials, client.options())
         self._stub = admin_pb2_grpc.GatewayAdminStub(self._channel)
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:

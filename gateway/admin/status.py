@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gateway.pb import admin_pb2
+from gateway.tls import ClientTLSConfig
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -185,14 +186,16 @@ def from_proto(msg: admin_pb2.GetStatusResponse) -> GatewayStatus:
 
 
 def status(
-    address: str = DEFAULT_ADMIN_ADDRESS, token: str | None = None, timeout: float = 10.0
+    address: str = DEFAULT_ADMIN_ADDRESS, token: str | None = None, timeout: float = 10.0,
+    tls: ClientTLSConfig | None = None,
 ) -> GatewayStatus:
     """The status of the gateway whose admin service listens on `address`.
 
     Raises `gateway.admin.service.AdminError` (`AdminUnreachable`, `AdminAuthError`) with a message
-    that says what went wrong.
+    that says what went wrong. `tls`: an admin service on TLS (`admin.tls`): its CA, and a
+    client certificate for mTLS.
     """
     from gateway.admin.service import AdminClient
 
-    with AdminClient(address, token, timeout) as client:
+    with AdminClient(address, token, timeout, tls=tls) as client:
         return client.status()

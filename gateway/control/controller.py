@@ -412,7 +412,7 @@ class Controller:
     async def _run_external(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         assert slot.target is not None
         slot.replica = Replica(dep.app, dep.name, slot.replica_id, slot.target,
-                               dep.max_message_bytes, is_local=False)
+                               dep.max_message_bytes, is_local=False, tls=dep.config.tls)
         slot.starts = 1
         self._emit("started", slot)
         dep.publish()
@@ -656,7 +656,8 @@ def _supervised(coro: Any) -> asyncio.Task[None]:
 
 def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig) -> bool:
     """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
-    if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
+    if (dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets
+            or dcfg.tls != dep.config.tls):  # new channels for new TLS settings
         return True
     if dcfg.targets is not None:
         return sorted(s.target or "" for s in dep.slots) != sorted(dcfg.targets)
