@@ -21,6 +21,7 @@ from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
+from gateway.logs import grpc_noise
 from gateway.logs.core import GatewayLogging
 from gateway.metrics import telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
@@ -94,6 +95,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
+        grpc_noise.install()  # a client's non-UTF-8 metadata must not flood the logs
         self.logging = GatewayLogging(config, logs_dir, console=console_logs)
         """Log files, access log and replica logs (gateway/logs.py)."""
         self.admin = AdminServer(self, config)
