@@ -1,8 +1,9 @@
 """grpc's own log lines that a client can trigger at will, condensed.
 
-grpc's Cython layer logs `Invalid encoding on b'...'` at ERROR, with a traceback, each time a
-call's metadata is read and a value is not UTF-8 (bytes under a key without `-bin`): twice
-per call. A client sending such calls in a loop would flood the gateway's logs. The filter
+grpc's Cython layer logs at ERROR, with a traceback: `Invalid encoding on b'...'` each time a
+call's metadata is read and a value is not UTF-8 (bytes under a key without `-bin`), twice
+per call; and `Unexpected [DecodeError] raised by servicer method` for each request to a
+service the gateway answers itself (health, reflection, Ray's API) that does not parse. A client sending such calls in a loop would flood the gateway's logs. The filter
 drops those lines and says, at most once per WINDOW_S, how many there were (without the
 values: they are the client's bytes).
 """
@@ -27,7 +28,8 @@ class InvalidEncodingFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Invalid encoding on"):
+        msg = str(record.msg)
+        if not (msg.startswith("Invalid encoding on") or "[DecodeError]" in msg):
             return True
         with self._lock:
             self.suppressed += 1
@@ -38,8 +40,9 @@ class InvalidEncodingFilter(logging.Filter):
             count, self._pending, self._last = self._pending, 0, now
         # Rewritten in place: same logger and handlers, no traceback, no client bytes.
         record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.msg = ("call metadata with values that are not UTF-8 under keys without "
-                      "'-bin' (%d line(s) of grpc's condensed; at most one such line per %gs)")
+        record.msg = ("calls with metadata that is not UTF-8 under keys without '-bin', or "
+                      "requests that do not parse as the method's message (%d line(s) of "
+                      "grpc's condensed; at most one such line per %gs)")
         record.args = (count, WINDOW_S)
         record.exc_info = record.exc_text = None
         return True
