@@ -104,3 +104,12 @@ def md(app: str | None = "text", **extra: str) -> tuple[tuple[str, str], ...]:
 
 
 PredictRequest = text_model_pb2.PredictRequest
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's figures (tests/test_faults_suite.py), one table for every case run."""
+    from tests.fault_harness import RESULTS, table
+
+    if RESULTS:
+        terminalreporter.write_sep("=", "fault suite")
+        terminalreporter.write_line(table())

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
+from gateway.logs import write_errors
 from gateway.logs.escape import escape, escape_field, escape_lines
 from gateway.runtime.sync_stream import sync_stream
 
@@ -287,6 +288,9 @@ class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
         if self.stream:
             self.stream.close()
         self.stream = open(self.baseFilename, "w", encoding=self.encoding)  # noqa: SIM115
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        write_errors.report(self, record)  # once on stderr, then counted (not per line)
 
 
 def file_handler(path: Path, settings: LogSettings) -> logging.Handler:

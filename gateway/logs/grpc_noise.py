@@ -1,11 +1,12 @@
 """grpc's own log lines that a client can trigger at will, condensed.
 
-grpc's Cython layer logs at ERROR, with a traceback: `Invalid encoding on b'...'` each time a
-call's metadata is read and a value is not UTF-8 (bytes under a key without `-bin`), twice
-per call; and `Unexpected [DecodeError] raised by servicer method` for each request to a
-service the gateway answers itself (health, reflection, Ray's API) that does not parse. A client sending such calls in a loop would flood the gateway's logs. The filter
-drops those lines and says, at most once per WINDOW_S, how many there were (without the
-values: they are the client's bytes).
+grpc's Cython layer logs at ERROR, with a traceback: `Invalid encoding on b'...'` each time
+a call's metadata is read and a value is not UTF-8 (bytes under a key without `-bin`),
+twice per call; and `Unexpected [DecodeError] raised by servicer method` for each request to
+a service the gateway answers itself (health, reflection, Ray's API) that does not parse. A
+client sending such calls in a loop would flood the logs. The filter drops those lines and
+says, at most once per WINDOW_S, how many there were (without the values: the client's
+bytes).
 """
 
 from __future__ import annotations
