@@ -59,8 +59,11 @@ async def _run(config: GatewayConfig) -> int:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
         return EXIT_FAILED
-    print(f"gateway: serving gRPC on {gw.address}", flush=True)
-    print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}", flush=True)
+    tls = {None: "", False: " (TLS)", True: " (mTLS)"}
+    print(f"gateway: serving gRPC on {gw.address}"
+          f"{tls[gw.tls.mutual if gw.tls else None]}", flush=True)
+    print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}"
+          f"{tls[gw.admin.tls.mutual if gw.admin.tls else None]}", flush=True)
     if gw.metrics_port:
         prom = config.metrics.prometheus
         print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)

@@ -106,6 +106,7 @@ def series(text: str) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
 
+@pytest.mark.timeout(400)
 async def test_ten_thousand_method_paths_and_application_names_keep_series_bounded(
         tmp_path: Path) -> None:
     n = int(os.environ.get("GATEWAY_CARDINALITY_N", "10000"))

@@ -253,6 +253,7 @@ async def test_arize_receiver_down_briefly(tmp_path: Path) -> None:
 
 
 @LONG
+@pytest.mark.timeout(1200)
 async def test_arize_receiver_down_ten_minutes(tmp_path: Path) -> None:
     await arize_down_case(tmp_path, float(os.environ.get("FAULTS_ARIZE_DOWN_S", "600")))
 

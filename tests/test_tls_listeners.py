@@ -317,3 +317,43 @@ async def test_http_ssl_context_serves_mtls_and_follows_rotation(tmp_path: Path)
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+def test_sighup_rereads_the_certificates_of_a_running_gateway(tmp_path: Path) -> None:
+    import signal
+
+    from tests.ops_support import GatewayProcess
+
+    old_ca, new_ca = CA(tmp_path / "old", "old-ca"), CA(tmp_path / "new", "new-ca")
+    server = old_ca.issue("server")
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "proxy": {"port": 0, "tls": {"cert_file": server.cert_file,
+                                     "key_file": server.key_file}},
+        "admin": {"port": 0}, "metrics": {"prometheus": {"port": 0}},
+        "logging_config": {"logs_dir": str(tmp_path / "logs")},
+        "applications": [TEXT_APP]}))
+    gp = GatewayProcess(cfg)
+    try:
+        assert "(TLS)" in gp.console()
+
+        def call(ca: CA) -> str:
+            creds = grpc.ssl_channel_credentials(ca.pem)
+            from gateway.pb import text_model_pb2_grpc
+
+            with grpc.secure_channel(gp.address, creds) as ch:
+                return str(text_model_pb2_grpc.TextModelStub(ch).Predict(
+                    PredictRequest(text="good"), metadata=md("text"), timeout=10).label)
+
+        assert call(old_ca) == "positive"
+        new_ca.issue("server", cert_path=Path(server.cert_file), key_path=Path(server.key_file))
+        gp.proc.send_signal(signal.SIGHUP)
+        gp.wait_for(r"proxy\.tls: certificate files (re-read)", 10)
+        assert gp.proc.poll() is None  # SIGHUP does not stop it
+        assert call(new_ca) == "positive"
+        gp.proc.send_signal(signal.SIGTERM)
+        assert gp.wait(30) == 0
+    finally:
+        gp.kill()
+    for line in key_body(server):
+        assert line not in gp.console()
