@@ -97,17 +97,34 @@ def _stamp(paths: list[str]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _check_pair(where: str, cfg: ServerTLSConfig) -> None:
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase() -> str:
+    # Without a callback OpenSSL prompts for the passphrase on the terminal: a gateway
+    # started from a shell would hang at start-up (or at a rotation) waiting for it.
+    raise _Encrypted
+
+
+def _load_pair(ctx: ssl.SSLContext, where: str, cert_file: str, key_file: str) -> None:
     """Certificate and key load and match (ssl says so without quoting either)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        ctx.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+    except _Encrypted:
+        raise TLSError(f"{where}.key_file: {key_file} is encrypted; the gateway takes "
+                       "an unencrypted key (protect the file instead)") from None
     except ssl.SSLError as e:
-        raise TLSError(f"{where}: {cfg.cert_file} and {cfg.key_file} are not a usable "
+        raise TLSError(f"{where}: {cert_file} and {key_file} are not a usable "
                        f"certificate and key ({e.reason or 'unreadable'})") from None
     except OSError as e:
-        raise TLSError(f"{where}: cannot load {cfg.cert_file} / {cfg.key_file}: "
+        raise TLSError(f"{where}: cannot load {cert_file} / {key_file}: "
                        f"{e.strerror or type(e).__name__}") from None
+
+
+def _check_pair(where: str, cfg: ServerTLSConfig) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_pair(ctx, where, cfg.cert_file, cfg.key_file)
     if cfg.client_ca_file is not None:
         try:
             ctx.load_verify_locations(cfg.client_ca_file)
@@ -210,7 +227,7 @@ class ServerTLS:
     def _build_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file)
+        ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file, password=_no_passphrase)
         if self.cfg.client_ca_file is not None:
             ctx.load_verify_locations(cadata=(self._material[2] or b"").decode("ascii",
                                                                                "replace"))
@@ -261,6 +278,9 @@ class ClientTLS:
 
     def __init__(self, cfg: ClientTLSConfig, where: str) -> None:
         self.cfg = cfg
+        if cfg.cert_file and cfg.key_file:
+            _load_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), where, cfg.cert_file,
+                       cfg.key_file)
         ca = _read(where, "ca_file", cfg.ca_file) if cfg.ca_file else None
         key = _read(where, "key_file", cfg.key_file) if cfg.key_file else None
         cert = _read(where, "cert_file", cfg.cert_file) if cfg.cert_file else None

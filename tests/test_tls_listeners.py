@@ -357,3 +357,28 @@ def test_sighup_rereads_the_certificates_of_a_running_gateway(tmp_path: Path) ->
         gp.kill()
     for line in key_body(server):
         assert line not in gp.console()
+
+
+def test_an_encrypted_key_is_refused_with_a_message_not_a_passphrase_prompt(
+        tmp_path: Path) -> None:
+    """OpenSSL's default is to prompt on the terminal: `gateway run` from a shell hung."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from gateway.tls import files_problems
+
+    ca = CA(tmp_path / "pki")
+    pair = ca.issue("server")
+    key = load_pem_private_key(read(pair.key_file), None)
+    overwrite(pair.key_file, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    server = ServerTLSConfig(cert_file=pair.cert_file, key_file=pair.key_file)
+    client = ClientTLSConfig(ca_file=ca.ca_file, cert_file=pair.cert_file,
+                             key_file=pair.key_file)
+    for problems in (files_problems(server, "proxy.tls"), files_problems(client, "x.tls")):
+        assert len(problems) == 1 and "is encrypted" in problems[0], problems
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("hello")
+    (problem,) = files_problems(ClientTLSConfig(ca_file=str(not_pem)), "x.tls")
+    assert "x.tls.ca_file" in problem and "no PEM" in problem
