@@ -21,7 +21,7 @@ from gateway.dataplane.listen_address import grpc_address
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
-from gateway.logs import grpc_noise
+from gateway.logs import grpc_noise, write_errors
 from gateway.logs.core import GatewayLogging
 from gateway.metrics import telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
@@ -87,6 +87,8 @@ class Gateway:
         self.controller.on_descriptors = self._learn_methods
         # Before the controller starts anything, so every replica event is seen.
         self.telemetry = telemetry.attach(self)
+        if self.telemetry is not None:
+            write_errors.register_metrics(self.telemetry.provider)
         self.records = records.attach(self)
         """Prediction records: sampled calls decoded off the call path, sent to exporters."""
         self.metrics_port: int | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -28,7 +29,7 @@ from gateway.logs import write_errors
 from tests.conftest import TEXT_APP, external_replica, gateway_config, running_gateway
 from tests.fake_arize import FakeArize
 from tests.fault_harness import RESULTS, Relay, SteadyLoad
-from tests.test_records import KEY, SPACE
+from tests.test_records import KEY, SPACE, scrape
 
 LONG = pytest.mark.faults
 FAST_HEALTH = {"health_check_period_s": 0.3, "health_check_timeout_s": 0.5}
@@ -324,6 +325,8 @@ async def logs_dir_case(tmp_path: Path, hold_s: float, capfd: pytest.CaptureFixt
             await load.stop()
             await asyncio.to_thread(gw.records.flush, 5.0)
             jsonl = gw.records.snapshot()["exporters"]["jsonl"]
+            assert gw.metrics_port
+            scraped = await asyncio.to_thread(scrape, gw.metrics_port)
         err = capfd.readouterr().err
     finally:
         _umount_all(logs)
@@ -335,6 +338,8 @@ async def logs_dir_case(tmp_path: Path, hold_s: float, capfd: pytest.CaptureFixt
     assert res.failed == {}, res
     assert full_lost > 0 and ro_lost > 0, res
     assert "ENOSPC" in write_errors.FAILURES and "EROFS" in write_errors.FAILURES
+    dropped_series = r'grpc_gateway_log_lines_dropped_total\{[^}]*reason="ENOSPC"[^}]*\} [1-9]'
+    assert re.search(dropped_series, scraped)
     said = [ln for ln in err.splitlines() if "cannot write the log file" in ln]
     # Once per file and reason, not once per line.
     assert 0 < len(said) <= 8, said

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import Any
 
 FAILURES: dict[str, int] = {}
 """Log records lost, by reason (`ENOSPC`, `EACCES`, `EROFS`, ...), since the start."""
@@ -54,3 +55,17 @@ def report(handler: logging.Handler, record: logging.LogRecord) -> None:
 def total() -> int:
     with _lock:
         return sum(FAILURES.values())
+
+
+def register_metrics(provider: Any) -> None:
+    """`grpc_gateway_log_lines_dropped{reason}`: log records lost to unwritable files."""
+    from opentelemetry.metrics import CallbackOptions, Observation
+
+    def observe(_options: CallbackOptions) -> list[Observation]:
+        with _lock:
+            return [Observation(n, {"reason": r}) for r, n in FAILURES.items()]
+
+    provider.get_meter("grpc_gateway.logs", "0.1.0").create_observable_counter(
+        "grpc_gateway_log_lines_dropped", [observe],
+        description="Log records not written because their file could not be (disk full, "
+                    "read-only), by errno name.")
