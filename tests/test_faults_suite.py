@@ -32,7 +32,9 @@ from tests.fault_harness import RESULTS, Relay, SteadyLoad
 from tests.test_records import KEY, SPACE, scrape
 
 LONG = pytest.mark.faults
-FAST_HEALTH = {"health_check_period_s": 0.3, "health_check_timeout_s": 0.5}
+FAST_HEALTH = {"health_check_period_s": 0.3, "health_check_timeout_s": 1.0}
+"""Quick to notice a fault; not so quick that a loaded machine (2 cores, the suite running
+beside other work) fails health checks of replicas that are fine."""
 
 
 def text_app(replicas: int = 2, **dep: Any) -> dict[str, Any]:
@@ -209,7 +211,9 @@ MAPPING = {"features": ["text"], "prediction_label": "label", "prediction_score"
 
 async def arize_down_case(tmp_path: Path, down_s: float) -> None:
     fake = FakeArize().start()
-    app = {**text_app(), "prediction_records": {
+    # Default health checks: this case is about the records path, not about replicas.
+    app = {**text_app(health_check_period_s=2.0, health_check_timeout_s=2.0),
+           "prediction_records": {
         "enabled": True, "sample_rate": 1.0, "exporters": ["arize"], "field_mapping": MAPPING}}
     records = {"arize": {"api_key": KEY, "space_id": SPACE, "api_scheme": "http",
                          "api_host": fake.host, "api_port": fake.port, "timeout_s": 1,
