@@ -382,3 +382,18 @@ def test_an_encrypted_key_is_refused_with_a_message_not_a_passphrase_prompt(
     not_pem.write_text("hello")
     (problem,) = files_problems(ClientTLSConfig(ca_file=str(not_pem)), "x.tls")
     assert "x.tls.ca_file" in problem and "no PEM" in problem
+
+
+async def test_a_deploy_with_unreadable_tls_files_changes_nothing(tmp_path: Path) -> None:
+    from gateway.config_source import DeployError
+
+    config = gateway_config([TEXT_APP], tmp_path)
+    async with running_gateway(config, tmp_path) as gw:
+        ext = {"name": "text", "deployments": [{
+            "name": "Ext", "targets": ["127.0.0.1:1"],
+            "tls": {"ca_file": str(tmp_path / "missing-ca.pem")}}]}
+        with pytest.raises(DeployError, match=r"deployments\[0\]\.tls\.ca_file: cannot read"):
+            await gw.apply(gateway_config([ext], tmp_path))
+        assert gw.config is config
+        async with grpc.aio.insecure_channel(gw.address) as ch:
+            await predict(ch)
