@@ -50,6 +50,8 @@ class SteadyLoad:
     sleep_s: float = 0.02
     """Model time per call, so that calls are in flight when a fault strikes."""
     calls: list[tuple[float, float, str]] = field(default_factory=list)
+    details: list[tuple[float, str]] = field(default_factory=list)
+    """(start, status and details) of the first failed calls, for diagnosis."""
     _task: asyncio.Task[None] | None = None
     _stop: bool = False
 
@@ -62,6 +64,8 @@ class SteadyLoad:
             code = "OK"
         except grpc.aio.AioRpcError as e:
             code = e.code().name
+            if len(self.details) < 200:
+                self.details.append((start, f"{code}: {e.details()}"))
         finally:
             gate.release()
         self.calls.append((start, time.monotonic(), code))

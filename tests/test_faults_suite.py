@@ -175,6 +175,9 @@ async def external_case(tmp_path: Path, two: bool, hold_s: float) -> None:
     RESULTS.extend([res_bh, res_ref])
     failed_bh = [c for c in load.failures_since(fault) if c[0] < refused_at]
     period, timeout = FAST_HEALTH["health_check_period_s"], FAST_HEALTH["health_check_timeout_s"]
+    late = [f"+{t - fault:.2f}s {d}" for t, d in load.details
+            if fault + timeout + period + 1.5 < t < refused_at]
+    print("\nfailed after the replica left rotation:", *late[:10], sep="\n  ")
     assert out <= timeout + period + 1.5, res_bh
     assert all(c[0] <= fault + timeout + period + 1.5 for c in failed_bh) or not two, res_bh
     if two:
