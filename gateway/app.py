@@ -25,12 +25,14 @@ from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
 from gateway.hooks import ProxyState
 from gateway.ingress.http import HttpIngress
+from gateway.logs import grpc_noise, write_errors
 from gateway.logs.gateway_process import GatewayLogging
 from gateway.metrics.exporter import SCOPE
 from gateway.metrics.http import HttpMetrics
 from gateway.metrics.telemetry import Telemetry
 from gateway.pb import ray_serve_pb2, ray_serve_pb2_grpc
 from gateway.records.pipeline import RecordPipeline
+from gateway.tls import ServerTLS, config_problems, listen
 
 log = logging.getLogger("gateway.server")
 
@@ -85,6 +87,8 @@ class Gateway:
         """None when metrics are disabled: then nothing at all is recorded."""
         self.records = RecordPipeline(
             config, logs_dir or Path(config.logging_config.logs_dir or "logs"), self.methods)
+        if self.telemetry is not None:
+            write_errors.register_metrics(self.telemetry.provider)
         """Prediction records: sampled calls decoded off the call path, sent to exporters."""
         self.logging = GatewayLogging(config, logs_dir, console=console_logs)
         """Log files, access log and replica logs (gateway/logs/)."""
@@ -106,6 +110,7 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
+        grpc_noise.install()  # a client's non-UTF-8 metadata must not flood the logs
         self.admin = AdminServer(self, config)
         self.admin_port = 0
         """Bound port of the admin service (`gateway status/config/deploy/shutdown`)."""
@@ -116,6 +121,8 @@ class Gateway:
         self.dashboard = _dashboard(self) if config.dashboard.enabled else None
         self._stopping: asyncio.Future[None] | None = None
         self._host = config.proxy.host
+        self.tls: ServerTLS | None = None
+        """The gRPC listener's certificates (re-read on change; gateway/tls.py)."""
 
     @property
     def address(self) -> str:
@@ -190,13 +197,11 @@ class Gateway:
         reflection.enable_server_reflection(names, server)
         # Last: the catch-all forwarder; registered services above match first.
         server.add_generic_rpc_handlers((self.proxy,))
-        try:
-            self.port = server.add_insecure_port(
-                grpc_address(cfg.proxy.host, cfg.proxy.port))
-        except RuntimeError as e:
-            raise OSError(
-                f"cannot listen on {cfg.proxy.host}:{cfg.proxy.port}: {e}"
-            ) from None
+        problems = config_problems(cfg)
+        if problems:
+            raise OSError("; ".join(problems))
+        self.port, self.tls = listen(server, cfg.proxy.host, cfg.proxy.port, cfg.proxy.tls,
+                                     "proxy.tls")
         self.server = server
         # Up before the replicas, so `gateway status` can show a gateway that is STARTING.
         self.admin_port = await self.admin.start()
@@ -239,6 +244,9 @@ class Gateway:
                 # operator's environment put there (a secret, for all the gateway knows).
                 raise DeployError(f"proto_modules[{i}]: the module does not import "
                                   f"({type(e).__name__}); nothing was changed") from None
+        problems = config_problems(config)
+        if problems:
+            raise DeployError("; ".join(problems) + "; nothing was changed")
         for module in modules:
             self.methods.add_module(module)
         self.records.apply(config)

@@ -37,6 +37,10 @@ async def _run(config: GatewayConfig) -> int:
     # The one place signals are handled: SIGINT (Ctrl-C) and SIGTERM both drain and stop.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: re-read every listener's TLS files now (they are also re-read when they change).
+    from gateway.tls import reload_all
+
+    loop.add_signal_handler(signal.SIGHUP, reload_all)
     # Start-up may wait a minute for replicas; a signal meanwhile stops it right away.
     starter = asyncio.ensure_future(gw.start())
     stopper = asyncio.ensure_future(stop.wait())
@@ -55,10 +59,13 @@ async def _run(config: GatewayConfig) -> int:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
         return EXIT_FAILED
-    print(f"gateway: serving gRPC on {gw.address}", flush=True)
+    tls = {None: "", False: " (TLS)", True: " (mTLS)"}
+    print(f"gateway: serving gRPC on {gw.address}"
+          f"{tls[gw.tls.mutual if gw.tls else None]}", flush=True)
     if gw.http is not None:
         print(f"gateway: serving HTTP on {gw.http.address}", flush=True)
-    print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}", flush=True)
+    print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}"
+          f"{tls[gw.admin.tls.mutual if gw.admin.tls else None]}", flush=True)
     if gw.metrics_port:
         prom = config.metrics.prometheus
         print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)
@@ -112,7 +119,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"gateway: invalid config:\n{e}", file=sys.stderr)
         return EXIT_USAGE
-    missing = [hide_values(m, used) for m in _missing_modules(config)]
+    from gateway.tls import config_problems
+
+    missing = [hide_values(m, used) for m in [*_missing_modules(config),
+                                              *config_problems(config)]]
     if missing:
         print("gateway: invalid config:\n" + "\n".join(f"{args.config}: {m}" for m in missing),
               file=sys.stderr)
@@ -153,11 +163,21 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
 def _admin(args: argparse.Namespace, action: str) -> int:
     """Run one admin call; unreachable, refused and invalid each get a message and exit code."""
     from gateway.admin.client import AdminAuthError, AdminClient, AdminError, AdminUnreachable
+    from gateway.tls import ClientTLSConfig, TLSError
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     used: dict[str, str] = {}  # values `deploy` expanded: never printed back
+    tls = None
+    if args.ca_file or args.cert_file or args.key_file or args.server_name:
+        try:
+            tls = ClientTLSConfig(ca_file=args.ca_file, cert_file=args.cert_file,
+                                  key_file=args.key_file, server_name=args.server_name)
+        except ValueError:
+            print("gateway: pass both --cert-file and --key-file, or neither", file=sys.stderr)
+            return EXIT_USAGE
     try:
-        with AdminClient(args.address, token or None, timeout=args.timeout) as client:
+        with AdminClient(args.address, token or None, timeout=args.timeout,
+                         tls=tls) as client:
             if action == "status":
                 print(client.status().to_yaml(verbose=args.verbose), end="")
             elif action == "config":
@@ -173,8 +193,12 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 print(client.shutdown())
             elif action == "actuals":
                 return _send_actuals(client, args)
+    except TLSError as e:
+        print(f"gateway: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except AdminUnreachable as e:
-        print(f"gateway: {e}\n(is the gateway running? use --address host:port)",
+        print(f"gateway: {e}\n(is the gateway running? use --address host:port"
+              f"{'' if tls else '; a TLS admin service needs --ca-file'})",
               file=sys.stderr)
         return EXIT_UNREACHABLE
     except AdminAuthError as e:
@@ -240,6 +264,13 @@ def _admin_parser(sub: Any, name: str, help: str, action: str) -> argparse.Argum
                    help=f"admin service of the gateway (default {DEFAULT_ADMIN_ADDRESS})")
     p.add_argument("--token", default=None,
                    help=f"admin token (default: ${TOKEN_ENV}); sent as 'Bearer <token>'")
+    for flag, env, what in (
+            ("--ca-file", "GATEWAY_ADMIN_CA_FILE", "CA bundle of an admin service on TLS"),
+            ("--cert-file", "GATEWAY_ADMIN_CERT_FILE", "client certificate (mTLS)"),
+            ("--key-file", "GATEWAY_ADMIN_KEY_FILE", "client key (mTLS)"),
+            ("--server-name", "GATEWAY_ADMIN_SERVER_NAME",
+             "name to check in the server certificate (default: the address's host)")):
+        p.add_argument(flag, default=os.environ.get(env) or None, help=f"{what} (${env})")
     p.add_argument("--timeout", type=float, default=10.0 if action != "deploy" else 300.0,
                    help="seconds to wait for the answer")
     p.set_defaults(func=lambda a: _admin(a, action))

@@ -37,6 +37,7 @@ from gateway.config_source import hide_values
 from gateway.config_source import read_yaml as read_yaml
 from gateway.config_source import unexpanded as unexpanded
 from gateway.dataplane.listen_address import bare_host, collide, is_loopback
+from gateway.tls import ClientTLSConfig, ServerTLSConfig
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*")
@@ -102,6 +103,8 @@ class DeploymentConfig(_Model):
     graceful_shutdown_timeout_s: float = Field(default=5.0, ge=0)
     """Time a stopping replica gets to finish its calls."""
     logging_config: LoggingConfig | None = None
+    tls: ClientTLSConfig | None = None
+    """TLS to the external replicas (`targets`); absent: plaintext."""
 
     @model_validator(mode="after")
     def _one_kind(self) -> DeploymentConfig:
@@ -127,6 +130,9 @@ class DeploymentConfig(_Model):
                 raise ValueError(f"num_replicas {self.num_replicas} would be ignored: with "
                                  f"'targets' there is one replica per address "
                                  f"({len(self.targets)})")
+        if self.tls is not None and self.targets is None:
+            raise ValueError("'tls' is for external replicas ('targets'); local replicas "
+                             "listen on loopback and are reached in plaintext")
         return self
 
     @property
@@ -192,6 +198,8 @@ class ProxyConfig(_Model):
     local_transport: Literal["mux", "grpc"] = "mux"
     """How unary calls reach local replicas: multiplexed over an open stream (cheaper), or one
     gRPC call each. External replicas always get plain gRPC calls."""
+    tls: ServerTLSConfig | None = None
+    """Serve TLS (and mTLS with `client_ca_file`); the files are re-read when they change."""
 
 
 class HttpConfig(_Model):
@@ -213,15 +221,20 @@ class AdminConfig(_Model):
     """When set, admin calls must send `authorization: Bearer <token>`. Required when `host`
     is not a loopback address; an empty token is refused (it would switch authentication
     off without anyone noticing)."""
+    tls: ServerTLSConfig | None = None
+    """Serve TLS; with `client_ca_file` (mTLS) a client certificate authenticates callers,
+    so the service may listen beyond loopback without a token."""
 
     @model_validator(mode="after")
     def _auth(self) -> AdminConfig:
         if self.token is not None and not self.token.get_secret_value().strip():
             raise ValueError("admin.token is empty: set a token, or remove the key to run "
                              "the admin service without authentication on loopback")
-        if self.token is None and not is_loopback(self.host):
-            raise ValueError(f"the admin service on {self.host} (not loopback) needs a token: "
-                             "anyone who reaches it could deploy or shut the gateway down")
+        mutual = self.tls is not None and self.tls.client_ca_file is not None
+        if self.token is None and not mutual and not is_loopback(self.host):
+            raise ValueError(f"the admin service on {self.host} (not loopback) needs a token "
+                             "or tls.client_ca_file: anyone who reaches it could deploy or "
+                             "shut the gateway down")
         return self
 
 

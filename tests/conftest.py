@@ -70,9 +70,10 @@ def start_gateway(
 
 @contextlib.asynccontextmanager
 async def external_replica(
-    servicer: Any = None, port: int = 0
+    servicer: Any = None, port: int = 0, tls: grpc.ServerCredentials | None = None
 ) -> AsyncIterator[tuple[grpc.aio.Server, int]]:
-    """A plain grpc.aio server hosting `servicer` (default: the demo TextModel) on loopback."""
+    """A plain grpc.aio server hosting `servicer` (default: the demo TextModel) on loopback
+    (on TLS with `tls` credentials)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     from examples.models import TextModel
@@ -81,7 +82,9 @@ async def external_replica(
     text_model_pb2_grpc.add_TextModelServicer_to_server(servicer or TextModel(), server)
     h = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(h, server)
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    bound = (server.add_insecure_port(address) if tls is None
+             else server.add_secure_port(address, tls))
     await server.start()
     await h.set("", health_pb2.HealthCheckResponse.SERVING)
     try:
@@ -101,3 +104,12 @@ def md(app: str | None = "text", **extra: str) -> tuple[tuple[str, str], ...]:
 
 
 PredictRequest = text_model_pb2.PredictRequest
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault suite's figures (tests/test_faults_suite.py), one table for every case run."""
+    from tests.fault_harness import RESULTS, table
+
+    if RESULTS:
+        terminalreporter.write_sep("=", "fault suite")
+        terminalreporter.write_line(table())

@@ -10,6 +10,7 @@ import grpc
 
 from gateway.admin.status import DEFAULT_ADMIN_ADDRESS, GatewayStatus, from_proto
 from gateway.pb import admin_pb2, admin_pb2_grpc
+from gateway.tls import ClientTLS, ClientTLSConfig
 
 
 class AdminError(Exception):
@@ -31,11 +32,18 @@ class AdminAuthError(AdminError):
 class AdminClient:
     """A blocking client: `with AdminClient(address, token) as c: c.status()`."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0,
+                 tls: ClientTLSConfig | None = None) -> None:
+        """`tls`: reach an admin service that serves TLS (`admin.tls`): its CA, and a client
+        certificate when it asks for one (mTLS)."""
         self.address = address
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(address)
+        if tls is None:
+            self._channel = grpc.insecure_channel(address)
+        else:
+            client = ClientTLS(tls, "admin client tls")
+            self._channel = grpc.secure_channel(address, client.credentials, client.options())
         self._stub = admin_pb2_grpc.GatewayAdminStub(self._channel)
 
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
@@ -90,12 +98,14 @@ class AdminClient:
 
 
 def status(
-    address: str = DEFAULT_ADMIN_ADDRESS, token: str | None = None, timeout: float = 10.0
+    address: str = DEFAULT_ADMIN_ADDRESS, token: str | None = None, timeout: float = 10.0,
+    tls: ClientTLSConfig | None = None,
 ) -> GatewayStatus:
     """The status of the gateway whose admin service listens on `address`.
 
     Raises `AdminError` (`AdminUnreachable`, `AdminAuthError`) with a message that says what
-    went wrong.
+    went wrong. `tls`: an admin service on TLS (`admin.tls`): its CA, and a client certificate
+    for mTLS.
     """
-    with AdminClient(address, token, timeout) as client:
+    with AdminClient(address, token, timeout, tls=tls) as client:
         return client.status()

@@ -23,6 +23,7 @@ from gateway.config_source import DeployError, unescape_refs
 from gateway.dataplane.listen_address import grpc_address
 from gateway.hooks import ProxyState, RunningGateway
 from gateway.pb import admin_pb2, admin_pb2_grpc
+from gateway.tls import ClientTLS, ClientTLSConfig, ServerTLS, listen
 
 __all__ = [  # the client lived here before; importers keep these names
     "AdminAuthError", "AdminClient", "AdminError", "AdminServer", "AdminService",
@@ -169,6 +170,7 @@ class AdminServer:
         self._cfg = config.admin
         self.server: grpc.aio.Server | None = None
         self.port = 0
+        self.tls: ServerTLS | None = None
 
     async def start(self) -> int:
         cfg = self._cfg
@@ -178,13 +180,12 @@ class AdminServer:
         # No SO_REUSEPORT: a second gateway on this port must fail, not share its calls.
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         admin_pb2_grpc.add_GatewayAdminServicer_to_server(AdminService(self._gw), server)
-        try:
-            self.port = server.add_insecure_port(grpc_address(cfg.host, cfg.port))
-        except RuntimeError as e:
-            raise OSError(f"admin service cannot listen on {cfg.host}:{cfg.port}: {e}") from None
+        self.port, self.tls = listen(server, cfg.host, cfg.port, cfg.tls, "admin.tls",
+                                     what="admin service")
         await server.start()
         self.server = server
-        log.info("admin service listening on %s:%d", cfg.host, self.port)
+        log.info("admin service listening on %s:%d%s", cfg.host, self.port,
+                 " (TLS)" if cfg.tls else "")
         return self.port
 
     async def stop(self, grace: float | None = 1.0) -> None:

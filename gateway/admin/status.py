@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gateway.pb import admin_pb2
+from gateway.tls import ClientTLSConfig
 
 if TYPE_CHECKING:
     from gateway.hooks import RunningGateway

@@ -261,7 +261,8 @@ class Controller(Supervisor):
 
 def _revision_differs(dep: DeploymentState, dcfg: DeploymentConfig, watched: list[str]) -> bool:
     """Whether `dcfg` needs a roll: another model or targets than the replicas run."""
-    if dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets:
+    if (dcfg.import_path != dep.config.import_path or dcfg.targets != dep.config.targets
+            or dcfg.tls != dep.config.tls):  # new channels for new TLS settings
         return True
     if dcfg.targets is not None:
         running = [s.target or "" for s in dep.slots if s.source is None] + watched

@@ -47,7 +47,7 @@ class Supervisor(HealthChecks):
     async def _run_external(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         assert slot.target is not None
         slot.replica = Replica(dep.app, dep.name, slot.replica_id, slot.target,
-                               dep.max_message_bytes, is_local=False)
+                               dep.max_message_bytes, is_local=False, tls=dep.config.tls)
         slot.starts = 1
         self._emit("started", slot)
         dep.publish()

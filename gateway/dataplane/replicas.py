@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import logging
 import secrets
 import time
 from typing import Any
@@ -17,6 +18,7 @@ import grpc
 
 from gateway.control.auth import ControlChannel
 from gateway.dataplane.mux import MuxChannel
+from gateway.tls import ClientTLS, ClientTLSConfig, TLSError
 
 
 class ReplicaState(enum.StrEnum):
@@ -48,6 +50,25 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
+
+
+log = logging.getLogger("gateway.replicas")
+
+
+def _channel(address: str, max_message_bytes: int, tls: ClientTLSConfig | None,
+             replica_id: str) -> grpc.aio.Channel:
+    options = channel_options(max_message_bytes)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    try:
+        client = ClientTLS(tls, "tls")
+        creds, options = client.credentials, [*options, *client.options()]
+    except TLSError as e:
+        # Checked at deploy; files gone since. Fail closed: the system roots will not verify
+        # a private CA, so the health check reports the handshake failure. Never plaintext.
+        log.error("replica %s: %s; using the system CA roots", replica_id, e)
+        creds = grpc.ssl_channel_credentials()
+    return grpc.aio.secure_channel(address, creds, options=options)
 
 
 _SHAPES = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
@@ -85,13 +106,15 @@ class Replica:
         is_local: bool,
         mux: bool = False,
         control_secret: str | None = None,
+        tls: ClientTLSConfig | None = None,
     ) -> None:
         self.application = application
         self.deployment = deployment
         self.replica_id = replica_id
         self.address = address
         self.is_local = is_local
-        self._bare = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.message = ""
+        self._bare = _channel(address, max_message_bytes, tls, replica_id)
         # A local replica's control service wants its secret (gateway/control/auth.py); data
         # calls (callable below) use the bare channel and pay nothing for it.
         self.channel: grpc.aio.Channel = (
@@ -99,7 +122,6 @@ class Replica:
         )
         self.in_flight = 0
         self.state = ReplicaState.STARTING
-        self.message = ""
         self.pid: int | None = None
         self.started_at = time.time()
         self._callables: dict[tuple[str, int], Any] = {}

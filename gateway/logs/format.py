@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.logs import write_errors
 from gateway.logs.escape import escape, escape_field, escape_lines
 from gateway.logs.settings import LogSettings
 
@@ -86,6 +87,9 @@ def formatter(encoding: str) -> logging.Formatter:
 class _RotatingFileHandler(logging.handlers.RotatingFileHandler):
     """With `backupCount=0` the stdlib's rollover reopens the same file for appending, so it
     grows without limit; here it starts the file over instead (no backups kept)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        write_errors.report(self, record)  # once on stderr, then counted (not per line)
 
     def doRollover(self) -> None:
         if self.backupCount > 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from exporters.records.base import MAX_PREDICTION_ID
 from gateway.config import GatewayConfig
@@ -292,9 +293,9 @@ class RecordPipeline:
             self.calls_dropped["decode_error"] += 1
             self._log_once(f"decode:{plan.app}:{e}", "application %r: call %s made no "
                            "record: %s", plan.app, rec.request_id, e)
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            from google.protobuf.message import DecodeError
-
+        except (ValueError, TypeError, KeyError, AttributeError, DecodeError) as e:
+            # DecodeError is no ValueError: without it, a payload that does not parse was
+            # counted (and logged) as a mapper failure.
             reason = "decode_error" if (plan.mapper is None or isinstance(e, DecodeError)) \
                 else "mapper_error"
             self.calls_dropped[reason] += 1

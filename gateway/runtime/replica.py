@@ -231,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stdin-control", action="store_true",
                    help="stdin carries the control secret (first line); its EOF means stop")
     args = p.parse_args(argv)
+    from gateway.logs import grpc_noise
+
+    grpc_noise.install()  # forwarded non-UTF-8 metadata must not flood the replica's log
     secret, lifeline = "", -1
     if args.stdin_control:
         secret = read_secret(0)
