@@ -20,10 +20,9 @@ from gateway.admin.client import AdminAuthError, AdminClient, AdminError, AdminU
 from gateway.admin.status import build_status, to_proto
 from gateway.config import ConfigError, GatewayConfig, parse_config, unexpanded
 from gateway.config_source import DeployError, unescape_refs
-from gateway.dataplane.listen_address import grpc_address
 from gateway.hooks import ProxyState, RunningGateway
 from gateway.pb import admin_pb2, admin_pb2_grpc
-from gateway.tls import ClientTLS, ClientTLSConfig, ServerTLS, listen
+from gateway.tls import ServerTLS, listen
 
 __all__ = [  # the client lived here before; importers keep these names
     "AdminAuthError", "AdminClient", "AdminError", "AdminServer", "AdminService",

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from gateway.pb import admin_pb2
-from gateway.tls import ClientTLSConfig
 
 if TYPE_CHECKING:
     from gateway.hooks import RunningGateway
