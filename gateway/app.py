@@ -18,6 +18,7 @@ from gateway.config import GatewayConfig
 from gateway.config_source import DeployError
 from gateway.control.controller import Controller
 from gateway.dataplane.listen_address import grpc_address
+from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.proxy import AppRoute, Proxy
 from gateway.dataplane.replicas import channel_options
@@ -121,6 +122,7 @@ class Gateway:
         for fd in files:
             self.methods.add_file(fd)
         self.records.learn_files(files)
+        self.proxy.methods_learned()
 
     def _publish_routes(self) -> None:
         routes = {
@@ -178,6 +180,10 @@ class Gateway:
             self.metrics_port = self.telemetry.prometheus_port
         # Off the loop: building an exporter may import its SDK (arize: about a second).
         await asyncio.get_running_loop().run_in_executor(None, self.records.start)
+        # Before any replica: calls are labelled and shaped from the first one.
+        self._learn_methods(await asyncio.get_running_loop().run_in_executor(
+            None, load_method_sources, cfg.proto_files.files, cfg.proto_files.import_paths,
+            cfg.descriptor_sets))
         await self.controller.apply(cfg)
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -207,8 +213,15 @@ class Gateway:
                 # operator's environment put there (a secret, for all the gateway knows).
                 raise DeployError(f"proto_modules[{i}]: the module does not import "
                                   f"({type(e).__name__}); nothing was changed") from None
+        try:
+            files = await asyncio.get_running_loop().run_in_executor(
+                None, load_method_sources, config.proto_files.files,
+                config.proto_files.import_paths, config.descriptor_sets)
+        except MethodSourceError as e:
+            raise DeployError(f"{e}; nothing was changed") from None
         for module in modules:
             self.methods.add_module(module)
+        self._learn_methods(files)
         self.records.apply(config)
         self.config = config
         self.logging.apply(config)

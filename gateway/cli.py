@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.config_source import hide_values
+from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,7 +52,7 @@ async def _run(config: GatewayConfig) -> int:
         return EXIT_OK
     try:
         starter.result()
-    except OSError as e:
+    except (OSError, MethodSourceError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
         return EXIT_FAILED
@@ -125,13 +126,18 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    out = []
+    try:
+        load_method_sources(config.proto_files.files, config.proto_files.import_paths,
+                            config.descriptor_sets)
+    except MethodSourceError as e:
+        out.append(str(e))
     named = [(f"proto_modules[{i}]", m) for i, m in enumerate(config.proto_modules)]
     for a in config.applications:
         for d in a.deployments:
             if d.import_path is not None:
                 named.append((f"application {a.name!r}, deployment {d.name!r}: import_path",
                               d.import_path.partition(":")[0]))
-    out = []
     for where, module in named:
         try:
             found = importlib.util.find_spec(module) is not None

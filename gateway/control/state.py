@@ -95,6 +95,8 @@ class DeploymentState:
         """Why the last rolling change was stopped; cleared by the next deploy of it."""
         self.reflected = False
         self.reflect_done = False
+        self.reflection_empty = False
+        """Reflection answered nothing: the replicas' methods may be unknown (see status)."""
 
     @property
     def name(self) -> str:

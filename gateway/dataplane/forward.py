@@ -28,6 +28,7 @@ from gateway.dataplane.call import (
     valid_request_id,
 )
 from gateway.dataplane.errors import GatewayError
+from gateway.dataplane.method_warnings import note_unknown_method
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
@@ -37,6 +38,7 @@ log = logging.getLogger("gateway.proxy")
 
 OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 HOLD_REFUSAL_S = 2.0
 """Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
 
@@ -206,16 +208,23 @@ class Forwarder:
         try:
             route, md, request = self._admit(c, ctx, request)
             router = route.router
-            if label is OTHER and router.methods_known:
-                # Answered here: a replica rejecting a call it cannot parse races with the
-                # request stream we would open to it, and grpc then reports INTERNAL.
-                raise errors.method_not_found(path, c.app)
+            if label is OTHER:
+                if router.methods_known:
+                    # Answered here: a replica rejecting a call it cannot parse races with
+                    # the request stream we would open to it, and grpc then reports INTERNAL.
+                    raise errors.method_not_found(path, c.app)
+                if not router.unknown_method:
+                    note_unknown_method(router, path)
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
             while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                replica = await router.acquire(left, exclude=replica)
+                picked = router.take() if replica is None else None
+                if picked is None:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    replica = await router.acquire(left, exclude=replica)
+                else:
+                    replica = picked
                 c.rep_id = replica.replica_id
                 call = None
                 got_any = False
@@ -321,8 +330,13 @@ class Forwarder:
         if c.admitted:
             self.admitted -= 1
         req_size = c.counted.size if c.counted is not None else c.req_size
+        label = c.label
+        if label is OTHER:
+            # Its own name once a replica answered it (bounded: MethodTable.label_unknown).
+            label = self.methods.label_unknown(
+                c.path, bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED)
         rec = CallRecord(
-            c.app, c.dep, c.rep_id, c.path, c.label, c.code, c.details,
+            c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
             request, response,
         )

@@ -59,10 +59,14 @@ class Proxy(Forwarder, grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return h
         info = self.methods.get(path)
         h = self._make_handler(path, info)
-        if info is not None:
-            # Unknown paths are not cached: clients could otherwise grow this dict forever.
+        if info is not None or self.methods.admitted(path):
+            # Other unknown paths are not cached: clients could grow this dict forever.
             self._handlers[path] = h
         return h
+
+    def methods_learned(self) -> None:
+        """New method shapes are known: handlers made before (as unknown) are made again."""
+        self._handlers.clear()
 
     def _make_handler(self, path: str, info: MethodInfo | None) -> Any:
         label = path if info is not None else OTHER

@@ -25,6 +25,7 @@ class Router:
         "methods_known",
         "replicas",
         "routed_total",
+        "unknown_method",
     )
 
     def __init__(
@@ -39,6 +40,8 @@ class Router:
         self.routed_total = 0
         self.methods_known = False
         """True once every method the replicas serve is known (local replicas, by reflection)."""
+        self.unknown_method = ""
+        """The first method called through this router that the gateway did not know."""
         self._rng = random.Random()
         self._waiters: deque[asyncio.Future[Replica]] = deque()
 
