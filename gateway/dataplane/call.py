@@ -6,7 +6,7 @@ records, access log; gateway/hooks.py), which must be cheap and must not raise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,3 +66,21 @@ class CallRecord:
 
 
 Observer = Callable[[CallRecord], None]
+
+
+class Counted:
+    """A client's request stream passed upstream as it is, counting the bytes that went by."""
+
+    __slots__ = ("_it", "size")
+
+    def __init__(self, it: AsyncIterator[bytes]) -> None:
+        self._it = it
+        self.size = 0
+
+    def __aiter__(self) -> Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await self._it.__anext__()
+        self.size += len(message)
+        return message

@@ -23,6 +23,7 @@ from gateway.dataplane.call import (
     HOP_BY_HOP,
     MAX_REQUEST_ID_LEN,
     CallRecord,
+    Counted,
     Observer,
     trailers,
     valid_request_id,
@@ -67,24 +68,6 @@ def _upstream_cut() -> bool:
     return task is not None and task.cancelling() == 0
 
 
-class _Counted:
-    """A client's request stream passed upstream as it is, counting the bytes that went by."""
-
-    __slots__ = ("_it", "size")
-
-    def __init__(self, it: AsyncIterator[bytes]) -> None:
-        self._it = it
-        self.size = 0
-
-    def __aiter__(self) -> _Counted:
-        return self
-
-    async def __anext__(self) -> bytes:
-        message = await self._it.__anext__()
-        self.size += len(message)
-        return message
-
-
 class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
@@ -102,7 +85,7 @@ class _CallState:
         self.code = OK
         self.gw_err = False
         self.req_size = 0
-        self.counted: _Counted | None = None
+        self.counted: Counted | None = None
         self.stream: Any = None
         """The record pipeline's keeper of a sampled streaming call's messages, or None."""
 
@@ -145,7 +128,7 @@ class Forwarder:
         if shape == UNARY_UNARY:
             c.req_size = len(request)
         else:
-            request = c.counted = _Counted(request)
+            request = c.counted = Counted(request)
         response: bytes | None = None
         captured = False
         try:
@@ -203,7 +186,7 @@ class Forwarder:
         if shape == UNARY_STREAM:
             c.req_size = len(request)
         else:
-            request = c.counted = _Counted(request)
+            request = c.counted = Counted(request)
         sent = 0
         try:
             route, md, request = self._admit(c, ctx, request)
@@ -214,7 +197,7 @@ class Forwarder:
                     # the request stream we would open to it, and grpc then reports INTERNAL.
                     raise errors.method_not_found(path, c.app)
                 if not router.unknown_method:
-                    note_unknown_method(router, path)
+                    note_unknown_method(router, path)  # for `gateway status`, logged once
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
@@ -330,11 +313,9 @@ class Forwarder:
         if c.admitted:
             self.admitted -= 1
         req_size = c.counted.size if c.counted is not None else c.req_size
-        label = c.label
-        if label is OTHER:
-            # Its own name once a replica answered it (bounded: MethodTable.label_unknown).
-            label = self.methods.label_unknown(
-                c.path, bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED)
+        # An unknown method has its own name once a replica answered it (bounded, see there).
+        label = c.label if c.label is not OTHER else self.methods.label_unknown(
+            c.path, bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED)
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
