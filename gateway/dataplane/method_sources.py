@@ -90,7 +90,8 @@ def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
     except ImportError:
         raise MethodSourceError(
             f"{where}: compiling .proto files needs grpcio-tools: pip install "
-            "'grpc-observability-gateway[protos]' (or use descriptor_sets:, which needs nothing)") from None
+            "'grpc-observability-gateway[protos]' (or use descriptor_sets:, which need "
+            "nothing)") from None
     import importlib.resources
 
     includes = [str(Path(p)) for p in import_paths] or sorted(
