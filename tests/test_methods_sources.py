@@ -242,3 +242,15 @@ def test_gateway_check_reports_bad_proto_files(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
     assert "missing.proto is not a file" in done.stderr
+
+
+def test_generated_request_ids_are_unique_v4_uuids() -> None:
+    import uuid
+
+    from gateway.dataplane.call import new_request_id
+
+    ids = {new_request_id() for _ in range(20000)}
+    assert len(ids) == 20000
+    for rid in list(ids)[:100]:
+        u = uuid.UUID(rid)
+        assert str(u) == rid and u.version == 4 and u.variant == uuid.RFC_4122

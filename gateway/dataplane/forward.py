@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from gateway.dataplane.call import (
     CallRecord,
     Counted,
     Observer,
+    new_request_id,
     trailers,
     valid_request_id,
 )
@@ -361,7 +361,7 @@ class Forwarder:
             bad = errors.bad_request_id(rid_key, rid, MAX_REQUEST_ID_LEN)
             rid = None
         if not rid:
-            rid = str(uuid.uuid4())
+            rid = new_request_id()
         fwd.append(("x-request-id", rid))
         err: GatewayError | None = None
         route: AppRoute | None = None
