@@ -230,8 +230,9 @@ async def test_bad_proto_files_refuse_the_deploy(start_gateway: Any, tmp_path: P
     async with echo_replica() as port, start_gateway(echo_app(port)) as gw:
         before = gw.config
         bad = gw.config.model_copy(update={"descriptor_sets": [str(tmp_path / "nope.pb")]})
-        with pytest.raises(DeployError, match=r"descriptor_sets\[0\].*nothing was changed"):
+        with pytest.raises(DeployError, match=r"descriptor_sets\[0\].*nothing was changed") as e:
             await gw.apply(bad)
+        assert "nope.pb" not in str(e.value)
         assert gw.config is before
 
 
@@ -241,7 +242,21 @@ def test_gateway_check_reports_bad_proto_files(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(cfg)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode != 0
-    assert "missing.proto is not a file" in done.stderr
+    assert "proto_files.files[0] is not a file" in done.stderr
+
+
+def test_method_source_errors_quote_no_config_value(tmp_path: Path) -> None:
+    from gateway.dataplane.method_sources import load_method_sources
+
+    secret = tmp_path / "s3cr3t-token"
+    secret.mkdir()
+    bad = secret / "bad.proto"
+    bad.write_text('syntax = "proto3";\nmessage {')
+    for args in (([str(bad)], [str(secret)], []), ([str(bad)], [], []),
+                 ([], [], [str(secret / "x.pb")])):
+        with pytest.raises(MethodSourceError) as e:
+            load_method_sources(*args)
+        assert "s3cr3t" not in str(e.value), str(e.value)
 
 
 def test_generated_request_ids_are_unique_v4_uuids() -> None:

@@ -129,7 +129,19 @@ def load_method_sources(proto_files: Sequence[str], import_paths: Sequence[str],
                         descriptor_sets: Sequence[str]) -> list[FileDescriptor]:
     """Every file the config's `proto_files:` and `descriptor_sets:` name; raises
     `MethodSourceError` naming the entry at fault."""
-    files = compile_proto_files(proto_files, import_paths)
-    for i, path in enumerate(descriptor_sets):
-        files.extend(load_descriptor_set(path, f"descriptor_sets[{i}]"))
+    try:
+        files = compile_proto_files(proto_files, import_paths)
+        for i, path in enumerate(descriptor_sets):
+            files.extend(load_descriptor_set(path, f"descriptor_sets[{i}]"))
+    except MethodSourceError as e:
+        # The message names entries by key, never by value: a path may come from a ${VAR}
+        # (errors never repeat an expanded value; see README, Configuration).
+        named = [*((f"proto_files.files[{i}]", v) for i, v in enumerate(proto_files)),
+                 *((f"proto_files.import_paths[{i}]", v) for i, v in enumerate(import_paths)),
+                 *((f"descriptor_sets[{i}]", v) for i, v in enumerate(descriptor_sets))]
+        msg = str(e)
+        for key, value in sorted(named, key=lambda kv: -len(kv[1])):
+            if value:
+                msg = msg.replace(value, key)
+        raise MethodSourceError(msg) from None
     return files
