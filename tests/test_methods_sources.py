@@ -200,15 +200,17 @@ async def test_unknown_methods_warn_and_keep_bounded_names(
         # Over the admin wire and in `gateway status` output.
         assert "proto_files" in from_proto(to_proto(status)).to_yaml()
         # Unknown shape, but the call works and keeps its name (the replica answered it).
-        assert await ch.unary_unary(SAY)(b"hi", metadata=MD) == b"hi"
-        assert SAY not in gw.proxy._handlers  # not cached before a replica answered it
-        assert await ch.unary_unary(SAY)(b"hi", metadata=MD) == b"hi"
-        assert gw.proxy._handlers[SAY].request_streaming is True  # the bidi handler, cached
-        # A method the replica does not have: UNIMPLEMENTED, labelled other, not cached.
+        # A method the replica does not have: UNIMPLEMENTED, labelled other, not cached, and
+        # no warning of its own (any client can send any path).
         with pytest.raises(grpc.aio.AioRpcError) as e:
             await ch.unary_unary("/testecho.Echo/Nope")(b"hi", metadata=MD)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "/testecho.Echo/Nope" not in gw.proxy._handlers
+        assert gw.proxy.routes["echo"].router.unknown_method == ""
+        assert await ch.unary_unary(SAY)(b"hi", metadata=MD) == b"hi"
+        assert SAY not in gw.proxy._handlers  # not cached before a replica answered it
+        assert await ch.unary_unary(SAY)(b"hi", metadata=MD) == b"hi"
+        assert gw.proxy._handlers[SAY].request_streaming is True  # the bidi handler, cached
         s = await scrape_until(gw, lambda s: bool(
             s.where("ray_serve_num_grpc_requests_total", method=SAY)
             and s.where("ray_serve_num_grpc_requests_total", method=OTHER)))

@@ -191,13 +191,10 @@ class Forwarder:
         try:
             route, md, request = self._admit(c, ctx, request)
             router = route.router
-            if label is OTHER:
-                if router.methods_known:
-                    # Answered here: a replica rejecting a call it cannot parse races with
-                    # the request stream we would open to it, and grpc then reports INTERNAL.
-                    raise errors.method_not_found(path, c.app)
-                if not router.unknown_method:
-                    note_unknown_method(router, path)  # for `gateway status`, logged once
+            if label is OTHER and router.methods_known:
+                # Answered here: a replica rejecting a call it cannot parse races with the
+                # request stream we would open to it, and grpc then reports INTERNAL.
+                raise errors.method_not_found(path, c.app)
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
@@ -313,9 +310,15 @@ class Forwarder:
         if c.admitted:
             self.admitted -= 1
         req_size = c.counted.size if c.counted is not None else c.req_size
-        # An unknown method has its own name once a replica answered it (bounded, see there).
-        label = c.label if c.label is not OTHER else self.methods.label_unknown(
-            c.path, bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED)
+        label = c.label
+        if label is OTHER:
+            # Its own name once a replica answered it (bounded, see label_unknown); a method a
+            # replica has, unknown to the gateway, warns (`gateway status`, logged once).
+            answered = bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED
+            label = self.methods.label_unknown(c.path, answered)
+            route = self.routes.get(c.app) if answered else None
+            if route is not None and not route.router.unknown_method:
+                note_unknown_method(route.router, c.path)
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
