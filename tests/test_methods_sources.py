@@ -226,6 +226,7 @@ async def test_unknown_methods_warn_and_keep_bounded_names(
         await gw.apply(cfg)
         assert await ch.unary_unary(SAY)(b"hi", metadata=MD) == b"hi"
         assert gw.proxy._handlers[SAY].request_streaming is False
+        assert build_status(gw).applications["echo"].deployments["Echo"].warning == ""
 
 
 async def test_bad_proto_files_refuse_the_deploy(start_gateway: Any, tmp_path: Path) -> None:

@@ -65,8 +65,13 @@ class Proxy(Forwarder, grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return h
 
     def methods_learned(self) -> None:
-        """New method shapes are known: handlers made before (as unknown) are made again."""
+        """New method shapes are known: handlers made before (as unknown) are made again,
+        and a deployment's unknown-method warning goes once that method is known."""
         self._handlers.clear()
+        for route in self.routes.values():
+            seen = route.router.unknown_method
+            if seen and self.methods.get(seen) is not None:
+                route.router.unknown_method = ""
 
     def _make_handler(self, path: str, info: MethodInfo | None) -> Any:
         label = path if info is not None else OTHER
