@@ -14,7 +14,6 @@ from typing import Any
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.config_source import hide_values
-from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -31,6 +30,7 @@ def _logs_dir(config: GatewayConfig) -> Path:
 
 async def _run(config: GatewayConfig) -> int:
     from gateway.app import Gateway
+    from gateway.dataplane.method_sources import MethodSourceError
 
     gw = Gateway(config, logs_dir=_logs_dir(config), console_logs=True)
     loop = asyncio.get_running_loop()
@@ -123,6 +123,8 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
     """Modules the config names that cannot be found from here (replicas run with the current
     directory on their path, as `gateway run` started here would)."""
     import importlib.util
+
+    from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
 
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
