@@ -19,6 +19,7 @@ from gateway.config_source import DeployError
 from gateway.control.controller import Controller
 from gateway.control.loop import ControlLoop
 from gateway.dataplane.listen_address import grpc_address
+from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
 from gateway.dataplane.methods import BUILTIN_PROTO_MODULES, MethodTable
 from gateway.dataplane.oip_model_id import model_id_from_oip
 from gateway.dataplane.proxy import AppRoute, Proxy
@@ -152,6 +153,7 @@ class Gateway:
         for fd in files:
             self.methods.add_file(fd)
         self.records.learn_files(files)
+        self.proxy.methods_learned()
 
     def _publish_routes(self) -> None:
         routes = {
@@ -215,6 +217,10 @@ class Gateway:
             await self.http.start()
         # Off the loop: building an exporter may import its SDK (arize: about a second).
         await asyncio.get_running_loop().run_in_executor(None, self.records.start)
+        # Before any replica: calls are labelled and shaped from the first one.
+        self._learn_methods(await asyncio.get_running_loop().run_in_executor(
+            None, load_method_sources, cfg.proto_files.files, cfg.proto_files.import_paths,
+            cfg.descriptor_sets))
         await self.controller.apply(cfg)
         await server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -247,8 +253,15 @@ class Gateway:
         problems = config_problems(config)
         if problems:
             raise DeployError("; ".join(problems) + "; nothing was changed")
+        try:
+            files = await asyncio.get_running_loop().run_in_executor(
+                None, load_method_sources, config.proto_files.files,
+                config.proto_files.import_paths, config.descriptor_sets)
+        except MethodSourceError as e:
+            raise DeployError(f"{e}; nothing was changed") from None
         for module in modules:
             self.methods.add_module(module)
+        self._learn_methods(files)
         self.records.apply(config)
         if self.http is not None:
             self.http.apply(config)

@@ -30,6 +30,7 @@ def _logs_dir(config: GatewayConfig) -> Path:
 
 async def _run(config: GatewayConfig) -> int:
     from gateway.app import Gateway
+    from gateway.dataplane.method_sources import MethodSourceError
 
     gw = Gateway(config, logs_dir=_logs_dir(config), console_logs=True)
     loop = asyncio.get_running_loop()
@@ -55,7 +56,7 @@ async def _run(config: GatewayConfig) -> int:
         return EXIT_OK
     try:
         starter.result()
-    except OSError as e:
+    except (OSError, MethodSourceError) as e:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
         return EXIT_FAILED
@@ -137,15 +138,22 @@ def _missing_modules(config: GatewayConfig) -> list[str]:
     directory on their path, as `gateway run` started here would)."""
     import importlib.util
 
+    from gateway.dataplane.method_sources import MethodSourceError, load_method_sources
+
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    out = []
+    try:
+        load_method_sources(config.proto_files.files, config.proto_files.import_paths,
+                            config.descriptor_sets)
+    except MethodSourceError as e:
+        out.append(str(e))
     named = [(f"proto_modules[{i}]", m) for i, m in enumerate(config.proto_modules)]
     for a in config.applications:
         for d in a.deployments:
             if d.import_path is not None:
                 named.append((f"application {a.name!r}, deployment {d.name!r}: import_path",
                               d.import_path.partition(":")[0]))
-    out = []
     for where, module in named:
         try:
             found = importlib.util.find_spec(module) is not None

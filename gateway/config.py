@@ -257,6 +257,22 @@ class DashboardConfig(_Model):
         return value
 
 
+class ProtoFilesConfig(_Model):
+    """`.proto` files compiled at start (grpcio-tools' protoc) for their method shapes.
+
+    `proto_files: [a.proto, b.proto]` is short for `proto_files: {files: [a.proto, b.proto]}`.
+    """
+
+    files: list[str] = Field(default_factory=list)
+    import_paths: list[str] = Field(default_factory=list)
+    """protoc's `-I`; without any, each file's own directory."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, value: Any) -> Any:
+        return {"files": value} if isinstance(value, list) else value
+
+
 class GatewayConfig(_Model):
     """The whole goal state."""
 
@@ -270,6 +286,9 @@ class GatewayConfig(_Model):
     records: RecordsConfig = Field(default_factory=RecordsConfig)
     proto_modules: list[str] = Field(default_factory=list)
     """Extra generated `_pb2` modules whose methods the gateway should know by name."""
+    proto_files: ProtoFilesConfig = Field(default_factory=ProtoFilesConfig)
+    descriptor_sets: list[str] = Field(default_factory=list)
+    """Serialized FileDescriptorSets (`protoc --descriptor_set_out --include_imports`)."""
     applications: list[ApplicationConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")

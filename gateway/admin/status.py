@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from gateway.dataplane.method_warnings import deployment_warning, has_method_sources
 from gateway.pb import admin_pb2
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ class DeploymentStatusOverview:
     replica_states: dict[str, int] = field(default_factory=dict)
     """Replica state -> how many replicas are in it."""
     replicas: list[ReplicaDetails] = field(default_factory=list)
+    warning: str = ""
+    """Something that works but needs the operator (its replicas' methods are unknown)."""
 
 
 @dataclass
@@ -82,6 +85,8 @@ class GatewayStatus:
                     "replica_states": dict(d.replica_states),
                     "message": d.message,
                 }
+                if d.warning:
+                    entry["warning"] = d.warning
                 if verbose:
                     entry["replicas"] = [
                         {"replica_id": r.replica_id, "state": r.state, "pid": r.pid,
@@ -134,6 +139,8 @@ def build_status(gw: RunningGateway) -> GatewayStatus:
                     )
                     for s in dep.slots
                 ],
+                warning=deployment_warning(dep.router, dep.reflection_empty,
+                                           has_method_sources(gw.config)),
             )
         out.applications[name] = ApplicationStatusOverview(
             status=app.status,
@@ -163,7 +170,8 @@ def to_proto(status: GatewayStatus) -> admin_pb2.GetStatusResponse:
             last_deployed_time_s=a.last_deployed_time_s,
         )
         for dname, d in a.deployments.items():
-            dm = am.deployments.add(name=dname, status=d.status, message=d.message)
+            dm = am.deployments.add(name=dname, status=d.status, message=d.message,
+                                    warning=d.warning)
             dm.replica_states.update(d.replica_states)
             for r in d.replicas:
                 dm.replicas.add(replica_id=r.replica_id, state=r.state, message=r.message,
@@ -193,6 +201,7 @@ def from_proto(msg: admin_pb2.GetStatusResponse) -> GatewayStatus:
                                        if r.multiplexed else None)
                         for r in d.replicas
                     ],
+                    warning=d.warning,
                 )
                 for d in a.deployments
             },

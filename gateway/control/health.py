@@ -17,6 +17,7 @@ from gateway.control.state import (
     DeploymentState,
     ReplicaSlot,
 )
+from gateway.dataplane.method_warnings import has_method_sources, no_reflection_warning
 from gateway.dataplane.methods import fetch_reflection
 from gateway.dataplane.replicas import Replica, ReplicaState
 
@@ -88,6 +89,9 @@ class HealthChecks(Reconfigurer):
         """Learn the replica's methods (names and shapes) through server reflection."""
         try:
             files = await fetch_reflection(replica.channel)
+            dep.reflection_empty = not files
+            if not files and not has_method_sources(self.config):
+                log.warning("%s", no_reflection_warning(dep.app, dep.name))
             if files and self.on_descriptors is not None:
                 self.on_descriptors(files)
             if files and dep.config.is_local:

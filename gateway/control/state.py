@@ -102,6 +102,8 @@ class DeploymentState:
         """A `dns:///` target of it has not been resolved yet (gateway/control/discovery.py)."""
         self.discovery_error = ""
         """Why the last lookup of a `dns:///` target failed ("" when it worked)."""
+        self.reflection_empty = False
+        """Reflection answered nothing: the replicas' methods may be unknown (see status)."""
 
     @property
     def name(self) -> str:

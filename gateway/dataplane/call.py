@@ -6,7 +6,9 @@ records, access log; gateway/hooks.py), which must be cheap and must not raise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import random
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,26 @@ HOP_BY_HOP = frozenset(
         "grpc-accept-encoding", "grpc-previous-rpc-attempts",
     }
 )
+
+
+_ids = random.Random(os.urandom(32))
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID string for a call that came without a request id.
+
+    From a PRNG seeded once from os.urandom, not uuid.uuid4(): that makes a getrandom
+    syscall and a UUID object per call (measured 16 us against 3 us on the loaded bench
+    machine). A request id correlates logs and records; it is not a secret (a client may
+    send any id it likes), so it need not be unpredictable, only unique: 122 random bits.
+    """
+    n = _ids.getrandbits(128) & _V4_CLEAR | _V4_SET
+    h = f"{n:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
 
 
 def valid_request_id(rid: str) -> bool:
@@ -70,3 +92,21 @@ class CallRecord:
 
 
 Observer = Callable[[CallRecord], None]
+
+
+class Counted:
+    """A client's request stream passed upstream as it is, counting the bytes that went by."""
+
+    __slots__ = ("_it", "size")
+
+    def __init__(self, it: AsyncIterator[bytes]) -> None:
+        self._it = it
+        self.size = 0
+
+    def __aiter__(self) -> Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        message = await self._it.__anext__()
+        self.size += len(message)
+        return message

@@ -21,10 +21,12 @@ from gateway.dataplane import errors
 from gateway.dataplane.call import (
     HOP_BY_HOP,
     CallRecord,
+    Counted,
     Observer,
     trailers,
 )
 from gateway.dataplane.errors import GatewayError
+from gateway.dataplane.method_warnings import note_unknown_method
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
@@ -34,6 +36,7 @@ log = logging.getLogger("gateway.proxy")
 
 OK = grpc.StatusCode.OK
 CANCELLED = grpc.StatusCode.CANCELLED
+UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 HOLD_REFUSAL_S = 2.0
 """Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
 
@@ -44,24 +47,6 @@ def _upstream_cut() -> bool:
     grace). The client is still there and must get a status, not silence."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() == 0
-
-
-class _Counted:
-    """A client's request stream passed upstream as it is, counting the bytes that went by."""
-
-    __slots__ = ("_it", "size")
-
-    def __init__(self, it: AsyncIterator[bytes]) -> None:
-        self._it = it
-        self.size = 0
-
-    def __aiter__(self) -> _Counted:
-        return self
-
-    async def __anext__(self) -> bytes:
-        message = await self._it.__anext__()
-        self.size += len(message)
-        return message
 
 
 class _CallState:
@@ -85,7 +70,7 @@ class _CallState:
         self.code = OK
         self.gw_err = False
         self.req_size = 0
-        self.counted: _Counted | None = None
+        self.counted: Counted | None = None
         self.stream: Any = None
         """The record pipeline's keeper of a sampled streaming call's messages, or None."""
 
@@ -128,7 +113,7 @@ class Forwarder:
         if shape == UNARY_UNARY:
             c.req_size = len(request)
         else:
-            request = c.counted = _Counted(request)
+            request = c.counted = Counted(request)
         response: bytes | None = None
         captured = False
         try:
@@ -186,7 +171,7 @@ class Forwarder:
         if shape == UNARY_STREAM:
             c.req_size = len(request)
         else:
-            request = c.counted = _Counted(request)
+            request = c.counted = Counted(request)
         sent = 0
         try:
             route, md, request = self._admit(c, ctx, request)
@@ -199,8 +184,12 @@ class Forwarder:
             replica: Replica | None = None
             attempt = 0
             while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                replica = await router.acquire(left, exclude=replica, model_id=c.mid)
+                picked = router.take(c.mid) if replica is None else None
+                if picked is None:
+                    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    replica = await router.acquire(left, exclude=replica, model_id=c.mid)
+                else:
+                    replica = picked
                 c.rep_id = replica.replica_id
                 call = None
                 got_any = False
@@ -321,8 +310,17 @@ class Forwarder:
         if c.admitted:
             self.admitted -= 1
         req_size = c.counted.size if c.counted is not None else c.req_size
+        label = c.label
+        if label is OTHER:
+            # Its own name once a replica answered it (bounded, see label_unknown); a method a
+            # replica has, unknown to the gateway, warns (`gateway status`, logged once).
+            answered = bool(c.rep_id) and not c.gw_err and c.code is not UNIMPLEMENTED
+            label = self.methods.label_unknown(c.path, answered)
+            route = self.routes.get(c.app) if answered else None
+            if route is not None and not route.router.unknown_method:
+                note_unknown_method(route.router, c.path)
         rec = CallRecord(
-            c.app, c.dep, c.rep_id, c.path, c.label, c.code, c.details,
+            c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
             request, response, c.http, c.mid,
         )

@@ -1,12 +1,16 @@
 """What the gateway knows about methods: RPC shape and whether the name is known.
 
 Known names come from the generated modules it loads (its own protos and `proto_modules`),
-so that a method name a client makes up is recorded as `other` and never grows label sets.
+`proto_files`, `descriptor_sets` and replicas' reflection. A method none of those names keeps
+its own name as its metric label once a replica has answered it (any status but
+UNIMPLEMENTED), up to MAX_UNKNOWN_PER_SERVICE names per service and MAX_UNKNOWN_NAMES in all;
+everything else is labelled `other`, so a client making names up cannot grow the label sets.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -20,6 +24,13 @@ BUILTIN_PROTO_MODULES = (
 )
 
 OTHER = "other"
+MAX_UNKNOWN_PER_SERVICE = 25
+"""Distinct unknown method names one service may add as metric labels."""
+MAX_UNKNOWN_NAMES = 100
+"""Distinct unknown method names in all; later ones are labelled `other`."""
+MAX_NAME_LEN = 200
+
+_SAFE_PATH = re.compile(r"/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +50,9 @@ class MethodTable:
         self._methods: dict[str, MethodInfo] = {}
         self._descriptors: dict[str, Any] = {}
         """Path -> MethodDescriptor, for the HTTP ingress's JSON transcoding."""
+        self._unknown: set[str] = set()
+        """Unknown method paths admitted as metric labels (bounded, see label_unknown)."""
+        self._unknown_per_service: dict[str, int] = {}
         for name in modules:
             self.add_module(importlib.import_module(name))
 
@@ -59,6 +73,7 @@ class MethodTable:
                     output_type=m.output_type.full_name,
                 )
                 self._descriptors[path] = m
+                self._unknown.discard(path)
 
     def get(self, path: str) -> MethodInfo | None:
         return self._methods.get(path)
@@ -70,6 +85,30 @@ class MethodTable:
     def label(self, path: str) -> str:
         """The metric label for a method: its path when known, `other` otherwise."""
         return path if path in self._methods else OTHER
+
+    def admitted(self, path: str) -> bool:
+        """True when an unknown `path` already has its own label."""
+        return path in self._unknown
+
+    def label_unknown(self, path: str, answered: bool) -> str:
+        """The label of a call to a method the gateway does not know.
+
+        Its own path once a replica `answered` it (it exists there) and the path is a plain
+        `/package.Service/Method` within the caps; `other` otherwise.
+        """
+        if path in self._unknown:
+            return path
+        if not answered or len(self._unknown) >= MAX_UNKNOWN_NAMES:
+            return OTHER
+        if len(path) > MAX_NAME_LEN or _SAFE_PATH.fullmatch(path) is None:
+            return OTHER
+        service = path.split("/")[1]
+        n = self._unknown_per_service.get(service, 0)
+        if n >= MAX_UNKNOWN_PER_SERVICE:
+            return OTHER
+        self._unknown_per_service[service] = n + 1
+        self._unknown.add(path)
+        return path
 
     def services(self) -> list[str]:
         return sorted({p.split("/")[1] for p in self._methods})

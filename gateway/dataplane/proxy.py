@@ -61,10 +61,19 @@ class Proxy(Forwarder, grpc.GenericRpcHandler):  # type: ignore[type-arg]
             return h
         info = self.methods.get(path)
         h = self._make_handler(path, info)
-        if info is not None:
-            # Unknown paths are not cached: clients could otherwise grow this dict forever.
+        if info is not None or self.methods.admitted(path):
+            # Other unknown paths are not cached: clients could grow this dict forever.
             self._handlers[path] = h
         return h
+
+    def methods_learned(self) -> None:
+        """New method shapes are known: handlers made before (as unknown) are made again,
+        and a deployment's unknown-method warning goes once that method is known."""
+        self._handlers.clear()
+        for route in self.routes.values():
+            seen = route.router.unknown_method
+            if seen and self.methods.get(seen) is not None:
+                route.router.unknown_method = ""
 
     def _make_handler(self, path: str, info: MethodInfo | None) -> Any:
         label = path if info is not None else OTHER

@@ -27,6 +27,7 @@ class Router:
         "max_queued",
         "methods_known",
         "replicas",
+        "unknown_method",
     )
 
     def __init__(
@@ -40,6 +41,8 @@ class Router:
         """Every replica of the deployment; only routable ones get calls."""
         self.methods_known = False
         """True once every method the replicas serve is known (local replicas, by reflection)."""
+        self.unknown_method = ""
+        """The first method called through this router that the gateway did not know."""
         self._rng = random.Random()
         self._waiters: deque[asyncio.Future[Replica]] = deque()
         self._wanted: dict[asyncio.Future[Replica], str] = {}

@@ -4,12 +4,16 @@ on to the replica."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from gateway.dataplane import errors
-from gateway.dataplane.call import HOP_BY_HOP, MAX_REQUEST_ID_LEN, valid_request_id
+from gateway.dataplane.call import (
+    HOP_BY_HOP,
+    MAX_REQUEST_ID_LEN,
+    new_request_id,
+    valid_request_id,
+)
 from gateway.dataplane.errors import GatewayError
 from gateway.dataplane.router import Router
 
@@ -71,7 +75,7 @@ def route_call(
         bad = errors.bad_request_id(rid_key, rid, MAX_REQUEST_ID_LEN)
         rid = None
     if not rid:
-        rid = str(uuid.uuid4())
+        rid = new_request_id()
     fwd.append(("x-request-id", rid))
     err: GatewayError | None = None
     route: AppRoute | None = None

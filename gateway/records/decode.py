@@ -219,8 +219,8 @@ class Decoder:
                 except KeyError:
                     continue
             if desc is None:
-                raise DecodeProblem(f"message type {full_name!r} is unknown (add its module to "
-                                    "proto_modules)")
+                raise DecodeProblem(f"message type {full_name!r} is unknown (name its .proto in "
+                                    "proto_files, or descriptor_sets, or proto_modules)")
             cls = self._classes[full_name] = message_factory.GetMessageClass(desc)
         return cls
 
@@ -251,7 +251,8 @@ class Decoder:
         resp = resp or (info.output_type if info is not None else None)
         if req is None or resp is None:
             raise DecodeProblem(f"method {rec.method} is unknown: set field_mapping.request_type"
-                                " and response_type, or add its module to proto_modules")
+                                " and response_type, or name its .proto in proto_files (or "
+                                "descriptor_sets, proto_modules)")
         return req, resp
 
     def record(self, plan: Plan, rec: CallRecord, n: int = 0, **kw: Any) -> PredictionRecord:

@@ -1,0 +1,147 @@
+"""Where method shapes come from besides reflection and `proto_modules`: `.proto` files the
+gateway compiles at start (`proto_files:`) and descriptor sets (`descriptor_sets:`, what
+`protoc --descriptor_set_out` writes; grpcurl and Envoy take the same files).
+
+Both end as `FileDescriptor`s in a private descriptor pool, handed to the `MethodTable` and to
+the record decoder exactly as reflection's are. Nothing is written into the package: protoc
+writes its descriptor set into a temporary directory that is removed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
+
+PROTOC_TIMEOUT_S = 60.0
+
+
+class MethodSourceError(ValueError):
+    """A `proto_files` or `descriptor_sets` entry that cannot be used, with the reason."""
+
+
+def _pool_files(fds: descriptor_pb2.FileDescriptorSet, where: str) -> list[FileDescriptor]:
+    """Every file of `fds` (dependencies first, whatever order they came in), from a new pool."""
+    pool = descriptor_pool.DescriptorPool()
+    protos = {f.name: f for f in fds.file}
+    added: list[str] = []
+    done: set[str] = set()
+
+    def add(name: str, trail: tuple[str, ...]) -> None:
+        if name in done:
+            return
+        if name in trail:
+            raise MethodSourceError(f"{where}: import cycle through {name}")
+        fdp = protos.get(name)
+        if fdp is None:
+            raise MethodSourceError(
+                f"{where}: {trail[-1] if trail else name} imports {name}, which the set does "
+                "not hold (write it with protoc --include_imports)")
+        for dep in fdp.dependency:
+            add(dep, (*trail, name))
+        try:
+            pool.Add(fdp)
+        except (TypeError, ValueError) as e:
+            raise MethodSourceError(f"{where}: {name}: {e}") from None
+        done.add(name)
+        added.append(name)
+
+    for name in protos:
+        add(name, ())
+    return [pool.FindFileByName(n) for n in added]
+
+
+def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[FileDescriptor]:
+    """The files of a serialized `FileDescriptorSet` (protoc --descriptor_set_out
+    --include_imports)."""
+    where = where or str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    fds = descriptor_pb2.FileDescriptorSet()
+    try:
+        fds.ParseFromString(raw)
+    except Exception:
+        raise MethodSourceError(f"{where}: {path} is not a descriptor set (protoc "
+                                "--descriptor_set_out writes one)") from None
+    if not fds.file:
+        raise MethodSourceError(f"{where}: {path} holds no files")
+    return _pool_files(fds, where)
+
+
+def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
+                        where: str = "proto_files") -> list[FileDescriptor]:
+    """Compile `.proto` files with grpcio-tools' protoc into descriptors in memory.
+
+    `import_paths` are protoc's `-I`; without any, each file's own directory is one. The
+    well-known types (google/protobuf/*.proto) are always importable.
+    """
+    if not files:
+        return []
+    try:
+        import grpc_tools  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise MethodSourceError(
+            f"{where}: compiling .proto files needs grpcio-tools: pip install "
+            "'grpc-observability-gateway[protos]' (or use descriptor_sets:, which need "
+            "nothing)") from None
+    import importlib.resources
+
+    includes = [str(Path(p)) for p in import_paths] or sorted(
+        {str(Path(f).parent) for f in files})
+    for inc in includes:
+        if not Path(inc).is_dir():
+            raise MethodSourceError(f"{where}: import path {inc} is not a directory")
+    for f in files:
+        if not Path(f).is_file():
+            raise MethodSourceError(f"{where}: {f} is not a file")
+    well_known = str(importlib.resources.files("grpc_tools") / "_proto")
+    with tempfile.TemporaryDirectory(prefix="gateway-protos-") as tmp:
+        out = os.path.join(tmp, "set.pb")
+        args = [sys.executable, "-m", "grpc_tools.protoc", *(f"-I{inc}" for inc in includes),
+                f"-I{well_known}", f"--descriptor_set_out={out}", "--include_imports",
+                *map(str, files)]
+        # A child process: protoc's errors come back on its stderr, and the gateway's own
+        # stderr (its console log) is never touched.
+        try:
+            done = subprocess.run(args, capture_output=True, timeout=PROTOC_TIMEOUT_S,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            raise MethodSourceError(f"{where}: protoc took over {PROTOC_TIMEOUT_S:g}s") from None
+        if done.returncode != 0:
+            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise MethodSourceError(f"{where}: " + "; ".join(lines[:5] or ["protoc failed"]))
+        return load_descriptor_set(out, where)
+
+
+def services_of(files: Sequence[FileDescriptor]) -> list[str]:
+    return sorted({s.full_name for f in files for s in f.services_by_name.values()})
+
+
+def load_method_sources(proto_files: Sequence[str], import_paths: Sequence[str],
+                        descriptor_sets: Sequence[str]) -> list[FileDescriptor]:
+    """Every file the config's `proto_files:` and `descriptor_sets:` name; raises
+    `MethodSourceError` naming the entry at fault."""
+    try:
+        files = compile_proto_files(proto_files, import_paths)
+        for i, path in enumerate(descriptor_sets):
+            files.extend(load_descriptor_set(path, f"descriptor_sets[{i}]"))
+    except MethodSourceError as e:
+        # The message names entries by key, never by value: a path may come from a ${VAR}
+        # (errors never repeat an expanded value; see README, Configuration).
+        named = [*((f"proto_files.files[{i}]", v) for i, v in enumerate(proto_files)),
+                 *((f"proto_files.import_paths[{i}]", v) for i, v in enumerate(import_paths)),
+                 *((f"descriptor_sets[{i}]", v) for i, v in enumerate(descriptor_sets))]
+        msg = str(e)
+        for key, value in sorted(named, key=lambda kv: -len(kv[1])):
+            if value:
+                msg = msg.replace(value, key)
+        raise MethodSourceError(msg) from None
+    return files
