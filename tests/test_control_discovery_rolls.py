@@ -5,14 +5,18 @@ one address, hung and slow lookups, and an unreachable address that stays in DNS
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from gateway.config import ConfigError, parse_config
+from gateway.control import discovery as discovery_mod
 from gateway.dataplane.replicas import ReplicaState
-from tests.conftest import gateway_config
+from gateway.pb.text_model_pb2 import PredictRequest
+from tests.conftest import gateway_config, md, text_stub
 from tests.metrics_util import scrape_until
 from tests.test_control_discovery import NAME, FakeDNS, gateway, servers, slots, until
 
@@ -38,6 +42,85 @@ class HangingDNS(FakeDNS):
         if self.hang_s:
             await asyncio.sleep(self.hang_s)
         return await super().resolve(host, port)
+
+
+@pytest.mark.parametrize("trouble", ["error", "empty", "hang"])
+async def test_roll_to_a_name_that_does_not_resolve_keeps_the_serving_replicas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trouble: str,
+) -> None:
+    monkeypatch.setattr(discovery_mod, "ROLL_LOOKUP_TIMEOUT_S", 0.5, raising=False)
+    dns = HangingDNS()
+    async with servers("S") as srv:
+        static = srv[0][2]
+        async with gateway(tmp_path, dns) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            assert await gw.apply(config(tmp_path, [static])) == []
+            await until(lambda: by_target(gw) == {static: ReplicaState.RUNNING})
+            if trouble == "error":
+                dns.error = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name "
+                                            "resolution")
+            elif trouble == "hang":
+                dns.hang_s = 30
+            problems = await asyncio.wait_for(gw.apply(config(tmp_path, [NAME])), 5)
+            want = {"error": "Temporary failure in name resolution",
+                    "empty": "resolves to no address", "hang": "timed out"}[trouble]
+            assert len(problems) == 1 and want in problems[0] and "not started" in problems[0]
+            assert by_target(gw) == {static: ReplicaState.RUNNING}
+            dep = gw.controller.apps["text"].deployments["Remote"]
+            assert gw.controller.apps["text"].status == "DEPLOY_FAILED"
+            assert want in dep.message
+            r = await text_stub(ch).Predict(PredictRequest(text="good"), metadata=md(),
+                                            timeout=5)
+            assert r.label == "S"
+
+
+async def test_roll_while_a_replica_drains_out_of_dns(tmp_path: Path) -> None:
+    dns = FakeDNS()
+    async with servers("A", "B", "C", "S") as srv:
+        (_, _, a), (_, _, b), (_, _, c), (_, _, s) = srv
+        dns.answer = [a, b]
+        async with gateway(tmp_path, dns, max_ongoing_requests=1,
+                           graceful_shutdown_timeout_s=10) as gw, \
+                grpc.aio.insecure_channel(gw.address) as ch:
+            await until(lambda: len(slots(gw)) == 2
+                        and all(st is ReplicaState.RUNNING for st in slots(gw).values()))
+            dep = gw.controller.apps["text"].deployments["Remote"]
+            stub = text_stub(ch)
+            # One long call on each replica (max_ongoing_requests=1): B drains slowly.
+            calls = [asyncio.ensure_future(stub.Predict(
+                PredictRequest(text="x", sleep_s=2), metadata=md(), timeout=20))
+                for _ in range(2)]
+            await until(lambda: sum(x.replica.in_flight for x in dep.slots
+                                    if x.replica is not None) == 2, what="both busy")
+            dns.answer = [a]
+            await until(lambda: any(x.stopping for x in dep.slots), what="B draining")
+            assert await gw.apply(config(tmp_path, [NAME, s], max_ongoing_requests=1,
+                                         graceful_shutdown_timeout_s=10)) == []
+            assert all(not isinstance(r, BaseException)
+                       for r in await asyncio.gather(*calls, return_exceptions=True))
+            assert gw.controller.discovery.names(dep) == [NAME]
+            await until(lambda: sorted(x.target or "" for x in dep.slots) == sorted([a, s]),
+                        what="A and S")
+            # Ids stay unique although the roll started a second replica for A's address.
+            ids = [x.replica_id for x in dep.slots]
+            assert len(set(ids)) == len(ids)
+            dns.answer = [a, c]  # discovery still runs
+            await until(lambda: c in [x.target for x in dep.slots], what="C added")
+
+
+async def test_a_stopped_roll_to_a_name_keeps_following_the_name(tmp_path: Path) -> None:
+    dns = FakeDNS()
+    async with servers("A", "C", "S") as srv:
+        (_, _, a), (_, _, c), (_, _, s) = srv
+        async with gateway(tmp_path, dns) as gw:
+            assert await gw.apply(config(tmp_path, [s])) == []
+            await until(lambda: by_target(gw) == {s: ReplicaState.RUNNING})
+            dns.answer = [a, "127.0.0.1:1"]  # the second address is down
+            problems = await gw.apply(config(tmp_path, [NAME]))
+            assert problems and "roll stopped" in problems[0]
+            dep = gw.controller.apps["text"].deployments["Remote"]
+            assert gw.controller.discovery.names(dep) == [NAME]
+            dns.answer = [c]  # A leaves DNS: it drains, C joins
+            await until(lambda: slots(gw) == {c: ReplicaState.RUNNING}, what="only C")
 
 
 def test_two_spellings_of_one_name_are_one_target() -> None:

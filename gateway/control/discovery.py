@@ -37,6 +37,8 @@ StopSlot = Callable[[DeploymentState, ReplicaSlot], Awaitable[None]]
 MIN_KICK_INTERVAL_S = 1.0
 """A replica failing its health checks asks for a lookup each time; at most one per second."""
 LOOKUP_TIMEOUT_S = 10.0
+ROLL_LOOKUP_TIMEOUT_S = 5.0
+"""A deploy waits this long for a `dns:///` name it rolls to (then the roll stops)."""
 MAX_ADDRESSES = 256
 """Replicas one name may add (a runaway answer must not start thousands of health loops)."""
 
@@ -87,8 +89,10 @@ class Discovery:
         return sorted(self._watches.get(dep, {}))
 
     def watch(self, dep: DeploymentState) -> None:
-        """Watch the `dns:///` targets of `dep.config` (and stop watching any others)."""
-        wanted = sorted({t for t in dep.config.targets or [] if dns_name(t) is not None})
+        """Watch the `dns:///` targets of `dep.config`, and the names slots it has came from
+        (a stopped roll leaves some), and stop watching any others."""
+        wanted = sorted({t for t in dep.config.targets or [] if dns_name(t) is not None}
+                        | {s.source for s in dep.slots if s.source and not s.stopping})
         watches = self._watches.setdefault(dep, {})
         for target in [t for t in watches if t not in wanted]:
             self._unwatch(dep, target)
@@ -113,19 +117,35 @@ class Discovery:
         for w in self._watches.get(dep, {}).values():
             w.kick.set()
 
-    async def expand(self, targets: list[str]) -> list[tuple[str, str | None]]:
+    async def expand(self, targets: list[str]
+                     ) -> tuple[list[tuple[str, str | None]], list[str]]:
         """(address, source) for each target, `dns:///` names resolved once now (for a
-        rolling change; a name that does not resolve contributes nothing)."""
+        rolling change), and what went wrong: a name that fails, hangs past
+        ROLL_LOOKUP_TIMEOUT_S or resolves to nothing (the roll must not go ahead then: it
+        would stop the serving replicas and start none)."""
+        names = [n for n in (dns_name(t) for t in targets) if n is not None]
+        if names:
+            log.info("resolving %s for a rolling change", [t for t in targets
+                                                           if dns_name(t) is not None])
+        found = await asyncio.gather(*(
+            asyncio.wait_for(self.resolve(*n), ROLL_LOOKUP_TIMEOUT_S) for n in names),
+            return_exceptions=True)
+        answers = dict(zip(names, found, strict=True))
         out: list[tuple[str, str | None]] = []
+        errors: list[str] = []
         for target in targets:
             name = dns_name(target)
             if name is None:
                 out.append((target, None))
                 continue
-            with contextlib.suppress(Exception):
-                addrs = await asyncio.wait_for(self.resolve(*name), LOOKUP_TIMEOUT_S)
-                out += [(a, target) for a in addrs[:MAX_ADDRESSES]]
-        return out
+            got = answers[name]
+            if isinstance(got, BaseException):
+                errors.append(f"{target}: {_why(got, ROLL_LOOKUP_TIMEOUT_S)}")
+            elif not got:
+                errors.append(f"{target}: the name resolves to no address")
+            else:
+                out += [(a, target) for a in got[:MAX_ADDRESSES]]
+        return out, errors
 
     async def close(self) -> None:
         """Stop looking names up; replicas already draining finish their drain (bounded by
@@ -222,3 +242,11 @@ class Discovery:
                 dep.slots.remove(slot)
             dep.publish()
             dep.router.wake()
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    """A failed lookup, said plainly."""
+    if isinstance(e, TimeoutError):
+        return f"lookup timed out after {timeout:g} s"
+    why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+    return f"lookup failed: {why or type(e).__name__}"
