@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,23 @@ async def test_one_address_twice_keeps_two_health_series(tmp_path: Path) -> None
                 dict(k).get("replica") for k in s.series("ray_serve_deployment_replica_healthy")})
             assert want <= {dict(k).get("replica")
                             for k in got.series("ray_serve_deployment_replica_healthy")}
+
+
+async def test_hung_lookups_do_not_take_asyncio_default_executor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **kw: release.wait(10) and [])
+    d = discovery_mod.Discovery(lambda *a: None, None)  # type: ignore[arg-type]
+    lookups = [asyncio.ensure_future(d.resolve(f"h{i}.invalid", 1)) for i in range(12)]
+    try:
+        await asyncio.sleep(0.2)
+        # Twelve hung lookups, and the default executor still runs work at once.
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.run_in_executor(None, lambda: 7), 2) == 7
+        dns_threads = [t for t in threading.enumerate() if t.name.startswith("gateway-dns")]
+        assert len(dns_threads) == getattr(discovery_mod, "LOOKUP_THREADS", 4)
+    finally:
+        release.set()
+        await asyncio.gather(*lookups, return_exceptions=True)
+        await d.close()

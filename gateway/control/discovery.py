@@ -21,6 +21,8 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
 
 from gateway.config import dns_name
 from gateway.control.state import DeploymentState, ReplicaSlot
@@ -39,6 +41,8 @@ MIN_KICK_INTERVAL_S = 1.0
 LOOKUP_TIMEOUT_S = 10.0
 ROLL_LOOKUP_TIMEOUT_S = 5.0
 """A deploy waits this long for a `dns:///` name it rolls to (then the roll stops)."""
+LOOKUP_THREADS = 4
+"""Discovery's own threads: hung lookups must not starve asyncio's default executor."""
 MAX_ADDRESSES = 256
 """Replicas one name may add (a runaway answer must not start thousands of health loops)."""
 
@@ -47,11 +51,13 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def system_resolve(host: str, port: int) -> list[str]:
-    """The system resolver (/etc/hosts, /etc/resolv.conf), off the event loop: asyncio runs
-    getaddrinfo in its default executor."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+async def system_resolve(host: str, port: int, executor: Executor | None = None) -> list[str]:
+    """The system resolver (/etc/hosts, /etc/resolv.conf), off the event loop: getaddrinfo
+    runs in `executor` (Discovery's own; asyncio's default one when None)."""
+    def lookup() -> list[Any]:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+    infos = await asyncio.get_running_loop().run_in_executor(executor, lookup)
     return sorted({join_host_port(str(info[4][0]), port) for info in infos})
 
 
@@ -71,8 +77,9 @@ class Discovery:
     """Keeps each deployment's DNS-discovered slots in line with what its names resolve to."""
 
     def __init__(self, new_slot: NewSlot, stop_slot: StopSlot,
-                 resolve: Resolve = system_resolve) -> None:
-        self.resolve = resolve
+                 resolve: Resolve | None = None) -> None:
+        self._executor = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="gateway-dns")
+        self.resolve: Resolve = resolve or self._system_resolve
         """Replaceable (tests use a resolver they control)."""
         self._new_slot = new_slot
         self._stop_slot = stop_slot
@@ -153,8 +160,13 @@ class Discovery:
         for dep in list(self._watches):
             self.forget(dep)
         await asyncio.gather(*self._drains, return_exceptions=True)
+        # Threads stuck in getaddrinfo cannot be stopped; they are not waited for either.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- inside ------------------------------------------------------------------------
+
+    async def _system_resolve(self, host: str, port: int) -> list[str]:
+        return await system_resolve(host, port, self._executor)
 
     def _unwatch(self, dep: DeploymentState, target: str) -> None:
         w = self._watches.get(dep, {}).pop(target, None)
