@@ -5,6 +5,7 @@ one address, hung and slow lookups, and an unreachable address that stays in DNS
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 from pathlib import Path
@@ -170,3 +171,47 @@ async def test_hung_lookups_do_not_take_asyncio_default_executor(
         release.set()
         await asyncio.gather(*lookups, return_exceptions=True)
         await d.close()
+
+
+async def test_a_slow_failing_lookup_reports_its_real_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(discovery_mod, "LOOKUP_TIMEOUT_S", 0.3)
+    dns = HangingDNS()
+    dns.hang_s = 0.6  # longer than the timeout, then it fails
+    dns.error = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    seen: list[Any] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+    with caplog.at_level(logging.WARNING):
+        async with gateway(tmp_path, dns) as gw:
+            dep = gw.controller.apps["text"].deployments["Remote"]
+            await until(lambda: "Name or service not known" in dep.message, timeout=10,
+                        what="the real cause in the status")
+    import gc
+
+    gc.collect()
+    await asyncio.sleep(0.1)
+    assert not [c for c in seen if "never retrieved" in str(c.get("message"))], seen
+
+
+async def test_a_lookup_stuck_for_good_does_not_hold_later_refreshes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(discovery_mod, "LOOKUP_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(discovery_mod, "ABANDON_LOOKUP_S", 0.5, raising=False)
+    async with servers("A") as srv:
+        a = srv[0][2]
+        calls = 0
+
+        async def resolve(host: str, port: int) -> list[str]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(3600)  # never answers
+            return [a]
+
+        dns = FakeDNS()
+        dns.resolve = resolve  # type: ignore[method-assign]
+        async with gateway(tmp_path, dns) as gw:
+            await until(lambda: slots(gw) == {a: ReplicaState.RUNNING}, timeout=10,
+                        what="a later lookup answered")

@@ -41,6 +41,8 @@ MIN_KICK_INTERVAL_S = 1.0
 LOOKUP_TIMEOUT_S = 10.0
 ROLL_LOOKUP_TIMEOUT_S = 5.0
 """A deploy waits this long for a `dns:///` name it rolls to (then the roll stops)."""
+ABANDON_LOOKUP_S = 6 * LOOKUP_TIMEOUT_S
+"""A lookup stuck this long is left to its thread; the next refresh starts a new one."""
 LOOKUP_THREADS = 4
 """Discovery's own threads: hung lookups must not starve asyncio's default executor."""
 MAX_ADDRESSES = 256
@@ -71,6 +73,7 @@ class _Watch:
         self.error = ""
         self.task: asyncio.Task[None] | None = None
         self.lookup: asyncio.Future[list[str]] | None = None
+        self.lookup_started = 0.0
 
 
 class Discovery:
@@ -181,11 +184,21 @@ class Discovery:
     async def _lookup(self, w: _Watch) -> list[str]:
         name = dns_name(w.target)
         assert name is not None
-        # A lookup stuck in the resolver is waited for, never started twice: the executor
-        # thread it holds cannot be cancelled, so each refresh must not add another.
-        if w.lookup is None or w.lookup.done():
+        if w.lookup is not None and w.lookup.done():
+            # It finished after its wait timed out: its answer, or the real reason it failed.
+            done, w.lookup = w.lookup, None
+            return done.result()
+        if w.lookup is not None and time.monotonic() - w.lookup_started > ABANDON_LOOKUP_S:
+            w.lookup = None  # stuck for good: it must not hold every later refresh
+        # A lookup stuck in the resolver is waited for, not started again at each refresh:
+        # the thread it holds cannot be cancelled.
+        if w.lookup is None:
             w.lookup = asyncio.ensure_future(self.resolve(*name))
-        return await asyncio.wait_for(asyncio.shield(w.lookup), LOOKUP_TIMEOUT_S)
+            w.lookup.add_done_callback(_retrieve)
+            w.lookup_started = time.monotonic()
+        addrs = await asyncio.wait_for(asyncio.shield(w.lookup), LOOKUP_TIMEOUT_S)
+        w.lookup = None
+        return addrs
 
     async def _run(self, dep: DeploymentState, w: _Watch) -> None:
         try:
@@ -198,12 +211,9 @@ class Discovery:
                                     "the first %d", dep.app, dep.name, w.target, len(addrs),
                                     MAX_ADDRESSES)
                         addrs = addrs[:MAX_ADDRESSES]
-                except TimeoutError:
-                    addrs, w.error = [], f"{w.target}: lookup timed out"
                 except Exception as e:  # any failure of one lookup: try again next period
                     addrs = []
-                    why = (e.strerror if isinstance(e, OSError) else None) or str(e)
-                    w.error = f"{w.target}: lookup failed: {why or type(e).__name__}"
+                    w.error = f"{w.target}: {_why(e, LOOKUP_TIMEOUT_S)}"
                 if w.error:
                     log.warning("deployment %s/%s: %s; keeping the replicas it had",
                                 dep.app, dep.name, w.error)
@@ -262,3 +272,10 @@ def _why(e: BaseException, timeout: float) -> str:
         return f"lookup timed out after {timeout:g} s"
     why = (e.strerror if isinstance(e, OSError) else None) or str(e)
     return f"lookup failed: {why or type(e).__name__}"
+
+
+def _retrieve(fut: asyncio.Future[list[str]]) -> None:
+    """Marks a lookup's failure as seen (it may finish after its waiter gave up; asyncio
+    would log 'exception was never retrieved'); _lookup reports it at the next refresh."""
+    if not fut.cancelled():
+        fut.exception()
