@@ -8,6 +8,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,16 @@ async def test_a_lookup_stuck_for_good_does_not_hold_later_refreshes(
         async with gateway(tmp_path, dns) as gw:
             await until(lambda: slots(gw) == {a: ReplicaState.RUNNING}, timeout=10,
                         what="a later lookup answered")
+
+
+async def test_unreachable_address_in_dns_backs_off_its_lookups(tmp_path: Path) -> None:
+    dns = FakeDNS()
+    async with servers("A") as srv:
+        dns.answer = [srv[0][2], "127.0.0.1:1"]  # the second one stays in DNS, unreachable
+        async with gateway(tmp_path, dns, dns_refresh_s=60) as gw:
+            await until(lambda: len(slots(gw)) == 2)
+            before = dns.lookups
+            t0 = time.monotonic()
+            await asyncio.sleep(7.5)
+            # Kicked lookups back off 1, 2, 4 s ... (not one a second: 7 or 8 here).
+            assert dns.lookups - before <= 4, (dns.lookups - before, time.monotonic() - t0)

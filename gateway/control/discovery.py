@@ -37,7 +37,9 @@ NewSlot = Callable[[DeploymentState, str | None, str | None], ReplicaSlot]
 StopSlot = Callable[[DeploymentState, ReplicaSlot], Awaitable[None]]
 
 MIN_KICK_INTERVAL_S = 1.0
-"""A replica failing its health checks asks for a lookup each time; at most one per second."""
+"""A replica failing its health checks asks for a lookup each time; at most one per second,
+doubling (up to dns_refresh_s) while the answer stays the same (an address that stays in DNS
+but cannot be reached must not cost a lookup a second forever)."""
 LOOKUP_TIMEOUT_S = 10.0
 ROLL_LOOKUP_TIMEOUT_S = 5.0
 """A deploy waits this long for a `dns:///` name it rolls to (then the roll stops)."""
@@ -74,6 +76,8 @@ class _Watch:
         self.task: asyncio.Task[None] | None = None
         self.lookup: asyncio.Future[list[str]] | None = None
         self.lookup_started = 0.0
+        self.kick_interval = MIN_KICK_INTERVAL_S
+        self.answer: list[str] | None = None
 
 
 class Discovery:
@@ -201,6 +205,7 @@ class Discovery:
         return addrs
 
     async def _run(self, dep: DeploymentState, w: _Watch) -> None:
+        kicked = False
         try:
             while True:
                 try:
@@ -219,13 +224,20 @@ class Discovery:
                                 dep.app, dep.name, w.error)
                 else:
                     self._sync(dep, w.target, addrs)
+                    # Kicks back off while they find the same answer; a new answer resets.
+                    if addrs != w.answer:
+                        w.kick_interval = MIN_KICK_INTERVAL_S
+                    elif kicked:
+                        w.kick_interval = min(2 * w.kick_interval, dep.config.dns_refresh_s)
+                    w.answer = addrs
                 w.last_lookup = time.monotonic()
                 self._note(dep)
                 w.kick.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(w.kick.wait(), dep.config.dns_refresh_s)
-                # Kicked: no sooner than MIN_KICK_INTERVAL_S after the last lookup.
-                wait = w.last_lookup + MIN_KICK_INTERVAL_S - time.monotonic()
+                kicked = w.kick.is_set()
+                # Kicked: no sooner than kick_interval after the last lookup.
+                wait = w.last_lookup + w.kick_interval - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
         except asyncio.CancelledError:
