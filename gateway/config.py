@@ -60,7 +60,9 @@ def dns_name(target: str) -> tuple[str, int] | None:
     if not target.startswith(DNS_SCHEME):
         return None
     host, _, port = target[len(DNS_SCHEME):].rpartition(":")
-    return host.strip("[]"), int(port)
+    # Normalised, so two spellings of one name are one name: DNS is case-insensitive, a
+    # trailing dot is the same (absolute) name, and "050051" is port 50051.
+    return host.strip("[]").rstrip(".").lower(), int(port)
 
 
 def _check_target(target: str) -> None:
@@ -118,7 +120,7 @@ class DeploymentConfig(_Model):
                 raise ValueError("'targets' must list at least one address")
             for target in self.targets:
                 _check_target(target)
-            names = [t for t in self.targets if dns_name(t) is not None]
+            names = [dns_name(t) for t in self.targets if dns_name(t) is not None]
             if len(set(names)) != len(names):
                 raise ValueError("a 'dns:///' target is listed twice")
             if "num_replicas" in self.model_fields_set and any(

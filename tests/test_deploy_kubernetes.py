@@ -5,7 +5,13 @@ preStop use the ports the config opens, the Secret has the keys the pod reads)."
 
 from __future__ import annotations
 
+import fnmatch
+import os
+import re
 import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +180,92 @@ def test_dockerfile_copies_what_exists_and_runs_the_gateway() -> None:
     assert 'CMD ["run", "/etc/gateway/config.yaml"]' in text
     image = find("Deployment", "grpc-gateway")["spec"]["template"]["spec"]["containers"][0]
     assert image["image"].startswith("grpc-gateway:")
+
+
+def replay_dockerfile(text: str, image: Path) -> Path:
+    """Replays the Dockerfile's steps under `image` (a stand-in for the image's filesystem)
+    without Docker: COPY copies the build context minus Dockerfile.dockerignore, `pip install`
+    installs into image/site (the stand-in for site-packages), `cd` and `rm -rf` act under
+    image/. Returns the final WORKDIR. A RUN step this does not know fails the test, so the
+    replay cannot silently drift from the file."""
+    ignore = [p.strip() for p in (ROOT / "deploy" / "Dockerfile.dockerignore").read_text()
+              .splitlines() if p.strip() and not p.startswith("#")]
+
+    def ignored(rel: str) -> bool:
+        return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel, pat.replace("**/", ""))
+                   or any(fnmatch.fnmatch(part, pat.replace("**/", ""))
+                          for part in Path(rel).parts if pat.startswith("**/"))
+                   for pat in ignore)
+
+    site = image / "site"
+    workdir = image
+    for raw in re.sub(r"\\\n", " ", text).splitlines():
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "WORKDIR":
+            workdir = image / words[1].lstrip("/")
+            workdir.mkdir(parents=True, exist_ok=True)
+        elif words[0] == "COPY":
+            dest = workdir / words[-1]
+            for src in words[1:-1]:
+                for path in [ROOT / src, *(ROOT / src).rglob("*")]:
+                    rel = str(path.relative_to(ROOT))
+                    if path.is_dir() or ignored(rel):
+                        continue
+                    target = (dest / path.name if (ROOT / src).is_file()
+                              else dest / path.relative_to(ROOT / src))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target)
+        elif words[0] == "RUN":
+            cwd = workdir
+            for step in " ".join(words[1:]).split("&&"):
+                argv = shlex.split(step)
+                if argv[:2] == ["pip", "install"]:
+                    spec = argv[-1].split("[")[0]
+                    subprocess.run(
+                        [sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                         "--no-build-isolation", "--no-compile", "--target", str(site), spec],
+                        cwd=cwd, check=True, timeout=240)
+                elif argv[0] == "cd":
+                    cwd = image / argv[1].lstrip("/")
+                elif argv[:2] == ["rm", "-rf"]:
+                    for p in argv[2:]:
+                        shutil.rmtree(image / p.lstrip("/"))
+                elif argv[0] != "useradd":
+                    pytest.fail(f"replay does not know this RUN step: {step!r}")
+    return workdir
+
+
+def test_the_image_runs_the_model_server_and_local_replicas(tmp_path: Path) -> None:
+    """The model Deployment's command, run from the image's WORKDIR against the installed
+    package, serves. (A source tree left in WORKDIR, which has no generated stubs, shadowed the
+    installed package: `python -m` puts the working directory first on sys.path, and the gateway
+    puts it on its local replicas' PYTHONPATH too.)"""
+    workdir = replay_dockerfile((ROOT / "deploy" / "Dockerfile").read_text(), tmp_path)
+    assert list((tmp_path / "site" / "gateway" / "pb").glob("*_pb2.py")), "no stubs installed"
+    leftovers = {p.name for p in workdir.iterdir()} & {"gateway", "exporters", "examples"}
+    assert not leftovers, f"the WORKDIR shadows the installed package: {leftovers}"
+    model = find("Deployment", "iris-model")["spec"]["template"]["spec"]["containers"][0]
+    assert model["command"][:1] == ["python"]
+    args = list(model["args"])
+    args[args.index("--port") + 1] = "0"  # any free port here
+    args[args.index("--host") + 1] = "127.0.0.1"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    proc = subprocess.Popen([sys.executable, *model["command"][1:], *args], cwd=workdir,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for _ in range(200):  # bounded: the first line is the report (or the failure)
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("{"):
+                break
+        assert lines and '"port"' in lines[-1], "".join(lines)[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -15,6 +15,7 @@ with `-s` to see them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -51,6 +52,16 @@ def _netns_unavailable() -> str:
 
 _why = _netns_unavailable()
 pytestmark = [pytest.mark.skipif(bool(_why), reason=_why), pytest.mark.timeout(300)]
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel kills the child when pytest dies (even by SIGKILL), so a killed
+    run leaves no gateway, replica, dnsmasq or Prometheus behind. `ip netns exec` execs the
+    command in place, and the setting survives exec."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -108,7 +119,7 @@ class Lab:
         log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns(host), *args], cwd=REPO, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         log.close()
         self.procs[name] = proc
@@ -140,14 +151,25 @@ class Lab:
             proc.kill()
             proc.wait(5)
 
-    def close(self) -> None:
+    def close(self) -> list[str]:
+        """Removes everything; returns the processes that outlived their stop (killed now)."""
         for name in list(self.procs):
             with contextlib.suppress(Exception):
                 self.stop(name, grace=5)
+        left: list[str] = []
         for ns in reversed(self.made):
+            # Anything still running in one of our namespaces is ours (a replica a gateway
+            # left, a child of a killed process): say so, and kill it by pid.
+            for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(OSError):
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                    left.append(f"{ns}: {pid} {cmd.decode(errors='replace')[:120]}")
+                    os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(Path("/etc/netns") / ns)
+        left += [f"{name}: {p.pid}" for name, p in self.procs.items() if p.poll() is None]
+        return left
 
 
 @pytest.fixture
@@ -156,9 +178,28 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         yield lab
     finally:
-        lab.close()
+        procs = lab.close()
         left = sh("ip", "netns", "list").stdout
         assert TAG not in left, f"namespaces left behind: {left}"
+        assert not procs, f"processes left behind: {procs}"
+
+
+def test_lab_reports_and_kills_what_is_left_in_its_namespaces(tmp_path: Path) -> None:
+    """The leftover check sees processes too: one left running in a namespace (here started
+    behind the lab's back) is reported and killed when the lab closes."""
+    lab = Lab(tmp_path)
+    try:
+        lab.setup_switch()
+        stray = subprocess.Popen(["ip", "netns", "exec", lab.sw, "sleep", "60"],
+                                 preexec_fn=_die_with_parent)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not sh("ip", "netns", "pids", lab.sw).stdout.strip():
+            time.sleep(0.05)
+    finally:
+        left = lab.close()
+    assert len(left) == 1 and "sleep 60" in left[0], left
+    assert stray.wait(5) == -signal.SIGKILL
+    assert TAG not in sh("ip", "netns", "list").stdout
 
 
 def write_dns(lab: Lab, path: Path, hosts: list[str], dnsmasq: str) -> None:

@@ -129,8 +129,20 @@ class Controller(Supervisor):
         Like a Kubernetes rolling update, the roll stops at the first new replica that does
         not become healthy: that one is stopped, the old replicas keep serving, and the
         deployment says DEPLOY_FAILED until a later deploy rolls (or accepts) a revision."""
-        old = list(dep.slots)
+        # Replicas already draining out of DNS leave by themselves (the discovery's drain).
+        old = [s for s in dep.slots if not s.stopping]
         before = dep.config
+        targets: list[tuple[str | None, str | None]] = [(None, None)] * dcfg.num_replicas
+        if dcfg.targets is not None:
+            found, errors = await self.discovery.expand(dcfg.targets)
+            if errors:  # nothing to roll to: everything stays as it is
+                dep.rollout_error = (f"rolling change to targets {dcfg.targets} not started: "
+                                     f"{'; '.join(errors)}; {len(old)} previous replica(s) "
+                                     "keep serving")
+                log.error("deployment %s/%s: %s", dep.app, dep.name, dep.rollout_error)
+                dep.note_health()
+                return [f"{dep.name}: {dep.rollout_error}"]
+            targets = list(found)
         dep.config = dcfg
         dep.rollout_error = ""
         dep.ever_healthy = False  # the new revision has not run yet
@@ -138,35 +150,35 @@ class Controller(Supervisor):
         dep.router.max_ongoing = dcfg.max_ongoing_requests
         dep.router.max_queued = dcfg.max_queued_requests
         self.discovery.forget(dep)  # the roll decides the slots; watched again after it
-        targets: list[tuple[str | None, str | None]] = (
-            list(await self.discovery.expand(dcfg.targets)) if dcfg.targets is not None
-            else [(None, None)] * dcfg.num_replicas
-        )
         problems: list[str] = []
         wait_s = STARTUP_TIMEOUT_S + dcfg.health_check_period_s + dcfg.health_check_timeout_s
-        for i in range(max(len(targets), len(old))):
-            if i < len(targets):
-                slot = self._new_slot(dep, *targets[i])
-                if not await self._wait_serving(slot, wait_s):
-                    if self._closing:
-                        # Not the new model's fault: its replica is stopped with the rest.
-                        log.info("deployment %s/%s: roll interrupted: the gateway is stopping",
-                                 dep.app, dep.name)
-                        return [f"{dep.name}: roll interrupted: the gateway is stopping"]
-                    why = slot.message or "did not become healthy"
-                    problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
-                                    "roll stopped, the previous replicas keep serving")
-                    await self._stop_roll(dep, before, slot, why)
-                    self.discovery.watch(dep)  # dep.config is the previous one again
-                    return problems
-            if i < len(old):
-                victim = old[i]
-                victim.stopping = True
-                victim.set_state(ReplicaState.STOPPING)
-                dep.slots.remove(victim)
-                dep.publish()
-                await self._stop_slot(dep, victim)
-        self.discovery.watch(dep)
+        try:
+            for i in range(max(len(targets), len(old))):
+                if i < len(targets):
+                    slot = self._new_slot(dep, *targets[i])
+                    if not await self._wait_serving(slot, wait_s):
+                        if self._closing:
+                            # Not the new model's fault: its replica is stopped with the rest.
+                            log.info("deployment %s/%s: roll interrupted: the gateway is "
+                                     "stopping", dep.app, dep.name)
+                            return [f"{dep.name}: roll interrupted: the gateway is stopping"]
+                        why = slot.message or "did not become healthy"
+                        problems.append(f"{dep.name}: new replica {slot.replica_id}: {why}; "
+                                        "roll stopped, the replicas running keep serving")
+                        await self._stop_roll(dep, before, slot, why)
+                        return problems
+                if i < len(old):
+                    victim = old[i]
+                    victim.stopping = True
+                    victim.set_state(ReplicaState.STOPPING)
+                    if victim in dep.slots:  # (a drain may have taken it meanwhile)
+                        dep.slots.remove(victim)
+                    dep.publish()
+                    await self._stop_slot(dep, victim)
+        finally:
+            # dep.config's names, and those of any slot the roll left (a stopped roll to a
+            # name keeps the new replicas it started; they must still follow the name).
+            self.discovery.watch(dep)
         dep.router.wake()
         return problems
 
@@ -186,7 +198,7 @@ class Controller(Supervisor):
         dep.router.max_ongoing = before.max_ongoing_requests
         dep.router.max_queued = before.max_queued_requests
         dep.rollout_error = (f"rolling change to {what} stopped: {why}; "
-                             f"{len(dep.slots)} previous replica(s) keep serving")
+                             f"{len(dep.slots)} replica(s) running keep serving")
         dep.reflect_done = True  # the methods of the serving revision are still known
         log.error("deployment %s/%s: %s", dep.app, dep.name, dep.rollout_error)
         dep.note_health()

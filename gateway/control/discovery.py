@@ -21,6 +21,8 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
 
 from gateway.config import dns_name
 from gateway.control.state import DeploymentState, ReplicaSlot
@@ -35,8 +37,16 @@ NewSlot = Callable[[DeploymentState, str | None, str | None], ReplicaSlot]
 StopSlot = Callable[[DeploymentState, ReplicaSlot], Awaitable[None]]
 
 MIN_KICK_INTERVAL_S = 1.0
-"""A replica failing its health checks asks for a lookup each time; at most one per second."""
+"""A replica failing its health checks asks for a lookup each time; at most one per second,
+doubling (up to dns_refresh_s) while the answer stays the same (an address that stays in DNS
+but cannot be reached must not cost a lookup a second forever)."""
 LOOKUP_TIMEOUT_S = 10.0
+ROLL_LOOKUP_TIMEOUT_S = 5.0
+"""A deploy waits this long for a `dns:///` name it rolls to (then the roll stops)."""
+ABANDON_LOOKUP_S = 6 * LOOKUP_TIMEOUT_S
+"""A lookup stuck this long is left to its thread; the next refresh starts a new one."""
+LOOKUP_THREADS = 4
+"""Discovery's own threads: hung lookups must not starve asyncio's default executor."""
 MAX_ADDRESSES = 256
 """Replicas one name may add (a runaway answer must not start thousands of health loops)."""
 
@@ -45,11 +55,13 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def system_resolve(host: str, port: int) -> list[str]:
-    """The system resolver (/etc/hosts, /etc/resolv.conf), off the event loop: asyncio runs
-    getaddrinfo in its default executor."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+async def system_resolve(host: str, port: int, executor: Executor | None = None) -> list[str]:
+    """The system resolver (/etc/hosts, /etc/resolv.conf), off the event loop: getaddrinfo
+    runs in `executor` (Discovery's own; asyncio's default one when None)."""
+    def lookup() -> list[Any]:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+    infos = await asyncio.get_running_loop().run_in_executor(executor, lookup)
     return sorted({join_host_port(str(info[4][0]), port) for info in infos})
 
 
@@ -63,14 +75,18 @@ class _Watch:
         self.error = ""
         self.task: asyncio.Task[None] | None = None
         self.lookup: asyncio.Future[list[str]] | None = None
+        self.lookup_started = 0.0
+        self.kick_interval = MIN_KICK_INTERVAL_S
+        self.answer: list[str] | None = None
 
 
 class Discovery:
     """Keeps each deployment's DNS-discovered slots in line with what its names resolve to."""
 
     def __init__(self, new_slot: NewSlot, stop_slot: StopSlot,
-                 resolve: Resolve = system_resolve) -> None:
-        self.resolve = resolve
+                 resolve: Resolve | None = None) -> None:
+        self._executor = ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="gateway-dns")
+        self.resolve: Resolve = resolve or self._system_resolve
         """Replaceable (tests use a resolver they control)."""
         self._new_slot = new_slot
         self._stop_slot = stop_slot
@@ -87,8 +103,10 @@ class Discovery:
         return sorted(self._watches.get(dep, {}))
 
     def watch(self, dep: DeploymentState) -> None:
-        """Watch the `dns:///` targets of `dep.config` (and stop watching any others)."""
-        wanted = sorted({t for t in dep.config.targets or [] if dns_name(t) is not None})
+        """Watch the `dns:///` targets of `dep.config`, and the names slots it has came from
+        (a stopped roll leaves some), and stop watching any others."""
+        wanted = sorted({t for t in dep.config.targets or [] if dns_name(t) is not None}
+                        | {s.source for s in dep.slots if s.source and not s.stopping})
         watches = self._watches.setdefault(dep, {})
         for target in [t for t in watches if t not in wanted]:
             self._unwatch(dep, target)
@@ -113,19 +131,35 @@ class Discovery:
         for w in self._watches.get(dep, {}).values():
             w.kick.set()
 
-    async def expand(self, targets: list[str]) -> list[tuple[str, str | None]]:
+    async def expand(self, targets: list[str]
+                     ) -> tuple[list[tuple[str, str | None]], list[str]]:
         """(address, source) for each target, `dns:///` names resolved once now (for a
-        rolling change; a name that does not resolve contributes nothing)."""
+        rolling change), and what went wrong: a name that fails, hangs past
+        ROLL_LOOKUP_TIMEOUT_S or resolves to nothing (the roll must not go ahead then: it
+        would stop the serving replicas and start none)."""
+        names = [n for n in (dns_name(t) for t in targets) if n is not None]
+        if names:
+            log.info("resolving %s for a rolling change", [t for t in targets
+                                                           if dns_name(t) is not None])
+        found = await asyncio.gather(*(
+            asyncio.wait_for(self.resolve(*n), ROLL_LOOKUP_TIMEOUT_S) for n in names),
+            return_exceptions=True)
+        answers = dict(zip(names, found, strict=True))
         out: list[tuple[str, str | None]] = []
+        errors: list[str] = []
         for target in targets:
             name = dns_name(target)
             if name is None:
                 out.append((target, None))
                 continue
-            with contextlib.suppress(Exception):
-                addrs = await asyncio.wait_for(self.resolve(*name), LOOKUP_TIMEOUT_S)
-                out += [(a, target) for a in addrs[:MAX_ADDRESSES]]
-        return out
+            got = answers[name]
+            if isinstance(got, BaseException):
+                errors.append(f"{target}: {_why(got, ROLL_LOOKUP_TIMEOUT_S)}")
+            elif not got:
+                errors.append(f"{target}: the name resolves to no address")
+            else:
+                out += [(a, target) for a in got[:MAX_ADDRESSES]]
+        return out, errors
 
     async def close(self) -> None:
         """Stop looking names up; replicas already draining finish their drain (bounded by
@@ -133,8 +167,13 @@ class Discovery:
         for dep in list(self._watches):
             self.forget(dep)
         await asyncio.gather(*self._drains, return_exceptions=True)
+        # Threads stuck in getaddrinfo cannot be stopped; they are not waited for either.
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- inside ------------------------------------------------------------------------
+
+    async def _system_resolve(self, host: str, port: int) -> list[str]:
+        return await system_resolve(host, port, self._executor)
 
     def _unwatch(self, dep: DeploymentState, target: str) -> None:
         w = self._watches.get(dep, {}).pop(target, None)
@@ -149,13 +188,24 @@ class Discovery:
     async def _lookup(self, w: _Watch) -> list[str]:
         name = dns_name(w.target)
         assert name is not None
-        # A lookup stuck in the resolver is waited for, never started twice: the executor
-        # thread it holds cannot be cancelled, so each refresh must not add another.
-        if w.lookup is None or w.lookup.done():
+        if w.lookup is not None and w.lookup.done():
+            # It finished after its wait timed out: its answer, or the real reason it failed.
+            done, w.lookup = w.lookup, None
+            return done.result()
+        if w.lookup is not None and time.monotonic() - w.lookup_started > ABANDON_LOOKUP_S:
+            w.lookup = None  # stuck for good: it must not hold every later refresh
+        # A lookup stuck in the resolver is waited for, not started again at each refresh:
+        # the thread it holds cannot be cancelled.
+        if w.lookup is None:
             w.lookup = asyncio.ensure_future(self.resolve(*name))
-        return await asyncio.wait_for(asyncio.shield(w.lookup), LOOKUP_TIMEOUT_S)
+            w.lookup.add_done_callback(_retrieve)
+            w.lookup_started = time.monotonic()
+        addrs = await asyncio.wait_for(asyncio.shield(w.lookup), LOOKUP_TIMEOUT_S)
+        w.lookup = None
+        return addrs
 
     async def _run(self, dep: DeploymentState, w: _Watch) -> None:
+        kicked = False
         try:
             while True:
                 try:
@@ -166,24 +216,28 @@ class Discovery:
                                     "the first %d", dep.app, dep.name, w.target, len(addrs),
                                     MAX_ADDRESSES)
                         addrs = addrs[:MAX_ADDRESSES]
-                except TimeoutError:
-                    addrs, w.error = [], f"{w.target}: lookup timed out"
                 except Exception as e:  # any failure of one lookup: try again next period
                     addrs = []
-                    why = (e.strerror if isinstance(e, OSError) else None) or str(e)
-                    w.error = f"{w.target}: lookup failed: {why or type(e).__name__}"
+                    w.error = f"{w.target}: {_why(e, LOOKUP_TIMEOUT_S)}"
                 if w.error:
                     log.warning("deployment %s/%s: %s; keeping the replicas it had",
                                 dep.app, dep.name, w.error)
                 else:
                     self._sync(dep, w.target, addrs)
+                    # Kicks back off while they find the same answer; a new answer resets.
+                    if addrs != w.answer:
+                        w.kick_interval = MIN_KICK_INTERVAL_S
+                    elif kicked:
+                        w.kick_interval = min(2 * w.kick_interval, dep.config.dns_refresh_s)
+                    w.answer = addrs
                 w.last_lookup = time.monotonic()
                 self._note(dep)
                 w.kick.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(w.kick.wait(), dep.config.dns_refresh_s)
-                # Kicked: no sooner than MIN_KICK_INTERVAL_S after the last lookup.
-                wait = w.last_lookup + MIN_KICK_INTERVAL_S - time.monotonic()
+                kicked = w.kick.is_set()
+                # Kicked: no sooner than kick_interval after the last lookup.
+                wait = w.last_lookup + w.kick_interval - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
         except asyncio.CancelledError:
@@ -222,3 +276,18 @@ class Discovery:
                 dep.slots.remove(slot)
             dep.publish()
             dep.router.wake()
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    """A failed lookup, said plainly."""
+    if isinstance(e, TimeoutError):
+        return f"lookup timed out after {timeout:g} s"
+    why = (e.strerror if isinstance(e, OSError) else None) or str(e)
+    return f"lookup failed: {why or type(e).__name__}"
+
+
+def _retrieve(fut: asyncio.Future[list[str]]) -> None:
+    """Marks a lookup's failure as seen (it may finish after its waiter gave up; asyncio
+    would log 'exception was never retrieved'); _lookup reports it at the next refresh."""
+    if not fut.cancelled():
+        fut.exception()

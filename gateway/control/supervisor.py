@@ -37,6 +37,14 @@ class Supervisor(HealthChecks):
                   source: str | None = None) -> ReplicaSlot:
         # A DNS-discovered replica is known by its address (its `replica` label).
         rid = target if source is not None and target else replica_tag(dep.app, dep.name)
+        # Ids must be unique in a deployment (telemetry, status rows and the router key on
+        # them); an address can be there twice for a moment (a roll keeping a name whose old
+        # replica still drains), so the newcomer gets a suffix.
+        taken = {s.replica_id for s in dep.slots}
+        n = 2
+        while rid in taken:
+            rid = f"{target}#{n}"
+            n += 1
         slot = ReplicaSlot(dep.app, dep.name, rid, target=target, source=source,
                            import_path=dep.config.import_path if target is None else None)
         dep.slots.append(slot)
