@@ -60,18 +60,19 @@ async def _run(config: GatewayConfig) -> int:
         print(f"gateway: {e}", file=sys.stderr)
         await gw.stop(0)
         return EXIT_FAILED
-    tls = {None: "", False: " (TLS)", True: " (mTLS)"}
-    print(f"gateway: serving gRPC on {gw.address}"
-          f"{tls[gw.tls.mutual if gw.tls else None]}", flush=True)
+    from gateway.tls import label
+
+    print(f"gateway: serving gRPC on {gw.address}{label(gw.tls)}", flush=True)
     if gw.http is not None:
-        print(f"gateway: serving HTTP on {gw.http.address}", flush=True)
+        print(f"gateway: serving HTTP on {gw.http.address}{label(gw.http.tls)}", flush=True)
     print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}"
-          f"{tls[gw.admin.tls.mutual if gw.admin.tls else None]}", flush=True)
+          f"{label(gw.admin.tls)}", flush=True)
     if gw.metrics_port:
         prom = config.metrics.prometheus
         print(f"gateway: metrics on http://{prom.host}:{gw.metrics_port}/metrics", flush=True)
     if gw.dashboard is not None:
-        print(f"gateway: dashboard on {gw.dashboard.url}", flush=True)
+        print(f"gateway: dashboard on {gw.dashboard.url}{label(gw.dashboard.server.tls)}",
+              flush=True)
     for name, app in gw.controller.apps.items():
         print(f"gateway: application {name!r}: {app.status}", flush=True)
     stopped = asyncio.ensure_future(gw.wait_stopped())

@@ -211,6 +211,8 @@ class HttpConfig(_Model):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     _bare = field_validator("host")(bare_host)
+    tls: ServerTLSConfig | None = None
+    """Serve HTTPS (and mTLS with `client_ca_file`); the files are re-read when they change."""
 
 
 class AdminConfig(_Model):
@@ -248,6 +250,9 @@ class DashboardConfig(_Model):
     port: int = Field(default=8265, ge=0, le=65535)
     """Ray's dashboard port, so bookmarks and scripts keep working."""
     _bare = field_validator("host")(bare_host)
+    tls: ServerTLSConfig | None = None
+    """Serve HTTPS; with `client_ca_file` (mTLS) a client certificate admits the browser, so
+    the dashboard may listen beyond loopback without `admin.token`."""
     prometheus_url: str | None = None
     """A Prometheus that scrapes this gateway: the pages link to it (nothing is read from it)."""
 
@@ -308,10 +313,13 @@ class GatewayConfig(_Model):
             listeners.append(("metrics.prometheus.port", prom.host, prom.port))
         if self.dashboard.enabled:
             listeners.append(("dashboard.port", self.dashboard.host, self.dashboard.port))
-        if (self.dashboard.enabled and self.admin.token is None
+        dash_mutual = (self.dashboard.tls is not None
+                       and self.dashboard.tls.client_ca_file is not None)
+        if (self.dashboard.enabled and self.admin.token is None and not dash_mutual
                 and not is_loopback(self.dashboard.host)):
             raise ValueError(f"the dashboard on {self.dashboard.host} (not loopback) needs "
-                             "admin.token: it shows the replicas' logs and configuration")
+                             "admin.token or dashboard.tls.client_ca_file: it shows the "
+                             "replicas' logs and configuration")
         for i, (key, host, port) in enumerate(listeners):
             for other, other_host, other_port in listeners[:i]:
                 # The same port on two different addresses is fine (not on all interfaces).

@@ -45,7 +45,7 @@ class _Model(BaseModel):
 
 
 class ServerTLSConfig(_Model):
-    """TLS on a listener (`proxy.tls`, `admin.tls`, and the HTTP ports)."""
+    """TLS on a listener (`proxy.tls`, `admin.tls`, `http.tls`, `dashboard.tls`)."""
 
     cert_file: str = Field(min_length=1)
     """PEM certificate chain the listener presents (leaf first)."""
@@ -325,10 +325,38 @@ def listen(server: Any, host: str, port: int, cfg: ServerTLSConfig | None, where
     return int(bound), tls
 
 
+def http_listener(host: str, cfg: ServerTLSConfig | None, where: str,
+                  what: str) -> tuple[ServerTLS | None, ssl.SSLContext | None]:
+    """(`ServerTLS`, context for aiohttp's `TCPSite(ssl_context=...)`) of an HTTP listener, or
+    (None, None) for plaintext, which is warned about beyond loopback. Raises TLSError."""
+    if cfg is None:
+        if not is_loopback(host):
+            log.warning("%s on %s serves plaintext: set %s to expose it beyond this machine",
+                        what, host, where)
+        return None, None
+    tls = ServerTLS(cfg, where)
+    return tls, tls.ssl_context()
+
+
+def scheme(tls: ServerTLS | None) -> str:
+    return "https" if tls is not None else "http"
+
+
+def label(tls: ServerTLS | None) -> str:
+    """What the start-up lines add after an address: '', ' (TLS)' or ' (mTLS)'."""
+    if tls is None:
+        return ""
+    return " (mTLS)" if tls.mutual else " (TLS)"
+
+
 def config_problems(config: Any) -> list[str]:
     """Every TLS file in a `GatewayConfig` that cannot be used, as `key: why` lines."""
     out = files_problems(config.proxy.tls, "proxy.tls")
     out += files_problems(config.admin.tls, "admin.tls")
+    if config.http.enabled:
+        out += files_problems(config.http.tls, "http.tls")
+    if config.dashboard.enabled:
+        out += files_problems(config.dashboard.tls, "dashboard.tls")
     for i, app in enumerate(config.applications):
         for j, dep in enumerate(app.deployments):
             out += files_problems(dep.tls, f"applications[{i}].deployments[{j}].tls")

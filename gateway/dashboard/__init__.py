@@ -17,6 +17,7 @@ from gateway.dashboard.api import DashboardApi, GatewayView, Scrubber
 from gateway.dashboard.processes import ProcessTable
 from gateway.dashboard.series import CallSeries
 from gateway.dashboard.server import DashboardServer
+from gateway.tls import scheme
 
 __all__ = ["MAX_RECORD_CHARS", "Dashboard", "DashboardApi", "GatewayView", "Scrubber",
            "records_snapshot"]
@@ -49,7 +50,8 @@ class Dashboard:
         # takes effect on restart, for both).
         secret = gw.config.admin.token
         token = secret.get_secret_value() if secret is not None else None
-        self.server = DashboardServer(self.api, config.host, config.port, token=lambda: token)
+        self.server = DashboardServer(self.api, config.host, config.port, token=lambda: token,
+                                      tls_config=config.tls)
         self.port = 0
 
     async def start(self) -> int:
@@ -66,7 +68,7 @@ class Dashboard:
             host = "127.0.0.1"
         elif ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        return f"{scheme(self.server.tls)}://{host}:{self.port}"
 
 
 def _log_of(gw: GatewayView, replica_log: Callable[[str, str, str], Path], rid: str) -> Path:

@@ -40,6 +40,11 @@ class GatewayView(Protocol):
     @property
     def address(self) -> str: ...
 
+    @property
+    def http_address(self) -> str | None:
+        """The HTTP ingress's URL (https:// with `http.tls`); None when it is off."""
+        ...
+
 
 class Scrubber:
     """Replaces every secret value the config holds (admin token, Arize keys, OTLP headers)
@@ -206,6 +211,7 @@ class DashboardApi:
             "started_at": gw.started_at,
             "now": time.time(),
             "addresses": {"grpc": gw.address,
+                          "http": gw.http_address,
                           "admin": f"{cfg.admin.host}:{gw.admin_port}" if gw.admin_port
                           else None,
                           "metrics": metrics,

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.dashboard import auth, logview, pages
 from gateway.dashboard.api import DashboardApi
+from gateway.tls import ServerTLS, ServerTLSConfig, http_listener
 
 log = logging.getLogger("gateway.dashboard")
 
@@ -55,11 +56,15 @@ class DashboardServer:
     """`port = await start()`, `await stop()`."""
 
     def __init__(self, api: DashboardApi, host: str, port: int,
-                 token: Callable[[], str | None]) -> None:
+                 token: Callable[[], str | None],
+                 tls_config: ServerTLSConfig | None = None) -> None:
         self.api = api
         self.host = host
         self.port = port
         self._token = token
+        self.tls_config = tls_config
+        self.tls: ServerTLS | None = None
+        """The listener's certificate (re-read on rotation) once started with `dashboard.tls`."""
         self._runner: web.AppRunner | None = None
         self._reads = asyncio.Semaphore(LOG_READS)
 
@@ -96,10 +101,12 @@ class DashboardServer:
         quiet = logging.getLogger("gateway.dashboard.http")
         quiet.setLevel(logging.CRITICAL + 1)
         # A page still loading when the gateway stops gets a moment, not aiohttp's minute.
+        tls, ctx = http_listener(self.host, self.tls_config, "dashboard.tls", "the dashboard")
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, logger=quiet,
                                shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True, ssl_context=ctx)
+        self.tls = tls
         try:
             await site.start()
         except OSError as e:
@@ -121,9 +128,13 @@ class DashboardServer:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         token = self._token()
-        if token is None and not auth.host_ok(request.host, self.host):
-            resp: web.StreamResponse = _error(403, "the dashboard answers only loopback host "
-                                                   "names (set admin.token to expose it)")
+        # A browser holding a client certificate this dashboard's CA signed (mTLS) is the
+        # check; without one, and without a token, only loopback Host names are answered.
+        mutual = self.tls is not None and self.tls.mutual
+        if token is None and not mutual and not auth.host_ok(request.host, self.host):
+            resp: web.StreamResponse = _error(
+                403, "the dashboard answers only loopback host names (set admin.token or "
+                     "dashboard.tls.client_ca_file to expose it)")
         elif (token is not None and not request.path.startswith(("/static/", "/login"))
               and not auth.authorized(token, request.headers.get("Authorization", ""),
                                       request.cookies.get(auth.COOKIE, ""))):
@@ -162,8 +173,9 @@ class DashboardServer:
             return web.Response(text=pages.login(nxt, True), status=401,
                                 content_type="text/html")
         resp = _redirect(nxt)
+        # Over HTTPS the browser never sends the session cookie on a plaintext connection.
         resp.set_cookie(auth.COOKIE, auth.session_value(token), httponly=True,
-                        samesite="Strict", path="/")
+                        samesite="Strict", path="/", secure=self.tls is not None)
         return resp
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:

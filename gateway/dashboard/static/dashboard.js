@@ -210,6 +210,7 @@ async function overview(root) {
   const addr = h("dl", { class: "facts" },
     h("dt", {}, "Gateway"), h("dd", {}, badge(ov.state), " since " + when(ov.started_at)),
     h("dt", {}, "gRPC"), h("dd", {}, h("code", {}, a.grpc)),
+    h("dt", {}, "HTTP"), h("dd", {}, a.http ? h("code", {}, a.http) : "off"),
     h("dt", {}, "Admin"), h("dd", {}, a.admin ? h("code", {}, a.admin) : "-"),
     h("dt", {}, "Metrics"), h("dd", {}, a.metrics ? link(a.metrics, a.metrics) : "off"),
     h("dt", {}, "Prometheus"), h("dd", {}, a.prometheus ? link(a.prometheus, a.prometheus)

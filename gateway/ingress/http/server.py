@@ -35,6 +35,7 @@ from gateway.ingress.http.errors import RestError, error_body, http_status
 from gateway.logs.core import call_context
 from gateway.metrics.http import HttpMetrics
 from gateway.pb import grpc_predict_v2_pb2 as pb
+from gateway.tls import ServerTLS, http_listener, scheme
 
 log = logging.getLogger("gateway.http")
 
@@ -100,6 +101,9 @@ class HttpIngress:
         self.ready = ready
         self.host = config.http.host
         self.port_wanted = config.http.port
+        self.tls_config = config.http.tls
+        self.tls: ServerTLS | None = None
+        """The listener's certificate (re-read on rotation) once started with `http.tls`."""
         self.max_body = config.proxy.max_message_bytes
         self.port = 0
         self.in_proxy = 0
@@ -111,7 +115,7 @@ class HttpIngress:
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{scheme(self.tls)}://{host}:{self.port}"
 
     def apply(self, config: GatewayConfig) -> None:
         """Follow a deploy's route prefixes (longest first, so the longest match wins)."""
@@ -126,10 +130,13 @@ class HttpIngress:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # Closed after the gRPC drain (Gateway._stop): calls still running then are past the
         # grace, and get a second more, not aiohttp's default minute.
+        tls, ctx = http_listener(self.host, self.tls_config, "http.tls", "the HTTP ingress")
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False)
+        site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False,
+                           ssl_context=ctx)
+        self.tls = tls
         try:
             await site.start()
         except OSError as e:
