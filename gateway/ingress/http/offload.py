@@ -1,0 +1,88 @@
+"""Big REST bodies are converted off the event loop.
+
+Turning a JSON body into tensors (and an answer back into JSON) grows with the body: a few MiB
+takes a second or more, much of it inside C calls that hold the GIL (`json.loads`,
+`json.dumps`, protobuf's serializer), so a thread would still stall every gRPC call on the
+loop. Bodies above `INLINE_BYTES` are therefore converted in a small process pool
+(`WORKERS` processes, started on first use with `spawn`, which is safe beside grpc's threads):
+the inputs and outputs are plain bytes, so only they cross. Small bodies stay inline: the
+hop costs more than converting them.
+
+JSON transcoding needs the method's descriptor (possibly from reflection), which does not cross
+to another process: those conversions use a small thread pool (`run_thread`).
+
+Both pools are bounded in workers; the conversions waiting for them are bounded by the HTTP
+connection cap (`http.max_connections`), one request per connection at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+from gateway.ingress.http.errors import RestError
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.http")
+
+INLINE_BYTES = 64 * 1024
+"""Bodies up to this size are converted on the loop."""
+WORKERS = 2
+
+
+def _worker_init() -> None:
+    # Ctrl-C reaches the whole process group: the gateway stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Offload:
+    """`await run(size, fn, *args)`: fn(*args), in a worker process when `size` is large."""
+
+    def __init__(self, workers: int = WORKERS, inline_bytes: int = INLINE_BYTES) -> None:
+        self.inline_bytes = inline_bytes
+        self._workers = workers
+        self._procs: ProcessPoolExecutor | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self.offloaded = 0
+        """Conversions run off the loop (for tests and status)."""
+
+    async def run(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        """`fn` must be a module-level function of picklable arguments and result."""
+        if size <= self.inline_bytes:
+            return fn(*args)
+        if self._procs is None:  # made on first use: most gateways never see a big body
+            self._procs = ProcessPoolExecutor(
+                self._workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_init)
+        self.offloaded += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._procs, fn, *args)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): the next big body gets a fresh pool.
+            log.error("HTTP body conversion worker died; restarting the pool")
+            pool, self._procs = self._procs, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            raise RestError(503, "the body conversion worker stopped: retry") from None
+
+    async def run_thread(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        """`run` for conversions that cannot cross processes (they need descriptors)."""
+        if size <= self.inline_bytes:
+            return fn(*args)
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self._workers, thread_name_prefix="http-convert")
+        self.offloaded += 1
+        return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
+
+    def close(self) -> None:
+        procs, threads, self._procs, self._threads = self._procs, self._threads, None, None
+        if procs is not None:
+            procs.shutdown(wait=False, cancel_futures=True)
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
