@@ -12,16 +12,20 @@ import resource
 import socket
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import requests
+import yaml
 
 from gateway.ingress.http import oip_rest
 from gateway.pb import text_model_pb2 as tpb
 from tests.conftest import text_stub
 from tests.http_support import HTTP, PREDICT, call, infer_body, iris, text, url
 from tests.metrics_util import scrape, scrape_until
+from tests.ops_support import GatewayProcess
 
 INFER = "/iris/v2/models/iris/infer"
 
@@ -267,3 +271,49 @@ async def test_unusual_methods_share_one_label(start_gateway: Any) -> None:
         s = await scrape(gw)
         methods = {dict(k)["method"] for k in s.series("ray_serve_num_http_requests_total")}
         assert methods == {"other"}, methods
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(d.name))
+    return out
+
+
+def test_conversion_workers_leave_with_a_killed_gateway(tmp_path: Path) -> None:
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "proxy": {"port": 0}, "admin": {"port": 0}, "metrics": {"enabled": False},
+        "http": {"enabled": True, "port": 0},
+        "logging_config": {"logs_dir": str(tmp_path / "logs")},
+        "applications": [text("/t")]}))
+    proc = GatewayProcess(cfg)
+    try:
+        address = proc.wait_for(r"serving HTTP on (http://\S+)", 30)
+        before = _children(proc.proc.pid)
+        big = json.dumps({"text": "x" * 100_000}).encode()  # transcoded in a thread
+        rows = [[1.0, 2.0, 3.0, "x"]] * 10_000  # an OIP body: a worker process
+        bad = json.dumps({"inputs": [{"name": "f", "shape": [10_000, 4],
+                                      "datatype": "FP32", "data": rows}]}).encode()
+        assert requests.post(address + "/t" + PREDICT, data=big, timeout=30).ok
+        r = requests.post(address + "/t/v2/models/m/infer", data=bad, timeout=30)
+        assert r.status_code == 400 and "not a FP32 value" in r.json()["error"], r.text
+        workers = _children(proc.proc.pid) - before
+        assert workers, "no conversion worker was started"
+        proc.proc.kill()
+        proc.wait(30)
+        for _ in range(100):  # bounded: the workers check their parent every second
+            if not any(Path(f"/proc/{w}").exists() for w in workers):
+                break
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{w}").exists() for w in workers)
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.wait(30)

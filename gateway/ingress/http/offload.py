@@ -20,7 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -34,11 +37,21 @@ log = logging.getLogger("gateway.http")
 INLINE_BYTES = 64 * 1024
 """Bodies up to this size are converted on the loop."""
 WORKERS = 2
+PARENT_CHECK_S = 1.0
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     # Ctrl-C reaches the whole process group: the gateway stops its workers itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """A gateway killed outright (SIGKILL, OOM) cannot stop its workers: they leave on their
+    own once it is gone (the replicas do the same)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 class Offload:
@@ -59,7 +72,7 @@ class Offload:
         if self._procs is None:  # made on first use: most gateways never see a big body
             self._procs = ProcessPoolExecutor(
                 self._workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_init)
+                initializer=_worker_init, initargs=(os.getpid(),))
         self.offloaded += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self._procs, fn, *args)
