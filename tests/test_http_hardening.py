@@ -317,3 +317,22 @@ def test_conversion_workers_leave_with_a_killed_gateway(tmp_path: Path) -> None:
         if proc.proc.poll() is None:
             proc.proc.kill()
             proc.wait(30)
+
+
+async def test_curl_expect_100_continue_is_answered(start_gateway: Any, tmp_path: Path) -> None:
+    rows: list[Any] = [(5.1, 3.5, 1.4, 0.2)] * 100_000  # > 1 MiB: curl sends Expect
+    rows[-1] = (1, 2, 3, "x")  # answered 400 once read: no model time in the figure
+    body = tmp_path / "big.json"
+    body.write_text(json.dumps(infer_body(rows)))
+    assert body.stat().st_size > 2 << 20
+    async with start_gateway([iris()], http=HTTP) as gw:
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_starttransfer}",
+            "--expect100-timeout", "20", "--max-time", "60", "--data-binary", f"@{body}",
+            url(gw, INFER), stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+    code, _started = out.decode().split()
+    # Without the interim answer curl waits out its expect timeout (20 s) and then sends;
+    # --max-time 60 would still pass, so the timeout is what shows it: well under 20 s.
+    assert code == "400", out
+    assert float(_started) < 15, out

@@ -43,6 +43,10 @@ async def read_body(request: web.BaseRequest, limit: int, timeout_s: float) -> b
         raise too_large(limit)
     try:
         async with asyncio.timeout(timeout_s):
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                # curl asks before sending a body over 1 MiB; aiohttp's router would answer,
+                # the low-level server does not (and the client would wait a second).
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             return await _read(request, limit, enc)
     except TimeoutError:
         raise RestError(408, f"the request body did not arrive within {timeout_s:g} s "
