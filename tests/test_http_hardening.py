@@ -47,6 +47,15 @@ async def test_a_big_rest_body_does_not_stall_grpc_calls(start_gateway: Any) -> 
         # What converting this body costs now (the machine may be loaded): on the loop, a
         # gRPC call would wait about that long.
         cost = await asyncio.to_thread(convert)
+        # The first body over 64 KiB starts the worker processes (until one is up, bodies go
+        # to a thread); big bodies use them from then on.
+        r = await call("POST", url(gw, INFER), json=infer_body(rows[-5000:]))
+        assert r.status_code == 400
+        for _ in range(300):  # bounded: a spawned worker imports the gateway's modules
+            if gw.http.offload.warm:
+                break
+            await asyncio.sleep(0.1)
+        assert gw.http.offload.warm
         async with grpc.aio.insecure_channel(gw.address) as ch:
             stub = text_stub(ch)
             md = (("application", "text"),)
