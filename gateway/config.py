@@ -213,6 +213,11 @@ class HttpConfig(_Model):
     _bare = field_validator("host")(bare_host)
     tls: ServerTLSConfig | None = None
     """Serve HTTPS (and mTLS with `client_ca_file`); the files are re-read when they change."""
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """Time a client has to send a request's body (answered 408 past it), and to finish its
+    headers or send its next request on an idle keep-alive connection (closed past it)."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Open HTTP connections at most; a new one past it is answered 503 and closed."""
 
 
 class AdminConfig(_Model):

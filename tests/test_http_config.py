@@ -41,7 +41,7 @@ def test_http_block_and_route_prefix_validation(tmp_path: Path) -> None:
     cfg = load_config(REPO / "examples" / "serve_config.yaml", env={})
     assert (cfg.http.enabled, cfg.http.host, cfg.http.port) == (True, "127.0.0.1", 8000)
     assert {a.name: a.route_prefix for a in cfg.applications} == {
-        "classifier": "/classifier", "text": "/text"}
+        "classifier": "/classifier", "text": "/text", "tenants": None}
     p = tmp_path / "d.yaml"
     p.write_text("{}\n")
     default = load_config(p, env={}).http

@@ -25,6 +25,11 @@ from opentelemetry.sdk.metrics.export import (
 UNKNOWN_APPLICATION = "unknown"
 """The application label of requests routed to none (as the gRPC rows do)."""
 
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+"""HTTP methods with a `method` label of their own; any other (PROPFIND, made-up tokens) is
+`other`, so clients cannot grow the label set."""
+OTHER_METHOD = "other"
+
 _Key = tuple[str, str, str, str, str]
 """route, HTTP method, application, deployment, status code."""
 
@@ -54,6 +59,8 @@ class HttpMetrics:
 
     def observe(self, route: str, method: str, application: str, deployment: str,
                 status: int, latency_s: float) -> None:
+        if method not in METHODS:
+            method = OTHER_METHOD
         key = (route, method, application or UNKNOWN_APPLICATION, deployment, str(status))
         row = self._rows.get(key)
         if row is None:

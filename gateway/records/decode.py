@@ -1,8 +1,9 @@
 """Decoding sampled calls into prediction records (runs on the record pipeline's worker thread).
 
 - Open Inference Protocol (`inference.GRPCInferenceService/ModelInfer`): one record per row of
-  the batch. The batch size is the largest first dimension of the inputs; a `[1]` (or scalar)
-  input is a parameter shared by every row; a tensor of any other row count is skipped. Only
+  the batch. The batch size is the first dimension the inputs share (the outputs' when the
+  model answered; tensors.batch_rows); a `[1]` (or scalar) input is a parameter shared by
+  every row; a tensor of any other row count is skipped. Only
   the tensors the mapping wants are decoded, and a tensor that cannot be decoded costs its own
   columns, not the call.
 - Any other proto: a field mapping from the config, or a user function `module:function`.
@@ -33,7 +34,13 @@ from google.protobuf.message import Message
 from exporters.records.base import MAX_PREDICTION_ID, PredictionRecord
 from gateway.config import FieldMapping, PredictionRecordsConfig
 from gateway.pb import grpc_predict_v2_pb2 as oip
-from gateway.records.tensors import DecodeProblem, decode_tensors, f32, oip_outputs
+from gateway.records.tensors import (
+    DecodeProblem,
+    batch_rows,
+    decode_tensors,
+    f32,
+    oip_outputs,
+)
 
 if TYPE_CHECKING:
     from gateway.dataplane.call import CallRecord
@@ -283,7 +290,7 @@ class Decoder:
         outputs = decode_tensors(resp.outputs, resp.raw_output_contents,
                            lambda n: out_wanted is None or n in out_wanted,
                            skipped) if resp is not None else []
-        batch = max((t.rows for t in inputs), default=max((t.rows for t in outputs), default=1))
+        batch = batch_rows(inputs, outputs)
         if batch == 0:
             self.losses["no_rows"] += 1
             return []

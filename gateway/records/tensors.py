@@ -7,6 +7,7 @@ as the shortest decimal that reads back as the same narrow float (exact, and 5.1
 
 from __future__ import annotations
 
+import collections
 import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -147,6 +148,26 @@ def decode_tensors(items: Sequence[Any], raw: Sequence[bytes], wanted: Callable[
         per_row = len(values) // rows if rows else 0
         out.append(_Tensor(t.name, rows, per_row, values))
     return out
+
+
+def batch_rows(inputs: list[_Tensor], outputs: list[_Tensor]) -> int:
+    """The call's row count (its batch dimension).
+
+    Inputs vote with their first dimension, except `[1]`-shaped (or scalar) ones: those are
+    parameters shared by every row. When the model answered, the first dimension most of its
+    outputs share wins if an input agrees (or no input voted): the answer is per row. Otherwise
+    the first dimension most inputs share wins, the smaller on a tie, so one odd input (an
+    extra `[2]` beside `[1, 4]` features) never multiplies the rows.
+    """
+    votes = collections.Counter(t.rows for t in inputs if not (t.rows == 1 and t.per_row == 1))
+    if outputs:
+        answered = collections.Counter(t.rows for t in outputs).most_common()
+        best = min(answered, key=lambda kv: (-kv[1], kv[0]))[0]
+        if not votes or best in votes:
+            return best
+    if not votes:
+        return 1
+    return min(votes.items(), key=lambda kv: (-kv[1], kv[0]))[0]
 
 
 def oip_outputs(outputs: list[_Tensor], mapping: FieldMapping | None,

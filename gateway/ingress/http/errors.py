@@ -30,6 +30,10 @@ class RestError(Exception):
         self.status = status
         self.message = message
 
+    def __reduce__(self) -> tuple[type[RestError], tuple[int, str]]:
+        # Raised in a conversion worker process (offload.py) and re-raised here.
+        return RestError, (self.status, self.message)
+
 
 def error_body(message: str) -> bytes:
     return json.dumps({"error": message}).encode()

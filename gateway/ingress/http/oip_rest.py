@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 from gateway.ingress.http.errors import RestError, parse_json
@@ -25,12 +24,31 @@ _INTS = {f"{s}INT{b}": ((-(2 ** (b - 1)), 2 ** (b - 1) - 1) if s == "" else (0, 
 """Integer datatypes and their ranges."""
 
 
-def _flatten(data: Any) -> Iterator[Any]:
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item)
-    else:
-        yield data
+def _flatten(data: Any) -> list[Any]:
+    """Nested lists flattened a level at a time (cheaper than a recursive generator)."""
+    if not isinstance(data, list):
+        return [data]
+    flat = data
+    for _ in range(64):
+        if not any(type(x) is list for x in flat):
+            return flat
+        nxt: list[Any] = []
+        for x in flat:
+            if type(x) is list:
+                nxt.extend(x)
+            else:
+                nxt.append(x)
+        flat = nxt
+    raise RestError(400, "'data' is nested too deeply")
+
+
+def _text(value: str, where: str) -> str:
+    """A JSON string that protobuf (UTF-8) can hold: no lone surrogates (`"\\ud800"`)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise RestError(400, f"{where}: not valid Unicode (a lone surrogate escape)") from None
+    return value
 
 
 def _set_params(target: Any, params: Any, where: str) -> None:
@@ -41,7 +59,7 @@ def _set_params(target: Any, params: Any, where: str) -> None:
     for key, value in params.items():
         if key in _HTTP_ONLY_PARAMS:
             continue
-        p = target[key]
+        p = target[_text(key, f"{where}: a parameter name")]
         if isinstance(value, bool):
             p.bool_param = value
         elif isinstance(value, int):
@@ -51,7 +69,7 @@ def _set_params(target: Any, params: Any, where: str) -> None:
         elif isinstance(value, float):
             p.double_param = value
         elif isinstance(value, str):
-            p.string_param = value
+            p.string_param = _text(value, f"{where}: parameter {key!r}")
         else:
             raise RestError(400, f"{where}: parameter {key!r} must be a bool, number or string")
 
@@ -78,14 +96,34 @@ def _check_value(name: str, datatype: str, v: Any) -> Any:
         ok = isinstance(v, int | float) and not isinstance(v, bool)
     if not ok:
         raise RestError(400, f"input {name!r}: {json.dumps(v)[:40]} is not a {datatype} value")
-    return v.encode() if datatype == "BYTES" else v
+    return _text(v, f"input {name!r}").encode() if datatype == "BYTES" else v
+
+
+_NUMBER = (int, float)
+
+
+def _check_values(name: str, datatype: str, flat: list[Any]) -> list[Any]:
+    """The values checked for the datatype: one pass over the common all-good case, then the
+    per-value check (for its message) only when something is off."""
+    if datatype in _INTS:
+        lo, hi = _INTS[datatype]
+        if all(type(v) is int for v in flat) and (not flat or (lo <= min(flat)
+                                                  and max(flat) <= hi)):
+            return flat
+    elif datatype == "BOOL":
+        if all(type(v) is bool for v in flat):
+            return flat
+    elif datatype != "BYTES" and all(type(v) in _NUMBER for v in flat):
+        return flat
+    return [_check_value(name, datatype, v) for v in flat]
 
 
 def _shape(name: str, shape: Any) -> list[int]:
     if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
     ):
-        raise RestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+        raise RestError(400, f"input {name!r}: 'shape' must be a list of non-negative integers "
+                             "(int64)")
     return shape
 
 
@@ -111,7 +149,7 @@ def parse_infer_request(
     if rid is not None:
         if not isinstance(rid, str):
             raise RestError(400, "'id' must be a string")
-        req.id = rid
+        req.id = _text(rid, "'id'")
     top = doc.get("parameters")
     _set_params(req.parameters, top, "request")
     binary_out: set[str] | None = set()
@@ -128,7 +166,9 @@ def parse_infer_request(
         name, datatype = t.get("name"), t.get("datatype")
         if not isinstance(name, str) or not name:
             raise RestError(400, f"inputs[{i}]: 'name' must be a non-empty string")
-        if datatype not in RAW_FORMAT and datatype != "BYTES":
+        _text(name, f"inputs[{i}]: 'name'")
+        if not isinstance(datatype, str) or (datatype not in RAW_FORMAT
+                                             and datatype != "BYTES"):
             raise RestError(400, f"input {name!r}: unknown datatype {str(datatype)[:20]!r}")
         shape = _shape(name, t.get("shape"))
         tensor = req.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -146,7 +186,7 @@ def parse_infer_request(
             continue
         if "data" not in t:
             raise RestError(400, f"input {name!r}: 'data' is missing (or binary_data_size)")
-        flat = [_check_value(name, datatype, v) for v in _flatten(t["data"])]
+        flat = _check_values(name, datatype, _flatten(t["data"]))
         if len(flat) != element_count(shape):
             raise RestError(400, f"input {name!r}: {len(flat)} values for shape {shape}")
         values.append(flat)
@@ -173,12 +213,20 @@ def parse_infer_request(
         for i, o in enumerate(outputs):
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise RestError(400, f"outputs[{i}] must be an object with a 'name'")
-            out = req.outputs.add(name=o["name"])
+            out = req.outputs.add(name=_text(o["name"], f"outputs[{i}]: 'name'"))
             p = o.get("parameters")
             _set_params(out.parameters, p, f"output {o['name']!r}")
             if isinstance(p, dict) and p.get("binary_data") is True and binary_out is not None:
                 binary_out.add(o["name"])
     return req, binary_out
+
+
+def infer_request_bytes(
+    body: bytes, header_length: str | None, model: str, version: str
+) -> tuple[bytes, set[str] | None]:
+    """`parse_infer_request`, serialized (all of it off the loop for a big body)."""
+    req, binary_out = parse_infer_request(body, header_length, model, version)
+    return req.SerializeToString(), binary_out
 
 
 def infer_response_body(

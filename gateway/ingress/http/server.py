@@ -15,6 +15,7 @@ Every call goes through the gRPC data plane (gateway/ingress/http/call.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -31,7 +32,10 @@ from gateway.config import GatewayConfig
 from gateway.dataplane.methods import MethodTable
 from gateway.dataplane.proxy import Proxy, valid_request_id
 from gateway.ingress.http import call, oip_rest, transcode
+from gateway.ingress.http.body import read_body
 from gateway.ingress.http.errors import RestError, error_body, http_status
+from gateway.ingress.http.listener import CappedServer
+from gateway.ingress.http.offload import Offload
 from gateway.logs.core import call_context
 from gateway.metrics.http import HttpMetrics
 from gateway.pb import grpc_predict_v2_pb2 as pb
@@ -48,6 +52,11 @@ _RESERVED_KEYS = frozenset({"application", "x-request-id", "request_id", "te", "
                             "user-agent", "grpc-timeout", "grpc-encoding",
                             "grpc-accept-encoding"})
 _MD_KEY = re.compile(r"[0-9a-z_.-]{1,200}")
+_UNREAD_BODY = frozenset({408, 413, 415})
+"""Answers given before the body was read: the connection is closed after them."""
+LINGER_S = 2.0
+"""After an answer given before the body was read, its rest is drained this long (so the
+client reads the answer rather than a reset), not aiohttp's 10 s."""
 OTHER_ROUTE = "other"
 """The route label of requests that match no route."""
 
@@ -68,9 +77,11 @@ class _ClientFault(logging.Filter):
 class _Req:
     """What one HTTP request was, for its metric row and log lines."""
 
-    __slots__ = ("app", "deployment", "route", "status")
+    __slots__ = ("app", "deployment", "reached", "route", "status")
 
     def __init__(self) -> None:
+        self.reached = False
+        """The call went into the proxy (so a failure may be the deployment's)."""
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
@@ -105,11 +116,15 @@ class HttpIngress:
         self.tls: ServerTLS | None = None
         """The listener's certificate (re-read on rotation) once started with `http.tls`."""
         self.max_body = config.proxy.max_message_bytes
+        self.body_timeout_s = config.http.body_timeout_s
+        self.max_connections = config.http.max_connections
+        self.offload = Offload()
+        self.server: CappedServer | None = None
         self.port = 0
         self.in_proxy = 0
         """HTTP calls inside the proxy now (the gRPC ongoing gauge leaves them out)."""
         self.prefixes: list[tuple[str, str]] = []
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.apply(config)
 
     @property
@@ -126,12 +141,18 @@ class HttpIngress:
         server_log = logging.getLogger("aiohttp.server")
         if not any(isinstance(f, _ClientFault) for f in server_log.filters):
             server_log.addFilter(_ClientFault())
-        app = web.Application(client_max_size=self.max_body)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # One handler for every path (routing is ours). Bodies are read by read_body (bounded
+        # after inflating), so aiohttp's decompression is off; a client leaving cancels its
+        # handler, which cancels the upstream call. The keep-alive timer also closes
+        # connections that never finish their headers (slowloris).
+        self.server = CappedServer(
+            self._handle, self.max_connections, handler_cancellation=True,
+            auto_decompress=False, access_log=None, keepalive_timeout=self.body_timeout_s,
+            lingering_time=LINGER_S)
         # Closed after the gRPC drain (Gateway._stop): calls still running then are past the
         # grace, and get a second more, not aiohttp's default minute.
         tls, ctx = http_listener(self.host, self.tls_config, "http.tls", "the HTTP ingress")
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False,
@@ -151,10 +172,11 @@ class HttpIngress:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        self.offload.close()
 
     # -- per request ---------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         t0 = time.perf_counter()
         m = self.metrics
         if m is not None:
@@ -173,18 +195,31 @@ class HttpIngress:
                     status = e.status
                     log.log(logging.ERROR if status >= 500 else logging.WARNING,
                             "HTTP %s %s %d: %s", request.method, info.route, status, e.message)
-                    return _error(e.status, e.message, {"x-request-id": shown})
+                    resp = _error(e.status, e.message, {"x-request-id": shown})
+                    if e.status in _UNREAD_BODY:
+                        resp.force_close()  # the rest of the body is not worth waiting for
+                    return resp
                 except ConnectionResetError:
                     # The client went away while its body was read: nobody to answer.
                     status = 499
                     return web.Response(status=499)
-                except web.HTTPRequestEntityTooLarge:
-                    status = 413
-                    log.warning("HTTP %s %s 413: body over %d bytes", request.method,
-                                info.route, self.max_body)
-                    return _error(413, f"the request body is larger than {self.max_body} "
-                                       "bytes (proxy.max_message_bytes)",
-                                  {"x-request-id": shown})
+                except asyncio.CancelledError:
+                    # aiohttp cancels the handler when its client leaves (the upstream call
+                    # is cancelled with it: CANCELLED in the proxy's record), or at shutdown
+                    # past the grace.
+                    gone = request.transport is None or request.transport.is_closing()
+                    status = 499 if gone else 503
+                    raise
+                except Exception:
+                    # A gateway bug: answered in KServe's form with the request id, logged
+                    # once; the deployment is not charged for a call that never reached it.
+                    status = 500
+                    if not info.reached:
+                        info.deployment = ""
+                    log.exception("HTTP %s %s failed in the gateway", request.method,
+                                  info.route)
+                    return _error(500, "internal error in the gateway (logged with request "
+                                       f"id {shown})", {"x-request-id": shown})
             status = info.status or resp.status
             if not resp.prepared:
                 resp.headers.setdefault("x-request-id", shown)
@@ -195,23 +230,24 @@ class HttpIngress:
                 m.observe(info.route, request.method, info.app, info.deployment, status,
                           time.perf_counter() - t0)
 
-    def _route_app(self, request: web.Request, info: _Req) -> tuple[str | None, str, str]:
+    def _route_app(self, request: web.BaseRequest, info: _Req) -> tuple[str | None, str, str]:
         """(application named by header or prefix, the matched prefix, the path inside it)."""
         path = request.path
         name = request.headers.get("application")
         prefix = ""
-        if name is None:
-            for p, app in self.prefixes:
-                if p == "/" or path == p or path.startswith(p + "/"):
-                    name, prefix = app, p
-                    break
+        for p, app in self.prefixes:
+            # With the header, only that application's own prefix is stripped.
+            if (name is None or name == app) and (
+                    p == "/" or path == p or path.startswith(p + "/")):
+                name, prefix = app, p
+                break
         inner = path if prefix in ("", "/") else path[len(prefix):] or "/"
         route = self.proxy.routes.get(name) if name is not None else self.proxy.default_route
         if route is not None:
             info.app, info.deployment = route.name, route.deployment
         return name, prefix.rstrip("/"), inner
 
-    async def _dispatch(self, request: web.Request, info: _Req, rid: str) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, info: _Req, rid: str) -> web.StreamResponse:
         # The route label (`info.route`) stays "other" until a route template matches.
         name, base, inner = self._route_app(request, info)
         md: list[tuple[str, str]] = []
@@ -239,7 +275,7 @@ class HttpIngress:
                 ok = True if live else self.ready()
                 return _json(200 if ok else 503, {"live" if live else "ready": ok})
             method = "ServerLive" if live else "ServerReady"
-            data, ctx = await self._unary(OIP + method, b"", md)
+            data, ctx = await self._unary(OIP + method, b"", md, info)
             if data is None:
                 return self._failed(ctx)
             if live:
@@ -252,7 +288,7 @@ class HttpIngress:
             info.route = base + "/v2"
             self._allow(verb, "GET")
             self._need_application(name)
-            data, ctx = await self._unary(OIP + "ServerMetadata", b"", md)
+            data, ctx = await self._unary(OIP + "ServerMetadata", b"", md, info)
             if data is None:
                 return self._failed(ctx)
             smd = pb.ServerMetadataResponse.FromString(data)
@@ -285,7 +321,7 @@ class HttpIngress:
         if verb != want:
             raise RestError(405, f"method {verb} not allowed here; use {want}")
 
-    async def _model(self, request: web.Request, info: _Req, base: str, mm: re.Match[str],
+    async def _model(self, request: web.BaseRequest, info: _Req, base: str, mm: re.Match[str],
                      md: list[tuple[str, str]], name: str | None) -> web.StreamResponse:
         model, version, op = mm["model"], mm["version"] or "", mm["op"] or ""
         info.route = (base + "/v2/models/{model}" + ("/versions/{version}" if version else "")
@@ -293,48 +329,54 @@ class HttpIngress:
         self._need_application(name)
         if op == "/infer":
             self._allow(request.method, "POST")
-            body = await request.read()
-            req, binary_out = oip_rest.parse_infer_request(
-                body, request.headers.get("Inference-Header-Content-Length"), model, version)
-            data, ctx = await self._unary(OIP + "ModelInfer", req.SerializeToString(), md)
+            body = await self._body(request)
+            req_bytes, binary_out = await self.offload.run(
+                len(body), oip_rest.infer_request_bytes, body,
+                request.headers.get("Inference-Header-Content-Length"), model, version)
+            data, ctx = await self._unary(OIP + "ModelInfer", req_bytes, md, info)
             if data is None:
                 return self._failed(ctx)
-            out, headers = oip_rest.infer_response_body(data, binary_out)
+            out, headers = await self.offload.run(
+                len(data), oip_rest.infer_response_body, data, binary_out)
             return web.Response(status=200, body=out, headers={**headers, **self._out(ctx)})
         self._allow(request.method, "GET")
         if op == "/ready":
             ready_req = pb.ModelReadyRequest(name=model, version=version)
-            data, ctx = await self._unary(OIP + "ModelReady", ready_req.SerializeToString(), md)
+            data, ctx = await self._unary(OIP + "ModelReady", ready_req.SerializeToString(),
+                                          md, info)
             if data is None:
                 return self._failed(ctx)
             ok = pb.ModelReadyResponse.FromString(data).ready
             return _json(200 if ok else 400, {"name": model, "ready": ok}, self._out(ctx))
         meta_req = pb.ModelMetadataRequest(name=model, version=version)
-        data, ctx = await self._unary(OIP + "ModelMetadata", meta_req.SerializeToString(), md)
+        data, ctx = await self._unary(OIP + "ModelMetadata", meta_req.SerializeToString(), md, info)
         if data is None:
             return self._failed(ctx)
         return _json(200, oip_rest.metadata_json(data), self._out(ctx))
 
-    async def _transcoded(self, request: web.Request, info: _Req, path: str,
+    async def _transcoded(self, request: web.BaseRequest, info: _Req, path: str,
                           md: list[tuple[str, str]], rid: str) -> web.StreamResponse:
         desc = self.methods.descriptor(path)
         if desc.client_streaming:
             raise RestError(501, f"{path} is a client-streaming or bidirectional method: "
                                  "call it over gRPC (HTTP carries unary and server-streaming "
                                  "calls only)")
-        body = transcode.request_bytes(desc, await request.read())
+        raw = await self._body(request)
+        body = await self.offload.run_thread(len(raw), transcode.request_bytes, desc, raw)
         if not desc.server_streaming:
-            data, ctx = await self._unary(path, body, md)
+            data, ctx = await self._unary(path, body, md, info)
             if data is None:
                 return self._failed(ctx)
             try:
-                doc = transcode.response_json(desc, data)
+                doc = await self.offload.run_thread(len(data), transcode.response_json, desc,
+                                                    data)
             except Exception as e:
                 raise RestError(500, f"the answer is not a {desc.output_type.full_name}: "
                                      f"{type(e).__name__}") from None
             return _json(200, doc, self._out(ctx))
         ctx = call.HttpCallContext(md)
         stream = call.server_stream(self.proxy, path, body, ctx)
+        info.reached = True
         self.in_proxy += 1
         try:
             # The first message decides the status: a call refused or failed before answering
@@ -348,7 +390,8 @@ class HttpIngress:
             msg = first
             try:
                 while msg is not None:
-                    doc = transcode.response_json(desc, msg)
+                    doc = await self.offload.run_thread(len(msg), transcode.response_json,
+                                                        desc, msg)
                     await resp.write(transcode.ndjson_line({"result": doc}))
                     msg = await anext(stream, None)
                 if ctx.code is not grpc.StatusCode.OK:
@@ -363,9 +406,13 @@ class HttpIngress:
             self.in_proxy -= 1
             await stream.aclose()
 
-    async def _unary(self, path: str, body: bytes,
-                     md: list[tuple[str, str]]) -> tuple[bytes | None, call.HttpCallContext]:
+    async def _body(self, request: web.BaseRequest) -> bytes:
+        return await read_body(request, self.max_body, self.body_timeout_s)
+
+    async def _unary(self, path: str, body: bytes, md: list[tuple[str, str]],
+                     info: _Req) -> tuple[bytes | None, call.HttpCallContext]:
         ctx = call.HttpCallContext(md)
+        info.reached = True
         self.in_proxy += 1
         try:
             return await call.unary(self.proxy, path, body, ctx), ctx
