@@ -10,6 +10,7 @@ writes its descriptor set into a temporary directory that is removed at once.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 
 PROTOC_TIMEOUT_S = 60.0
+MAX_DESCRIPTOR_SET_BYTES = 64 * 1024 * 1024
+"""A descriptor set larger than this is refused (real ones are kilobytes to a few MiB)."""
 
 
 class MethodSourceError(ValueError):
@@ -61,10 +64,7 @@ def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[F
     """The files of a serialized `FileDescriptorSet` (protoc --descriptor_set_out
     --include_imports)."""
     where = where or str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    raw = _read_regular(path, where)
     fds = descriptor_pb2.FileDescriptorSet()
     try:
         fds.ParseFromString(raw)
@@ -74,6 +74,39 @@ def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[F
     if not fds.file:
         raise MethodSourceError(f"{where}: {path} holds no files")
     return _pool_files(fds, where)
+
+
+def _read_regular(path: str | os.PathLike[str], where: str) -> bytes:
+    """The bytes of a regular file of at most MAX_DESCRIPTOR_SET_BYTES.
+
+    A FIFO would block the read (and check, deploy and shutdown with it) and a device such as
+    /dev/zero would never end: both are refused before anything is read. The file is opened
+    non-blocking and checked with fstat on the same descriptor, so a swap between a check and
+    the open cannot slip a FIFO in.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MethodSourceError(f"{where}: {path} is not a regular file")
+        if st.st_size > MAX_DESCRIPTOR_SET_BYTES:
+            raise MethodSourceError(
+                f"{where}: {path} is larger than {MAX_DESCRIPTOR_SET_BYTES // (1024 * 1024)} MiB")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            raw = f.read(MAX_DESCRIPTOR_SET_BYTES + 1)
+    except OSError as e:
+        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(raw) > MAX_DESCRIPTOR_SET_BYTES:
+        raise MethodSourceError(
+            f"{where}: {path} is larger than {MAX_DESCRIPTOR_SET_BYTES // (1024 * 1024)} MiB")
+    return raw
 
 
 def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
