@@ -13,8 +13,13 @@ import pytest
 
 from gateway.config_source import DeployError
 from gateway.dataplane import method_sources
-from gateway.dataplane.method_sources import MethodSourceError, load_descriptor_set
-from tests.test_methods_sources import echo_app, echo_replica
+from gateway.dataplane.method_sources import (
+    MethodSourceError,
+    load_descriptor_set,
+    load_method_sources,
+)
+from gateway.dataplane.methods import MethodTable
+from tests.test_methods_sources import SAY, echo_app, echo_replica, write_descriptor_set
 
 
 def test_descriptor_set_fifo_and_device_are_refused(tmp_path: Path) -> None:
@@ -54,3 +59,75 @@ async def test_deploy_with_a_fifo_descriptor_set_fails_fast(
         bad = gw.config.model_copy(update={"descriptor_sets": [str(fifo)]})
         with pytest.raises(DeployError, match="not a regular file"):
             await asyncio.wait_for(gw.apply(bad), 10)
+
+
+# -- the gateway's own methods win; a deploy forgets removed sources ----------------------
+
+BIDI_INFER = '''syntax = "proto3";
+package inference;
+message ModelInferRequest { string model_name = 1; }
+message ModelInferResponse { string model_name = 1; }
+service GRPCInferenceService {
+  rpc ModelInfer(stream ModelInferRequest) returns (stream ModelInferResponse);
+}
+'''
+INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def _descriptor_set(tmp_path: Path, name: str, text: str) -> Path:
+    src = tmp_path / name
+    src.write_text(text)
+    out = tmp_path / (name + ".pb")
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{tmp_path}",
+                    f"--descriptor_set_out={out}", "--include_imports", str(src)], check=True)
+    return out
+
+
+def test_a_source_cannot_redefine_a_builtin_method(tmp_path: Path) -> None:
+    bad = _descriptor_set(tmp_path, "oip_bidi.proto", BIDI_INFER)
+    with pytest.raises(MethodSourceError, match="redefines the gateway's own method") as e:
+        load_method_sources([], [], [str(bad)])
+    assert INFER in str(e.value) and str(tmp_path) not in str(e.value)
+    # The real OIP proto, repeated in a set (protoc --include_imports does that), is fine.
+    oip = Path(__file__).parents[1] / "protos"
+    same = tmp_path / "oip.pb"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-Igateway/pb={oip}",
+                    f"--descriptor_set_out={same}", "--include_imports",
+                    str(oip / "grpc_predict_v2.proto")], check=True)
+    assert load_method_sources([], [], [str(same)])
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"descriptor_sets: [{bad}]\napplications: []\n")
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check", str(cfg)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "redefines the gateway's own method" in done.stderr
+
+
+def test_reflection_cannot_redefine_a_builtin_method(tmp_path: Path) -> None:
+    bad = _descriptor_set(tmp_path, "oip_bidi.proto", BIDI_INFER)
+    files = method_sources._pool_files(_fds(bad), "x")  # as reflection would hand them
+    table = MethodTable()
+    before = table.get(INFER)
+    assert before is not None and not before.client_streaming
+    assert table.add_file(files[0]) == [INFER]
+    assert table.get(INFER) == before
+    table.rebuild([], files)
+    assert table.get(INFER) == before
+
+
+def _fds(path: Path) -> Any:
+    from google.protobuf import descriptor_pb2
+
+    return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+
+
+async def test_a_deploy_forgets_removed_sources(start_gateway: Any, tmp_path: Path) -> None:
+    echo = write_descriptor_set(tmp_path / "echo.pb")
+    async with echo_replica() as port, \
+            start_gateway(echo_app(port), descriptor_sets=[str(echo)]) as gw:
+        assert gw.methods.get(SAY) is not None
+        await gw.apply(gw.config.model_copy(update={"descriptor_sets": []}))
+        assert gw.methods.get(SAY) is None
+        assert gw.methods.get(INFER) is not None  # built-ins stay
+        await gw.apply(gw.config.model_copy(update={"descriptor_sets": [str(echo)]}))
+        assert gw.methods.get(SAY) is not None
+

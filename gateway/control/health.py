@@ -93,7 +93,7 @@ class HealthChecks(Reconfigurer):
             if not files and not has_method_sources(self.config):
                 log.warning("%s", no_reflection_warning(dep.app, dep.name))
             if files and self.on_descriptors is not None:
-                self.on_descriptors(files)
+                self.on_descriptors(files, (dep.app, dep.name))
             if files and dep.config.is_local:
                 dep.router.methods_known = True
         finally:

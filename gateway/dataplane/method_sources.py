@@ -73,7 +73,22 @@ def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[F
                                 "--descriptor_set_out writes one)") from None
     if not fds.file:
         raise MethodSourceError(f"{where}: {path} holds no files")
-    return _pool_files(fds, where)
+    return _own_methods_kept(_pool_files(fds, where), where)
+
+
+def _own_methods_kept(files: list[FileDescriptor], where: str) -> list[FileDescriptor]:
+    """`files`, unless one redefines a method of the gateway's own (a built-in OIP method as
+    a bidi stream, say): the gateway's definitions win, so such a source is refused."""
+    from gateway.dataplane.methods import conflicts
+
+    for fd in files:
+        bad = conflicts(fd)
+        if bad:
+            raise MethodSourceError(
+                f"{where}: {fd.name} redefines the gateway's own method {bad[0]} with another "
+                "shape or other message types (the built-in definition is kept; remove or "
+                "rename it)")
+    return files
 
 
 def _read_regular(path: str | os.PathLike[str], where: str) -> bytes:
