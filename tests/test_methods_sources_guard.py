@@ -131,3 +131,27 @@ async def test_a_deploy_forgets_removed_sources(start_gateway: Any, tmp_path: Pa
         await gw.apply(gw.config.model_copy(update={"descriptor_sets": [str(echo)]}))
         assert gw.methods.get(SAY) is not None
 
+
+# -- the records decoder follows the current definitions --------------------------------
+
+V1 = 'syntax = "proto3";\npackage rectest;\nmessage M { string a = 1; }\n'
+V2 = 'syntax = "proto3";\npackage rectest;\nmessage M { int64 b = 1; }\n'
+
+
+async def test_decoder_uses_the_current_definitions_and_stays_bounded(
+        start_gateway: Any, tmp_path: Path) -> None:
+    v1 = _descriptor_set(tmp_path, "v1.proto", V1)
+    (tmp_path / "v2").mkdir()
+    v2 = _descriptor_set(tmp_path / "v2", "v1.proto", V2)
+    async with echo_replica() as port, \
+            start_gateway(echo_app(port), descriptor_sets=[str(v1)]) as gw:
+        decoder = gw.records.decoder
+        assert "a" in decoder.message_class("rectest.M").DESCRIPTOR.fields_by_name
+        await gw.apply(gw.config.model_copy(update={"descriptor_sets": [str(v2)]}))
+        assert "b" in decoder.message_class("rectest.M").DESCRIPTOR.fields_by_name
+        for _ in range(5):
+            await gw.apply(gw.config.model_copy(update={"descriptor_sets": [str(v1)]}))
+        assert len(decoder.pools) == 2
+        assert "a" in decoder.message_class("rectest.M").DESCRIPTOR.fields_by_name
+        await gw.apply(gw.config.model_copy(update={"descriptor_sets": []}))
+        assert len(decoder.pools) == 1
