@@ -86,6 +86,11 @@ def _read(where: str, key: str, path: str) -> bytes:
     return data
 
 
+def file_stamp(paths: list[str]) -> tuple[Any, ...]:
+    """What tells a file changed: inode, size and mtime (None for a file that is gone)."""
+    return _stamp(paths)
+
+
 def _stamp(paths: list[str]) -> tuple[Any, ...]:
     out: list[Any] = []
     for p in paths:
@@ -135,10 +140,19 @@ def _check_pair(where: str, cfg: ServerTLSConfig) -> None:
 
 
 _LIVE: weakref.WeakSet[ServerTLS] = weakref.WeakSet()
+_CLIENT_GENERATION = [0]
+
+
+def client_generation() -> int:
+    """Bumped by each `reload_all()`: external replicas' channels are made again
+    (gateway/control/tls_watch.py)."""
+    return _CLIENT_GENERATION[0]
 
 
 def reload_all() -> int:
-    """Re-read the files of every live listener (SIGHUP); returns how many changed."""
+    """Re-read the files of every live listener and, on their next health check, of every
+    external replica's channel (SIGHUP); returns how many listeners changed."""
+    _CLIENT_GENERATION[0] += 1
     return sum(1 for t in list(_LIVE) if t.reload())
 
 
