@@ -155,3 +155,25 @@ async def test_decoder_uses_the_current_definitions_and_stays_bounded(
         assert "a" in decoder.message_class("rectest.M").DESCRIPTOR.fields_by_name
         await gw.apply(gw.config.model_copy(update={"descriptor_sets": []}))
         assert len(decoder.pools) == 1
+
+
+# -- proto_files error messages -------------------------------------------------------------
+
+
+def test_protoc_errors_name_keys_and_keep_the_real_error(tmp_path: Path) -> None:
+    d = tmp_path / "tenant-s3cret"
+    d.mkdir()
+    (d / "x.proto").write_text('syntax="proto3"; import "y.proto"; package x;\n')
+    (d / "y.proto").write_text('syntax="proto3"; package y; message M { nope a = 1; }\n')
+    no_syntax = d / "plain.proto"
+    no_syntax.write_text("this is not a proto file\n")
+    with pytest.raises(MethodSourceError) as e:
+        load_method_sources([str(d / "x.proto")], [], [])
+    msg = str(e.value)
+    assert "s3cret" not in msg and '"nope" is not defined' in msg, msg
+    assert "<directory of proto_files.files[0]>/y.proto" in msg
+    with pytest.raises(MethodSourceError) as e:
+        load_method_sources([str(d / ".." / d.name / "plain.proto")], [], [])
+    msg = str(e.value)
+    assert "absl" not in msg and "W0000" not in msg and "WARNING" not in msg, msg
+    assert "Expected top-level statement" in msg and "s3cret" not in msg, msg

@@ -10,6 +10,7 @@ writes its descriptor set into a temporary directory that is removed at once.
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -164,9 +165,43 @@ def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
         except subprocess.TimeoutExpired:
             raise MethodSourceError(f"{where}: protoc took over {PROTOC_TIMEOUT_S:g}s") from None
         if done.returncode != 0:
-            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            lines = protoc_errors(done.stderr.decode("utf-8", "replace"))
             raise MethodSourceError(f"{where}: " + "; ".join(lines[:5] or ["protoc failed"]))
         return load_descriptor_set(out, where)
+
+
+_ABSL_NOISE = re.compile(r"^(WARNING: All log messages before absl|[IW]\d{4} )")
+
+
+def protoc_errors(stderr: str) -> list[str]:
+    """protoc's error lines, without absl's start-up notice and its W/I lines (a warning
+    such as "no syntax specified" would otherwise push the real error out of the message)."""
+    return [ln.strip() for ln in stderr.splitlines()
+            if ln.strip() and not _ABSL_NOISE.match(ln.strip())]
+
+
+def _named_values(proto_files: Sequence[str], import_paths: Sequence[str],
+                  descriptor_sets: Sequence[str]) -> list[tuple[str, str]]:
+    """(key, value) for every configured path, as written and normalized, and each file's
+    directory (protoc's implicit -I): what an error must name by key, never quote."""
+    out: list[tuple[str, str]] = []
+
+    def add(key: str, value: str) -> None:
+        if not value:
+            return
+        for v in {value, os.path.normpath(value), os.path.realpath(value)}:
+            out.append((key, v))
+
+    for i, v in enumerate(proto_files):
+        add(f"proto_files.files[{i}]", v)
+        for d in {os.path.dirname(os.path.normpath(v)), os.path.dirname(os.path.realpath(v))}:
+            if len(d) > 1:
+                out.append((f"<directory of proto_files.files[{i}]>", d))
+    for i, v in enumerate(import_paths):
+        add(f"proto_files.import_paths[{i}]", v)
+    for i, v in enumerate(descriptor_sets):
+        add(f"descriptor_sets[{i}]", v)
+    return out
 
 
 def services_of(files: Sequence[FileDescriptor]) -> list[str]:
@@ -184,9 +219,7 @@ def load_method_sources(proto_files: Sequence[str], import_paths: Sequence[str],
     except MethodSourceError as e:
         # The message names entries by key, never by value: a path may come from a ${VAR}
         # (errors never repeat an expanded value; see README, Configuration).
-        named = [*((f"proto_files.files[{i}]", v) for i, v in enumerate(proto_files)),
-                 *((f"proto_files.import_paths[{i}]", v) for i, v in enumerate(import_paths)),
-                 *((f"descriptor_sets[{i}]", v) for i, v in enumerate(descriptor_sets))]
+        named = _named_values(proto_files, import_paths, descriptor_sets)
         msg = str(e)
         for key, value in sorted(named, key=lambda kv: -len(kv[1])):
             if value:
