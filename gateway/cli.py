@@ -202,7 +202,8 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 except ConfigError as e:
                     print(f"gateway: invalid config:\n{e}", file=sys.stderr)
                     return EXIT_USAGE
-                print(hide_values(client.deploy(text, source=str(args.config)), used))
+                print(hide_values(client.deploy(text, source=str(args.config),
+                                                timeout=args.timeout), used))
             elif action == "shutdown":
                 print(client.shutdown())
             elif action == "actuals":
