@@ -17,11 +17,11 @@ from gateway.control.auth import ENV_CONTROL_SECRET, new_secret
 from gateway.control.health import HealthChecks
 from gateway.control.process import read_report as _read_all
 from gateway.control.process import restart_delay
-from gateway.control.tls_watch import ClientFilesWatch, close_when_idle
 from gateway.control.state import (
     DeploymentState,
     ReplicaSlot,
 )
+from gateway.control.tls_watch import ClientFilesWatch, close_when_idle
 from gateway.dataplane.replicas import Replica, ReplicaState, replica_tag
 
 log = logging.getLogger("gateway.controller")

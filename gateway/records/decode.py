@@ -221,7 +221,7 @@ class Decoder:
         for pool in pools:
             if all(pool is not p for p in new):
                 new.append(pool)
-        if len(new) != len(self.pools) or any(a is not b for a, b in zip(new, self.pools)):
+        if list(map(id, new)) != list(map(id, self.pools)):
             self.pools = new
             self._classes = {}
 
