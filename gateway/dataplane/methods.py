@@ -125,6 +125,7 @@ class MethodTable:
         sources and what replicas publish now): methods of removed sources are forgotten.
         The new tables are built aside and swapped in at once."""
         fresh = MethodTable()
+        fresh._warned = self._warned  # each conflict is logged once, not at every rebuild
         for module in modules:
             fresh.add_module(module)
         for fd in files:
