@@ -84,6 +84,13 @@ class Gateway:
         self.controller.on_routes_changed = self._publish_routes
         self.proxy.on_unreachable = self.controller.suspect
         self.controller.on_descriptors = self._learn_methods
+        import importlib
+
+        self._method_modules = [importlib.import_module(n) for n in config.proto_modules]
+        self._source_files: list[Any] = []
+        """What the config's proto_files and descriptor_sets hold (replaced by each deploy)."""
+        self._published: dict[tuple[str, str], list[Any]] = {}
+        """What each deployment's replicas publish through reflection (latest answer)."""
         self.telemetry = Telemetry(config.metrics, self) if config.metrics.enabled else None
         """None when metrics are disabled: then nothing at all is recorded."""
         self.records = RecordPipeline(
@@ -149,10 +156,17 @@ class Gateway:
             t.gauges.http_calls_ongoing = lambda: ingress.in_proxy
         return ingress
 
-    def _learn_methods(self, files: list[Any]) -> None:
-        for fd in files:
-            self.methods.add_file(fd)
-        self.records.learn_files(files)
+    def _learn_methods(self, files: list[Any], source: tuple[str, str] | None = None) -> None:
+        """`files` from a deployment's replicas (`source`), or the config's sources (None):
+        the method table and the decoder are rebuilt from built-ins + the config's current
+        sources + what replicas publish, so what a deploy removed is forgotten."""
+        if source is None:
+            self._source_files = list(files)
+        else:
+            self._published[source] = list(files)
+        current = [*self._source_files, *(f for fs in self._published.values() for f in fs)]
+        self.methods.rebuild(self._method_modules, current)
+        self.records.learn_files(current)
         self.proxy.methods_learned()
 
     def _publish_routes(self) -> None:
@@ -259,8 +273,9 @@ class Gateway:
                 config.proto_files.import_paths, config.descriptor_sets)
         except MethodSourceError as e:
             raise DeployError(f"{e}; nothing was changed") from None
-        for module in modules:
-            self.methods.add_module(module)
+        self._method_modules = modules
+        keep = {(a.name, d.name) for a in config.applications for d in a.deployments}
+        self._published = {k: v for k, v in self._published.items() if k in keep}
         self._learn_methods(files)
         self.records.apply(config)
         if self.http is not None:

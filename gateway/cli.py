@@ -12,6 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# grpc core logs every failed TLS handshake (a plaintext client on a TLS port, a scanner) as
+# an INFO line on stderr, unthrottled; the gateway logs what matters itself. Read once, when
+# grpc is first imported: so before any gateway module that imports it, and only when the
+# user did not choose a verbosity.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.config_source import hide_values
 
@@ -197,7 +203,8 @@ def _admin(args: argparse.Namespace, action: str) -> int:
                 except ConfigError as e:
                     print(f"gateway: invalid config:\n{e}", file=sys.stderr)
                     return EXIT_USAGE
-                print(hide_values(client.deploy(text, source=str(args.config)), used))
+                print(hide_values(client.deploy(text, source=str(args.config),
+                                                timeout=args.timeout), used))
             elif action == "shutdown":
                 print(client.shutdown())
             elif action == "actuals":

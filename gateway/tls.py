@@ -86,6 +86,11 @@ def _read(where: str, key: str, path: str) -> bytes:
     return data
 
 
+def file_stamp(paths: list[str]) -> tuple[Any, ...]:
+    """What tells a file changed: inode, size and mtime (None for a file that is gone)."""
+    return _stamp(paths)
+
+
 def _stamp(paths: list[str]) -> tuple[Any, ...]:
     out: list[Any] = []
     for p in paths:
@@ -107,10 +112,13 @@ def _no_passphrase() -> str:
     raise _Encrypted
 
 
-def _load_pair(ctx: ssl.SSLContext, where: str, cert_file: str, key_file: str) -> None:
-    """Certificate and key load and match (ssl says so without quoting either)."""
+def _load_pair(ctx: ssl.SSLContext, where: str, cert_file: str, key_file: str,
+               from_files: tuple[str, str] | None = None) -> None:
+    """Certificate and key load and match (ssl says so without quoting either).
+    `from_files`: load these instead (the same contents); messages name the configured paths."""
+    load_cert, load_key = from_files or (cert_file, key_file)
     try:
-        ctx.load_cert_chain(cert_file, key_file, password=_no_passphrase)
+        ctx.load_cert_chain(load_cert, load_key, password=_no_passphrase)
     except _Encrypted:
         raise TLSError(f"{where}.key_file: {key_file} is encrypted; the gateway takes "
                        "an unencrypted key (protect the file instead)") from None
@@ -120,6 +128,50 @@ def _load_pair(ctx: ssl.SSLContext, where: str, cert_file: str, key_file: str) -
     except OSError as e:
         raise TLSError(f"{where}: cannot load {cert_file} / {key_file}: "
                        f"{e.strerror or type(e).__name__}") from None
+
+
+def _memory_file(data: bytes) -> int:
+    """An anonymous in-memory file holding `data` (Linux memfd): never on disk."""
+    fd = os.memfd_create("gateway-tls", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def _load_material_pair(ctx: ssl.SSLContext, where: str, cfg: ServerTLSConfig, cert: bytes,
+                        key: bytes) -> None:
+    """Load `cert` and `key` (bytes already read) into `ctx` (the files where there is no
+    memfd)."""
+    if not hasattr(os, "memfd_create"):
+        _load_pair(ctx, where, cfg.cert_file, cfg.key_file)
+        return
+    fds = [_memory_file(cert), _memory_file(key)]
+    try:
+        _load_pair(ctx, where, cfg.cert_file, cfg.key_file,
+                   from_files=(f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"))
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _check_material(where: str, cfg: ServerTLSConfig,
+                    material: tuple[bytes, bytes, bytes | None]) -> None:
+    """`_check_pair` on the very bytes that will be used: a rotation between checking and
+    reading cannot leave a key that does not match the certificate in use."""
+    if not hasattr(os, "memfd_create"):  # not Linux: the files, as read just before
+        _check_pair(where, cfg)
+        return
+    cert, key, ca = material
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_material_pair(ctx, where, cfg, cert, key)
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cadata=ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as e:
+            why = getattr(e, "reason", None) or "unreadable"
+            raise TLSError(f"{where}.client_ca_file: {cfg.client_ca_file} is not a usable "
+                           f"CA bundle ({why})") from None
 
 
 def _check_pair(where: str, cfg: ServerTLSConfig) -> None:
@@ -135,10 +187,19 @@ def _check_pair(where: str, cfg: ServerTLSConfig) -> None:
 
 
 _LIVE: weakref.WeakSet[ServerTLS] = weakref.WeakSet()
+_CLIENT_GENERATION = [0]
+
+
+def client_generation() -> int:
+    """Bumped by each `reload_all()`: external replicas' channels are made again
+    (gateway/control/tls_watch.py)."""
+    return _CLIENT_GENERATION[0]
 
 
 def reload_all() -> int:
-    """Re-read the files of every live listener (SIGHUP); returns how many changed."""
+    """Re-read the files of every live listener and, on their next health check, of every
+    external replica's channel (SIGHUP); returns how many listeners changed."""
+    _CLIENT_GENERATION[0] += 1
     return sum(1 for t in list(_LIVE) if t.reload())
 
 
@@ -165,12 +226,13 @@ class ServerTLS:
         return self.cfg.client_ca_file is not None
 
     def _load(self) -> tuple[bytes, bytes, bytes | None]:
-        _check_pair(self.where, self.cfg)
         cert = _read(self.where, "cert_file", self.cfg.cert_file)
         key = _read(self.where, "key_file", self.cfg.key_file)
         ca = (_read(self.where, "client_ca_file", self.cfg.client_ca_file)
               if self.cfg.client_ca_file else None)
-        return cert, key, ca
+        material = (cert, key, ca)
+        _check_material(self.where, self.cfg, material)  # checks the bytes it keeps
+        return material
 
     def _refresh(self, force: bool = False) -> bool:
         """Re-read if the files changed (or `force`); True when new material is in use."""
@@ -227,7 +289,8 @@ class ServerTLS:
     def _build_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(self.cfg.cert_file, self.cfg.key_file, password=_no_passphrase)
+        # The bytes checked and kept (not the files again: they may be mid-rotation).
+        _load_material_pair(ctx, self.where, self.cfg, self._material[0], self._material[1])
         if self.cfg.client_ca_file is not None:
             ctx.load_verify_locations(cadata=(self._material[2] or b"").decode("ascii",
                                                                                "replace"))

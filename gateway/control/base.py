@@ -40,7 +40,7 @@ class ControlBase:
         self.max_message_bytes = config.proxy.max_message_bytes
         self.listeners: list[ReplicaEvent] = []
         self.on_routes_changed: Callable[[], None] | None = None
-        self.on_descriptors: Callable[[list[Any]], None] | None = None
+        self.on_descriptors: Callable[[list[Any], tuple[str, str]], None] | None = None
         """Receives the file descriptors replicas publish through reflection."""
         self.replica_output: Callable[[ReplicaSlot, bytes], None] | None = None
         """Receives each line a local replica prints (set by the logging setup)."""

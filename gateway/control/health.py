@@ -90,10 +90,11 @@ class HealthChecks(Reconfigurer):
         try:
             files = await fetch_reflection(replica.channel)
             dep.reflection_empty = not files
-            if not files and not has_method_sources(self.config):
-                log.warning("%s", no_reflection_warning(dep.app, dep.name))
+            if not files:
+                log.warning("%s", no_reflection_warning(
+                    dep.app, dep.name, has_method_sources(self.config)))
             if files and self.on_descriptors is not None:
-                self.on_descriptors(files)
+                self.on_descriptors(files, (dep.app, dep.name))
             if files and dep.config.is_local:
                 dep.router.methods_known = True
         finally:

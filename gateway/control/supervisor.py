@@ -21,6 +21,7 @@ from gateway.control.state import (
     DeploymentState,
     ReplicaSlot,
 )
+from gateway.control.tls_watch import ClientFilesWatch, close_when_idle
 from gateway.dataplane.replicas import Replica, ReplicaState, replica_tag
 
 log = logging.getLogger("gateway.controller")
@@ -54,13 +55,26 @@ class Supervisor(HealthChecks):
 
     async def _run_external(self, dep: DeploymentState, slot: ReplicaSlot) -> None:
         assert slot.target is not None
+        watch = ClientFilesWatch(dep.config.tls)
         slot.replica = Replica(dep.app, dep.name, slot.replica_id, slot.target,
                                dep.max_message_bytes, is_local=False, tls=dep.config.tls)
         slot.starts = 1
         self._emit("started", slot)
         dep.publish()
         try:
-            await self._health_loop(dep, slot, lambda: True)
+            while True:
+                await self._health_loop(dep, slot, lambda: not watch.changed())
+                if slot.stopping or slot.replica is None:
+                    return
+                # Its TLS files changed (or SIGHUP): a new channel reads them again.
+                old = slot.replica
+                slot.replica = Replica(dep.app, dep.name, slot.replica_id, slot.target,
+                                       dep.max_message_bytes, is_local=False,
+                                       tls=dep.config.tls)
+                slot.replica.state, slot.replica.message = old.state, old.message
+                dep.publish()
+                log.info("replica %s: TLS files re-read, new channel", slot.replica_id)
+                self._background(close_when_idle(old))
         except asyncio.CancelledError:
             pass
 

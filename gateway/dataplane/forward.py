@@ -26,7 +26,7 @@ from gateway.dataplane.call import (
     trailers,
 )
 from gateway.dataplane.errors import GatewayError
-from gateway.dataplane.method_warnings import note_unknown_method
+from gateway.dataplane.method_warnings import note_known_method, note_unknown_method
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
@@ -84,6 +84,8 @@ class Forwarder:
         self.retries = retries
         self.request_timeout_s = request_timeout_s
         self.routes: dict[str, AppRoute] = {}
+        self.known_seen: set[str] = set()
+        """Applications whose router has `known_method_seen` (cleared on methods_learned)."""
         self.default_route: AppRoute | None = None
         self.observers: list[Observer] = []
         self.ongoing = 0
@@ -319,6 +321,9 @@ class Forwarder:
             route = self.routes.get(c.app) if answered else None
             if route is not None and not route.router.unknown_method:
                 note_unknown_method(route.router, c.path)
+        elif c.app not in self.known_seen and c.rep_id and c.code is not UNIMPLEMENTED:
+            # Once per application: its replicas serve methods the gateway knows.
+            note_known_method(self.routes.get(c.app), self.known_seen, c.app)
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,

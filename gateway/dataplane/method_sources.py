@@ -10,6 +10,8 @@ writes its descriptor set into a temporary directory that is removed at once.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 
 PROTOC_TIMEOUT_S = 60.0
+MAX_DESCRIPTOR_SET_BYTES = 64 * 1024 * 1024
+"""A descriptor set larger than this is refused (real ones are kilobytes to a few MiB)."""
 
 
 class MethodSourceError(ValueError):
@@ -61,10 +65,7 @@ def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[F
     """The files of a serialized `FileDescriptorSet` (protoc --descriptor_set_out
     --include_imports)."""
     where = where or str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    raw = _read_regular(path, where)
     fds = descriptor_pb2.FileDescriptorSet()
     try:
         fds.ParseFromString(raw)
@@ -73,7 +74,55 @@ def load_descriptor_set(path: str | os.PathLike[str], where: str = "") -> list[F
                                 "--descriptor_set_out writes one)") from None
     if not fds.file:
         raise MethodSourceError(f"{where}: {path} holds no files")
-    return _pool_files(fds, where)
+    return _own_methods_kept(_pool_files(fds, where), where)
+
+
+def _own_methods_kept(files: list[FileDescriptor], where: str) -> list[FileDescriptor]:
+    """`files`, unless one redefines a method of the gateway's own (a built-in OIP method as
+    a bidi stream, say): the gateway's definitions win, so such a source is refused."""
+    from gateway.dataplane.methods import conflicts
+
+    for fd in files:
+        bad = conflicts(fd)
+        if bad:
+            raise MethodSourceError(
+                f"{where}: {fd.name} redefines the gateway's own method {bad[0]} with another "
+                "shape or other message types (the built-in definition is kept; remove or "
+                "rename it)")
+    return files
+
+
+def _read_regular(path: str | os.PathLike[str], where: str) -> bytes:
+    """The bytes of a regular file of at most MAX_DESCRIPTOR_SET_BYTES.
+
+    A FIFO would block the read (and check, deploy and shutdown with it) and a device such as
+    /dev/zero would never end: both are refused before anything is read. The file is opened
+    non-blocking and checked with fstat on the same descriptor, so a swap between a check and
+    the open cannot slip a FIFO in.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise MethodSourceError(f"{where}: {path} is not a regular file")
+        if st.st_size > MAX_DESCRIPTOR_SET_BYTES:
+            raise MethodSourceError(
+                f"{where}: {path} is larger than {MAX_DESCRIPTOR_SET_BYTES // (1024 * 1024)} MiB")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            raw = f.read(MAX_DESCRIPTOR_SET_BYTES + 1)
+    except OSError as e:
+        raise MethodSourceError(f"{where}: cannot read {path}: {e.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(raw) > MAX_DESCRIPTOR_SET_BYTES:
+        raise MethodSourceError(
+            f"{where}: {path} is larger than {MAX_DESCRIPTOR_SET_BYTES // (1024 * 1024)} MiB")
+    return raw
 
 
 def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
@@ -116,9 +165,43 @@ def compile_proto_files(files: Sequence[str], import_paths: Sequence[str] = (),
         except subprocess.TimeoutExpired:
             raise MethodSourceError(f"{where}: protoc took over {PROTOC_TIMEOUT_S:g}s") from None
         if done.returncode != 0:
-            lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+            lines = protoc_errors(done.stderr.decode("utf-8", "replace"))
             raise MethodSourceError(f"{where}: " + "; ".join(lines[:5] or ["protoc failed"]))
         return load_descriptor_set(out, where)
+
+
+_ABSL_NOISE = re.compile(r"^(WARNING: All log messages before absl|[IW]\d{4} )")
+
+
+def protoc_errors(stderr: str) -> list[str]:
+    """protoc's error lines, without absl's start-up notice and its W/I lines (a warning
+    such as "no syntax specified" would otherwise push the real error out of the message)."""
+    return [ln.strip() for ln in stderr.splitlines()
+            if ln.strip() and not _ABSL_NOISE.match(ln.strip())]
+
+
+def _named_values(proto_files: Sequence[str], import_paths: Sequence[str],
+                  descriptor_sets: Sequence[str]) -> list[tuple[str, str]]:
+    """(key, value) for every configured path, as written and normalized, and each file's
+    directory (protoc's implicit -I): what an error must name by key, never quote."""
+    out: list[tuple[str, str]] = []
+
+    def add(key: str, value: str) -> None:
+        if not value:
+            return
+        for v in {value, os.path.normpath(value), os.path.realpath(value)}:
+            out.append((key, v))
+
+    for i, v in enumerate(proto_files):
+        add(f"proto_files.files[{i}]", v)
+        for d in {os.path.dirname(os.path.normpath(v)), os.path.dirname(os.path.realpath(v))}:
+            if len(d) > 1:
+                out.append((f"<directory of proto_files.files[{i}]>", d))
+    for i, v in enumerate(import_paths):
+        add(f"proto_files.import_paths[{i}]", v)
+    for i, v in enumerate(descriptor_sets):
+        add(f"descriptor_sets[{i}]", v)
+    return out
 
 
 def services_of(files: Sequence[FileDescriptor]) -> list[str]:
@@ -136,9 +219,7 @@ def load_method_sources(proto_files: Sequence[str], import_paths: Sequence[str],
     except MethodSourceError as e:
         # The message names entries by key, never by value: a path may come from a ${VAR}
         # (errors never repeat an expanded value; see README, Configuration).
-        named = [*((f"proto_files.files[{i}]", v) for i, v in enumerate(proto_files)),
-                 *((f"proto_files.import_paths[{i}]", v) for i, v in enumerate(import_paths)),
-                 *((f"descriptor_sets[{i}]", v) for i, v in enumerate(descriptor_sets))]
+        named = _named_values(proto_files, import_paths, descriptor_sets)
         msg = str(e)
         for key, value in sorted(named, key=lambda kv: -len(kv[1])):
             if value:

@@ -33,10 +33,27 @@ def note_unknown_method(router: Any, path: str) -> None:
                 'method="other"; %s', router.application, router.deployment, _shown(path), FIX)
 
 
-def no_reflection_warning(application: str, deployment: str) -> str:
-    return (f"the replicas of application {application!r}, deployment {deployment!r} serve no "
-            "gRPC reflection and the config names no proto_files, descriptor_sets or "
-            f"proto_modules: their methods are unknown to the gateway; {FIX}")
+def note_known_method(route: Any, seen: set[str], application: str) -> None:
+    """A replica answered a call to a known method: the deployment's methods are known."""
+    seen.add(application)
+    if route is not None:
+        route.router.known_method_seen = True
+
+
+def _unknown_because(has_sources: bool) -> str:
+    # Sources in the config may describe other services only: they do not silence this
+    # deployment's warning; a call it answers to a method the gateway knows does.
+    if has_sources:
+        return ("serve no gRPC reflection and no call to them has used a method the config's "
+                "proto_files, descriptor_sets or proto_modules describe yet: their methods may "
+                "be unknown")
+    return ("serve no gRPC reflection and the config names no proto_files, descriptor_sets or "
+            "proto_modules: their methods are unknown")
+
+
+def no_reflection_warning(application: str, deployment: str, has_sources: bool = False) -> str:
+    return (f"the replicas of application {application!r}, deployment {deployment!r} "
+            f"{_unknown_because(has_sources)} to the gateway; {FIX}")
 
 
 def deployment_warning(router: Any, reflection_empty: bool, has_sources: bool) -> str:
@@ -45,9 +62,8 @@ def deployment_warning(router: Any, reflection_empty: bool, has_sources: bool) -
         return (f"calls to methods the gateway does not know (first: "
                 f"{_shown(router.unknown_method)}) are forwarded without their shape (slower) "
                 f'and may be labelled method="other"; {FIX}')
-    if reflection_empty and not has_sources:
-        return ("its replicas serve no gRPC reflection and the config names no proto_files, "
-                f"descriptor_sets or proto_modules: their methods are unknown; {FIX}")
+    if reflection_empty and not router.known_method_seen:
+        return f"its replicas {_unknown_because(has_sources)}; {FIX}"
     return ""
 
 

@@ -9,8 +9,11 @@ everything else is labelled `other`, so a client making names up cannot grow the
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -22,6 +25,14 @@ BUILTIN_PROTO_MODULES = (
     "gateway.pb.text_model_pb2",
     "gateway.pb.ray_serve_pb2",
 )
+
+RESERVED_MODULES = (
+    "grpc_health.v1.health_pb2",
+    "grpc_reflection.v1alpha.reflection_pb2",
+)
+"""Services the gateway serves itself: a source may repeat them, never change their shape."""
+
+log = logging.getLogger("gateway.methods")
 
 OTHER = "other"
 MAX_UNKNOWN_PER_SERVICE = 25
@@ -43,6 +54,36 @@ class MethodInfo:
     output_type: str
 
 
+def _info(path: str, m: Any) -> MethodInfo:
+    return MethodInfo(path=path, client_streaming=m.client_streaming,
+                      server_streaming=m.server_streaming, input_type=m.input_type.full_name,
+                      output_type=m.output_type.full_name)
+
+
+def _file_methods(fd: FileDescriptor) -> Iterable[tuple[str, Any]]:
+    for service in fd.services_by_name.values():
+        for m in service.methods:
+            yield f"/{service.full_name}/{m.name}", m
+
+
+@functools.cache
+def builtin_shapes() -> dict[str, MethodInfo]:
+    """The gateway's own methods (its built-in protos and the services it serves itself):
+    no source may give one of these paths another shape or other message types."""
+    out: dict[str, MethodInfo] = {}
+    for name in (*BUILTIN_PROTO_MODULES, *RESERVED_MODULES):
+        fd = getattr(importlib.import_module(name), "DESCRIPTOR", None)
+        if isinstance(fd, FileDescriptor):
+            out.update((p, _info(p, m)) for p, m in _file_methods(fd))
+    return out
+
+
+def conflicts(fd: FileDescriptor) -> list[str]:
+    """The methods of `fd` that redefine one of the gateway's own methods differently."""
+    own = builtin_shapes()
+    return [p for p, m in _file_methods(fd) if p in own and _info(p, m) != own[p]]
+
+
 class MethodTable:
     """Method path -> shape, for every service of the loaded generated modules."""
 
@@ -53,6 +94,7 @@ class MethodTable:
         self._unknown: set[str] = set()
         """Unknown method paths admitted as metric labels (bounded, see label_unknown)."""
         self._unknown_per_service: dict[str, int] = {}
+        self._warned: set[str] = set()
         for name in modules:
             self.add_module(importlib.import_module(name))
 
@@ -61,19 +103,36 @@ class MethodTable:
         if isinstance(fd, FileDescriptor):
             self.add_file(fd)
 
-    def add_file(self, fd: FileDescriptor) -> None:
-        for service in fd.services_by_name.values():
-            for m in service.methods:
-                path = f"/{service.full_name}/{m.name}"
-                self._methods[path] = MethodInfo(
-                    path=path,
-                    client_streaming=m.client_streaming,
-                    server_streaming=m.server_streaming,
-                    input_type=m.input_type.full_name,
-                    output_type=m.output_type.full_name,
-                )
-                self._descriptors[path] = m
-                self._unknown.discard(path)
+    def add_file(self, fd: FileDescriptor) -> list[str]:
+        """Learn the methods of `fd`; returns the ones ignored because they would redefine one
+        of the gateway's own methods (a built-in OIP method as a bidi stream, say)."""
+        bad = set(conflicts(fd))
+        for path, m in _file_methods(fd):
+            if path in bad:
+                if path not in self._warned and len(self._warned) < MAX_UNKNOWN_NAMES:
+                    self._warned.add(path)
+                    log.warning("%s (in %s) redefines one of the gateway's own methods with "
+                                "another shape or other types: ignored", path[:MAX_NAME_LEN],
+                                fd.name[:MAX_NAME_LEN])
+                continue
+            self._methods[path] = _info(path, m)
+            self._descriptors[path] = m
+            self._unknown.discard(path)
+        return sorted(bad)
+
+    def rebuild(self, modules: Iterable[ModuleType], files: Iterable[FileDescriptor]) -> None:
+        """Start again from the built-in protos, then `modules` and `files` (a deploy's
+        sources and what replicas publish now): methods of removed sources are forgotten.
+        The new tables are built aside and swapped in at once."""
+        fresh = MethodTable()
+        fresh._warned = self._warned  # each conflict is logged once, not at every rebuild
+        for module in modules:
+            fresh.add_module(module)
+        for fd in files:
+            fresh.add_file(fd)
+        self._methods, self._descriptors = fresh._methods, fresh._descriptors
+        for path in [p for p in self._unknown if p in self._methods]:
+            self._unknown.discard(path)
 
     def get(self, path: str) -> MethodInfo | None:
         return self._methods.get(path)

@@ -50,6 +50,7 @@ class Proxy(Forwarder, grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def set_routes(self, routes: dict[str, AppRoute]) -> None:
         self.routes = dict(routes)
+        self.known_seen = {a for a, r in self.routes.items() if r.router.known_method_seen}
         self.default_route = next(iter(routes.values())) if len(routes) == 1 else None
 
     # -- grpc.GenericRpcHandler ----------------------------------------------------------
@@ -70,6 +71,7 @@ class Proxy(Forwarder, grpc.GenericRpcHandler):  # type: ignore[type-arg]
         """New method shapes are known: handlers made before (as unknown) are made again,
         and a deployment's unknown-method warning goes once that method is known."""
         self._handlers.clear()
+        self.known_seen.clear()
         for route in self.routes.values():
             seen = route.router.unknown_method
             if seen and self.methods.get(seen) is not None:

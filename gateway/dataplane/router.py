@@ -23,6 +23,7 @@ class Router:
         "affinity",
         "application",
         "deployment",
+        "known_method_seen",
         "max_ongoing",
         "max_queued",
         "methods_known",
@@ -42,6 +43,10 @@ class Router:
         self.methods_known = False
         """True once every method the replicas serve is known (local replicas, by reflection)."""
         self.unknown_method = ""
+        self.known_method_seen = False
+        """True once a replica answered a call to a method the gateway knows (its shape): then
+        a deployment without reflection is not warned about (gateway/dataplane/
+        method_warnings.py)."""
         """The first method called through this router that the gateway did not know."""
         self._rng = random.Random()
         self._waiters: deque[asyncio.Future[Replica]] = deque()

@@ -21,7 +21,7 @@ import hashlib
 import importlib
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -206,6 +206,10 @@ def call_tags(rec: CallRecord) -> dict[str, str | bool | int | float]:
     return tags
 
 
+MAX_CACHED_CLASSES = 4096
+"""Message classes kept for decoding; past this the cache starts again (bounded memory)."""
+
+
 class Decoder:
     """Turns one sampled call into records; counts partial losses in `losses`."""
 
@@ -214,6 +218,19 @@ class Decoder:
         self.losses: dict[str, int] = collections.defaultdict(int)
         self._classes: dict[str, type[Message]] = {}
         self.pools: list[Any] = [descriptor_pool.Default()]
+
+    def set_pools(self, pools: Iterable[Any]) -> None:
+        """Decode with the default pool (built-ins and proto_modules) then `pools` (the current
+        config sources' and replicas'), in place of the ones before: a deploy that changes a
+        message's definition is decoded with the new one, and the list does not grow with
+        every deploy. Swapped whole, so the decode thread sees one list or the other."""
+        new = [descriptor_pool.Default()]
+        for pool in pools:
+            if all(pool is not p for p in new):
+                new.append(pool)
+        if list(map(id, new)) != list(map(id, self.pools)):
+            self.pools = new
+            self._classes = {}
 
     def message_class(self, full_name: str) -> type[Message]:
         cls = self._classes.get(full_name)
@@ -228,6 +245,8 @@ class Decoder:
             if desc is None:
                 raise DecodeProblem(f"message type {full_name!r} is unknown (name its .proto in "
                                     "proto_files, or descriptor_sets, or proto_modules)")
+            if len(self._classes) >= MAX_CACHED_CLASSES:
+                self._classes = {}
             cls = self._classes[full_name] = message_factory.GetMessageClass(desc)
         return cls
 

@@ -152,10 +152,9 @@ class RecordPipeline:
         return start
 
     def learn_files(self, files: Iterable[FileDescriptor]) -> None:
-        """Descriptors learned through reflection, so their messages can be decoded."""
-        for fd in files:
-            if fd.pool not in self.decoder.pools:
-                self.decoder.pools.append(fd.pool)
+        """The current descriptors (config sources and reflection), so their messages can be
+        decoded: replaces what an earlier call gave (see Decoder.set_pools)."""
+        self.decoder.set_pools(fd.pool for fd in files)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
