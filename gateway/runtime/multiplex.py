@@ -186,16 +186,48 @@ async def _close(model: Any) -> None:
             await result
 
 
+SLOT_WAIT_S = 120.0
+"""How long a new load waits for a model slot (all held by loads in progress or closing
+models) before its callers get UNAVAILABLE."""
+CLOSE_TIMEOUT_S = 30.0
+"""How long an evicted model's close() holds its slot; after that it is logged and let go."""
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a load's outcome as seen: a failed load whose callers all left is logged by us,
+    not as asyncio's "Task exception was never retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
 class _ModelCache:
-    """One decorated loader's models on this replica (for one servicer instance), LRU."""
+    """One decorated loader's models on this replica (for one servicer instance), LRU.
+
+    Capacity: loaded models, loads holding a slot and evicted models whose close() has not
+    returned all count, so never more than `max_models` models are live. A new load takes a
+    free slot, else evicts the least recently used loaded model (its close() runs in its own
+    task and holds the slot until it returns, at most CLOSE_TIMEOUT_S), else waits (at most
+    SLOT_WAIT_S) for a slot; a load nobody waits for any more gives its slot up."""
 
     def __init__(self, load: Callable[[str], Awaitable[Any]], max_models: int) -> None:
         self._load = load
         self.max_models = max_models
         self.models: OrderedDict[str, Any] = OrderedDict()
         self.loading: dict[str, asyncio.Task[Any]] = {}
+        self._waiters: dict[str, int] = {}
+        """Callers awaiting each load in progress."""
+        self._slotted: set[str] = set()
+        """Loads in progress that hold a slot."""
+        self.closing: dict[str, asyncio.Task[None]] = {}
+        """Evicted models whose close() still holds their slot."""
+        self._slot_wanted = 0
+        self._seq = 0
+        self._freed: asyncio.Event | None = None
         self._metrics = _Metrics.get()
         registry.caches.append(self)
+
+    def live(self) -> int:
+        return len(self.models) + len(self._slotted) + len(self.closing)
 
     async def get(self, model_id: Any) -> Any:
         m = self._metrics
@@ -219,44 +251,110 @@ class _ModelCache:
         if task is None:
             # Its own task: a caller that goes away does not cancel the load the others await.
             task = asyncio.ensure_future(self._load_one(model_id))
+            task.add_done_callback(functools.partial(self._load_done, model_id))
             self.loading[model_id] = task
+            self._waiters[model_id] = 0
             registry.changed()
+        self._waiters[model_id] = self._waiters.get(model_id, 0) + 1
         try:
             return await asyncio.shield(task)
         except MultiplexedModelError:
             raise
         except asyncio.CancelledError:
-            if task.cancelled():  # the replica is stopping
+            if task.cancelled():  # the replica is stopping, or the load was given up
                 raise MultiplexedModelError(
                     grpc.StatusCode.UNAVAILABLE, f"loading model {model_id!r} was cancelled"
                 ) from None
             raise
+        finally:
+            left = self._waiters.get(model_id)
+            if left is not None and self.loading.get(model_id) is task:
+                self._waiters[model_id] = left - 1
+                if left == 1 and model_id not in self._slotted and not task.done():
+                    task.cancel()  # still waiting for a slot, and nobody wants it any more
 
-    async def _evict_for_one(self) -> None:
-        """Unload least recently used models until one more fits (loads in flight count)."""
-        while (
-            self.max_models > 0 and self.models
-            and len(self.models) + len(self.loading) > self.max_models
-        ):
-            model_id, model = self.models.popitem(last=False)
+    def _load_done(self, model_id: str, task: asyncio.Task[Any]) -> None:
+        _retrieve(task)
+        if self.loading.get(model_id) is task:  # cancelled before it ran: no finally ran
+            del self.loading[model_id]
+            self._waiters.pop(model_id, None)
             registry.changed()
-            m = self._metrics
-            t0 = time.perf_counter()
-            try:
-                await _close(model)
-            except Exception:
-                log.exception("closing multiplexed model %r failed", model_id)
+
+    def _slot_freed(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    def _evict_lru(self) -> None:
+        model_id, model = self.models.popitem(last=False)
+        registry.changed()
+        m = self._metrics
+        m.registered.set(0, m.with_id(model_id))
+        m.num_models.set(len(self.models), m.attrs)
+        self._seq += 1
+        key = f"{self._seq}\0{model_id}"
+        self.closing[key] = asyncio.ensure_future(self._unload(key, model_id, model))
+        log.info("multiplexed model %r unloaded (least recently used)", model_id)
+
+    async def _unload(self, key: str, model_id: str, model: Any) -> None:
+        m = self._metrics
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(_close(model), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("close() of multiplexed model %r did not return within %.0f s: "
+                      "its slot is given to the next model", model_id, CLOSE_TIMEOUT_S)
+        except Exception:
+            log.exception("closing multiplexed model %r failed", model_id)
+        finally:
             del model
-            m.unload_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
-            m.unloads.add(1, m.attrs)
-            m.registered.set(0, m.with_id(model_id))
-            m.num_models.set(len(self.models), m.attrs)
-            log.info("multiplexed model %r unloaded (least recently used)", model_id)
+            self.closing.pop(key, None)
+            self._slot_freed()
+        m.unload_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
+        m.unloads.add(1, m.attrs)
+
+    async def _take_slot(self, model_id: str) -> None:
+        if self.max_models < 0:
+            self._slotted.add(model_id)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT_S
+        self._slot_wanted += 1
+        try:
+            while True:
+                if self.live() < self.max_models:
+                    self._slotted.add(model_id)
+                    return
+                # Frees on the way (closes) serve the loads already waiting; evict for the rest.
+                if self.models and len(self.closing) < self._slot_wanted:
+                    self._evict_lru()
+                    continue
+                orphans = [i for i in self._slotted if self._waiters.get(i, 0) == 0]
+                if orphans and len(self.closing) < self._slot_wanted:
+                    log.warning("loading multiplexed model %r given up: no caller waits for it "
+                                "and model %r needs its slot", orphans[0], model_id)
+                    self.loading[orphans[0]].cancel()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise MultiplexedModelError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no slot for multiplexed model {model_id!r} within {SLOT_WAIT_S:g} s: "
+                        f"all {self.max_models} slots of this replica are loading or unloading "
+                        "models; retry later",
+                    )
+                if self._freed is None:
+                    self._freed = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._freed.wait(), remaining)
+                except TimeoutError:
+                    pass
+        finally:
+            self._slot_wanted -= 1
 
     async def _load_one(self, model_id: str) -> Any:
         m = self._metrics
         try:
-            await self._evict_for_one()
+            await self._take_slot(model_id)
             t0 = time.perf_counter()
             try:
                 model = await self._load(model_id)
@@ -277,6 +375,9 @@ class _ModelCache:
             return model
         finally:
             self.loading.pop(model_id, None)
+            self._waiters.pop(model_id, None)
+            self._slotted.discard(model_id)
+            self._slot_freed()  # a slot freed, or a model loaded that a waiting load may evict
             registry.changed()
 
 
