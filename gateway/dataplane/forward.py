@@ -68,14 +68,16 @@ class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
     __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "http",
-                 "label", "mid", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0",
-                 "wall")
+                 "label", "mid", "path", "rep_id", "req_size", "rid", "router", "shape", "stream",
+                 "t0", "wall")
 
     def __init__(self, path: str, label: str, shape: int, http: bool) -> None:
         self.t0 = time.perf_counter()
         self.http = http
         self.mid: str | None = None
         """The call's multiplexed model id (routes it to a replica holding that model)."""
+        self.router: Any = None
+        """Its deployment's router: the record names the model id only if it multiplexes."""
         self.wall = time.time()
         self.path = path
         self.label = label
@@ -261,6 +263,7 @@ class Forwarder:
             if mid is not None:  # the replica sees it as if the client had sent the key
                 md.append(("multiplexed_model_id", mid))
         c.mid = mid
+        c.router = route.router
         if route.stream_capture is not None and c.shape != UNARY_UNARY:
             c.stream = route.stream_capture(c.path)
             if c.stream is not None:
@@ -324,7 +327,9 @@ class Forwarder:
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, c.label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
-            request, response, c.http, c.mid,
+            request, response, c.http,
+            # Only a multiplexed deployment's records are named by the client's model id.
+            c.mid if c.router is not None and c.router.affinity is not None else None,
         )
         for obs in self.observers:
             try:
