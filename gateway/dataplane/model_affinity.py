@@ -81,6 +81,11 @@ class ModelAffinity:
         if free:
             a, b = self._rng.sample(free, 2)
             return a if a.in_flight <= b.in_flight else b
+        placed = self._placed.get(model_id)
+        if placed is not None and placed[0] in held:
+            # Its first load is under way there (at most PLACED_S, and the call's deadline):
+            # wait for that replica rather than load the model on every other one at once.
+            return None
         now = time.monotonic()
         spare = [
             r for r in router.replicas
