@@ -131,7 +131,6 @@ class _Metrics:
 
         meter = custom_metrics._provider()[0].get_meter("gateway.multiplex")
         self.attrs = custom_metrics._identity()
-        self._ids: dict[str, dict[str, str]] = {}
         # Named without the `ray_` prefix: the custom-metrics reader adds it, as Ray's own.
         self.load_latency = meter.create_histogram(
             "serve_multiplexed_model_load_latency_ms", description="The time it takes to load "
@@ -148,8 +147,10 @@ class _Metrics:
         self.unloads = meter.create_counter(
             "serve_multiplexed_models_unload_counter",
             description="The number of times models unloaded on the current replica.")
-        self.registered = meter.create_gauge(
-            "serve_registered_multiplexed_model_id",
+        # Observed at each scrape over the models loaded now: an unloaded id's series goes
+        # away, so churning through many ids keeps the scrape bounded.
+        meter.create_observable_gauge(
+            "serve_registered_multiplexed_model_id", callbacks=[self._registered],
             description="The mutlplexed model ID registered on the current replica.")
         self.requests = meter.create_counter(
             "serve_multiplexed_get_model_requests_counter",
@@ -165,13 +166,13 @@ class _Metrics:
             cls._instance = cls()
         return cls._instance
 
-    def with_id(self, model_id: str) -> dict[str, str]:
-        attrs = self._ids.get(model_id)
-        if attrs is None:
-            attrs = {**self.attrs, "model_id": model_id}
-            if len(self._ids) < 4096:
-                self._ids[model_id] = attrs
-        return attrs
+    def _registered(self, options: Any) -> list[Any]:
+        from opentelemetry.metrics import Observation
+
+        ids: list[str] = []
+        for c in list(registry.caches):
+            ids.extend(list(c.models))
+        return [Observation(1, {**self.attrs, "model_id": i}) for i in ids[-MAX_REPORTED:]]
 
 
 async def _close(model: Any) -> None:
@@ -289,7 +290,6 @@ class _ModelCache:
         model_id, model = self.models.popitem(last=False)
         registry.changed()
         m = self._metrics
-        m.registered.set(0, m.with_id(model_id))
         m.num_models.set(len(self.models), m.attrs)
         self._seq += 1
         key = f"{self._seq}\0{model_id}"
@@ -370,7 +370,6 @@ class _ModelCache:
             m.load_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
             m.loads.add(1, m.attrs)
             self.models[model_id] = model
-            m.registered.set(1, m.with_id(model_id))
             m.num_models.set(len(self.models), m.attrs)
             return model
         finally:
