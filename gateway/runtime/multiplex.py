@@ -451,6 +451,7 @@ def multiplexed(
             return await cache_of(None).get(mid)
 
         function._gateway_multiplexed = n  # type: ignore[attr-defined]
+        function._gateway_function_loader = True  # type: ignore[attr-defined]
         _used.append((fn.__module__, n, False))
         return function
 
@@ -461,11 +462,33 @@ _used: list[tuple[str, int, bool]] = []
 """(module, max_num_models_per_replica, is a method) of every loader decorated here."""
 
 
+def _function_loaders(modules: set[str]) -> list[int]:
+    """The caps of function loaders defined in, or imported by name or module into, `modules`
+    (a servicer's module calling `load_model` of its own `loaders.py`, a common layout)."""
+    import sys
+    import types
+
+    caps: dict[int, int] = {}
+    for name in modules:
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        for value in list(vars(mod).values()):
+            candidates = [value]
+            if isinstance(value, types.ModuleType):
+                candidates = list(vars(value).values())
+            for v in candidates:
+                n = getattr(v, "_gateway_multiplexed", None) if callable(v) else None
+                if isinstance(n, int) and getattr(v, "_gateway_function_loader", False):
+                    caps[id(v)] = n
+    return list(caps.values())
+
+
 def declared_capacity(servicer_class: type) -> int | None:
     """What the replica tells the gateway at start: None (its servicer serves no multiplexed
     models), 0 (no limit) or how many models it may hold: from the class's decorated loader
-    methods, else from function loaders of the class's own module. Decorators run when the
-    module is imported, before the replica serves."""
+    methods, else from function loaders the modules of its classes define or import. Decorators
+    run when the module is imported, before the replica serves."""
     caps = [
         v._gateway_multiplexed
         for klass in servicer_class.__mro__ for v in vars(klass).values()
@@ -474,6 +497,8 @@ def declared_capacity(servicer_class: type) -> int | None:
     if not caps:
         caps = [n for mod, n, method in _used if not method and mod == servicer_class.__module__]
     if not caps:
+        caps = _function_loaders({k.__module__ for k in servicer_class.__mro__
+                                  if k.__module__ != "builtins"})
+    if not caps:
         return None
     return 0 if -1 in caps else sum(caps)
-
