@@ -26,6 +26,7 @@ from gateway.dataplane.call import (
 )
 from gateway.dataplane.errors import GatewayError
 from gateway.dataplane.methods import OTHER, MethodTable
+from gateway.dataplane.models_report import take_report
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
 from gateway.dataplane.routing import AppRoute, route_call
@@ -157,7 +158,9 @@ class Forwarder:
                     initial = await call.initial_metadata()
                     if initial:
                         await _send_initial(ctx, initial)
-                    ctx.set_trailing_metadata(trailers(await call.trailing_metadata(), c.rid))
+                    trailing = await call.trailing_metadata()
+                    take_report(replica, trailing)
+                    ctx.set_trailing_metadata(trailers(trailing, c.rid))
                     return response
                 except grpc.aio.AioRpcError as e:
                     if await self._upstream_failed(c, ctx, replica, e, attempt,
@@ -218,7 +221,9 @@ class Forwarder:
                         if c.stream is not None:
                             c.stream.response(msg)
                         yield msg
-                    ctx.set_trailing_metadata(trailers(await call.trailing_metadata(), c.rid))
+                    trailing = await call.trailing_metadata()
+                    take_report(replica, trailing)
+                    ctx.set_trailing_metadata(trailers(trailing, c.rid))
                     return
                 except grpc.aio.AioRpcError as e:
                     resend = shape == UNARY_STREAM and not got_any
@@ -276,6 +281,7 @@ class Forwarder:
         """True: try another replica (the call never reached this one and can be sent again).
         Otherwise the replica's status goes to the client (this raises)."""
         unsent = never_started(e)
+        take_report(replica, e.trailing_metadata())
         if resend and unsent and attempt < self.retries:
             if self.on_unreachable is not None:
                 self.on_unreachable(replica)
