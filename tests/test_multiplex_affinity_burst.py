@@ -51,3 +51,25 @@ async def test_once_reported_a_busy_holder_spills_to_a_free_slot(reps: list[Repl
     first.mux_models = frozenset({"m"})  # the load finished: a hot model may load elsewhere
     second = router.take("m")
     assert second is not None and second is not first
+
+
+async def test_a_confirmed_placement_is_not_counted_twice(reps: list[Replica]) -> None:
+    a, b = reps[0], reps[1]
+    router = Router("mx", "MuxText", max_ongoing=10, max_queued=10)
+    router.set_replicas([a, b])
+
+    def call(mid: str) -> Replica:
+        r = router.take(mid)
+        assert r is not None
+        r.mux_models = r.mux_models | {mid}  # the replica's report with the result
+        return r
+
+    first, second = call("m1"), call("m2")
+    assert {first, second} == {a, b}
+    holder3 = call("m3")
+    other = b if holder3 is a else a
+    for r in (a, b):
+        r.in_flight = 0
+    other.in_flight = 1  # busy, but with a free model slot
+    # holder3 is full (2 models); the other has one model and a free slot: m4 goes there.
+    assert router.take("m4") is other

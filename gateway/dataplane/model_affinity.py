@@ -63,8 +63,9 @@ class ModelAffinity:
 
     def _models_on(self, rep: Replica, now: float) -> int:
         n = len(rep.mux_models)
-        for other, until in self._placed.values():
-            if other is rep and until >= now:
+        for mid, (other, until) in self._placed.items():
+            # A placement the replica's report already confirms is counted in its models.
+            if other is rep and until >= now and mid not in rep.mux_models:
                 n += 1
         return n
 
