@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from examples.models import TextModel
+from gateway.admin.client import status as gateway_status
 from gateway.admin.service import AdminUnreachable
 from gateway.admin.status import build_status
-from gateway.admin.client import status as gateway_status
 from gateway.config import ConfigError, parse_config
 from gateway.tls import ClientTLSConfig, ServerTLSConfig, reload_all, server_ssl_context
 from tests.conftest import TEXT_APP, external_replica, gateway_config, md, running_gateway
