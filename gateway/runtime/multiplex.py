@@ -302,7 +302,7 @@ class _ModelCache:
         try:
             await asyncio.wait_for(_close(model), CLOSE_TIMEOUT_S)
         except TimeoutError:
-            log.error("close() of multiplexed model %r did not return within %.0f s: "
+            log.error("close() of multiplexed model %r did not return within %g s: "
                       "its slot is given to the next model", model_id, CLOSE_TIMEOUT_S)
         except Exception:
             log.exception("closing multiplexed model %r failed", model_id)
