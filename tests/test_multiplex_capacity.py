@@ -138,3 +138,17 @@ async def test_failed_load_whose_caller_left_is_not_never_retrieved(
         await asyncio.sleep(0.05)
     assert "never retrieved" not in caplog.text
     assert not cache(o).loading
+
+
+class HugeFailure:
+    @gateway.multiplexed(max_num_models_per_replica=2)
+    async def get_model(self, model_id: str) -> str:
+        raise RuntimeError("line one\nline two " + "x" * 100_000)
+
+
+async def test_a_huge_multiline_load_error_gives_one_bounded_status_line() -> None:
+    with pytest.raises(MultiplexedModelError) as e:
+        await HugeFailure().get_model("big")
+    assert e.value.code is grpc.StatusCode.UNAVAILABLE
+    assert "\n" not in e.value.details and len(e.value.details) < 700
+    assert "line one line two" in e.value.details

@@ -49,6 +49,8 @@ MODEL_ID_KEY = "multiplexed_model_id"
 """The gRPC metadata key that carries a call's model id (Ray Serve's)."""
 MAX_MODEL_ID_LEN = 256
 MAX_REPORTED = 512
+MAX_ERROR_LEN = 500
+"""A failed load's message in the call's status details is cut to this many characters."""
 DEFAULT_MAX_MODELS = 3
 """Ray's default for `max_num_models_per_replica`."""
 LATENCY_BOUNDS_MS = (
@@ -361,11 +363,15 @@ class _ModelCache:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                # One line, bounded: it becomes the call's status details and a log line.
+                why = " ".join(str(e).split())
+                if len(why) > MAX_ERROR_LEN:
+                    why = why[:MAX_ERROR_LEN] + "..."
                 log.warning("loading multiplexed model %r failed: %s: %s",
-                            model_id, type(e).__name__, e)
+                            model_id, type(e).__name__, why)
                 raise MultiplexedModelError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"multiplexed model {model_id!r} failed to load: {type(e).__name__}: {e}",
+                    f"multiplexed model {model_id!r} failed to load: {type(e).__name__}: {why}",
                 ) from e
             m.load_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
             m.loads.add(1, m.attrs)
