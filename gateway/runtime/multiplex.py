@@ -16,10 +16,8 @@ concurrent first calls for one id share one load; a failing load is not cached a
 fails with UNAVAILABLE naming the model; an evicted model's `close()` (sync or async) runs, or
 else dropping the last reference lets its `__del__` run.
 
-The replica tells the gateway which ids it holds (loaded or loading) with its call results
-(`MuxFrame.models`, see gateway/runtime/mux_server.py), so the gateway can route each id to a
-replica that has it. The seven `ray_serve_*multiplexed*` metrics are recorded here and reach the
-gateway's scrape with the replica's custom metrics (gateway/custom_metrics.py).
+The replica reports the ids it holds with its call results (mux_server.py, models_trailer.py);
+metrics: multiplex_metrics.py.
 """
 
 from __future__ import annotations
@@ -36,6 +34,9 @@ from typing import Any, TypeVar, overload
 
 import grpc
 
+from gateway.runtime import multiplex_metrics
+from gateway.runtime.multiplex_metrics import _Metrics
+
 __all__ = [
     "MODEL_ID_KEY",
     "MultiplexedModelError",
@@ -49,15 +50,9 @@ MODEL_ID_KEY = "multiplexed_model_id"
 """The gRPC metadata key that carries a call's model id (Ray Serve's)."""
 MAX_MODEL_ID_LEN = 256
 MAX_REPORTED = 512
-MAX_ERROR_LEN = 500
-"""A failed load's message in the call's status details is cut to this many characters."""
+MAX_ERROR_LEN = 500  # a failed load's message in the call's status details, at most
 DEFAULT_MAX_MODELS = 3
 """Ray's default for `max_num_models_per_replica`."""
-LATENCY_BOUNDS_MS = (
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 120000.0, 300000.0,
-)
-"""Model loads take milliseconds (a small sklearn model) to minutes (a large download)."""
 
 _model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "gateway_multiplexed_model_id", default=""
@@ -123,58 +118,12 @@ class _Registry:
 registry = _Registry()
 
 
-class _Metrics:
-    """The seven Ray rows, through the replica's custom-metrics SDK (one instance a process)."""
+def _loaded_ids() -> list[str]:
+    ids = [i for c in list(registry.caches) for i in list(c.models)]
+    return ids[-MAX_REPORTED:]
 
-    _instance: _Metrics | None = None
 
-    def __init__(self) -> None:
-        from gateway import custom_metrics
-
-        meter = custom_metrics._provider()[0].get_meter("gateway.multiplex")
-        self.attrs = custom_metrics._identity()
-        # Named without the `ray_` prefix: the custom-metrics reader adds it, as Ray's own.
-        self.load_latency = meter.create_histogram(
-            "serve_multiplexed_model_load_latency_ms", description="The time it takes to load "
-            "a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
-        self.unload_latency = meter.create_histogram(
-            "serve_multiplexed_model_unload_latency_ms", description="The time it takes to "
-            "unload a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
-        self.num_models = meter.create_gauge(
-            "serve_num_multiplexed_models",
-            description="The number of models loaded on the current replica.")
-        self.loads = meter.create_counter(
-            "serve_multiplexed_models_load_counter",
-            description="The number of times models loaded on the current replica.")
-        self.unloads = meter.create_counter(
-            "serve_multiplexed_models_unload_counter",
-            description="The number of times models unloaded on the current replica.")
-        # Observed at each scrape over the models loaded now: an unloaded id's series goes
-        # away, so churning through many ids keeps the scrape bounded.
-        meter.create_observable_gauge(
-            "serve_registered_multiplexed_model_id", callbacks=[self._registered],
-            description="The mutlplexed model ID registered on the current replica.")
-        self.requests = meter.create_counter(
-            "serve_multiplexed_get_model_requests_counter",
-            description="The number of calls to get a multiplexed model.")
-        # Series from the start (at zero), so rates and "no unloads yet" show on dashboards.
-        self.num_models.set(0, self.attrs)
-        self.loads.add(0, self.attrs)
-        self.unloads.add(0, self.attrs)
-
-    @classmethod
-    def get(cls) -> _Metrics:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def _registered(self, options: Any) -> list[Any]:
-        from opentelemetry.metrics import Observation
-
-        ids: list[str] = []
-        for c in list(registry.caches):
-            ids.extend(list(c.models))
-        return [Observation(1, {**self.attrs, "model_id": i}) for i in ids[-MAX_REPORTED:]]
+multiplex_metrics.loaded_ids = _loaded_ids
 
 
 async def _close(model: Any) -> None:
@@ -196,13 +145,6 @@ CLOSE_TIMEOUT_S = 30.0
 """How long an evicted model's close() holds its slot; after that it is logged and let go."""
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark a load's outcome as seen: a failed load whose callers all left is logged by us,
-    not as asyncio's "Task exception was never retrieved"."""
-    if not task.cancelled():
-        task.exception()
-
-
 class _ModelCache:
     """One decorated loader's models on this replica (for one servicer instance), LRU.
 
@@ -217,14 +159,10 @@ class _ModelCache:
         self.max_models = max_models
         self.models: OrderedDict[str, Any] = OrderedDict()
         self.loading: dict[str, asyncio.Task[Any]] = {}
-        self._waiters: dict[str, int] = {}
-        """Callers awaiting each load in progress."""
-        self._slotted: set[str] = set()
-        """Loads in progress that hold a slot."""
-        self.closing: dict[str, asyncio.Task[None]] = {}
-        """Evicted models whose close() still holds their slot."""
-        self._slot_wanted = 0
-        self._seq = 0
+        self._waiters: dict[str, int] = {}  # callers awaiting each load in progress
+        self._slotted: set[str] = set()  # loads in progress that hold a slot
+        self.closing: dict[str, asyncio.Task[None]] = {}  # close()s holding their slot
+        self._slot_wanted = self._seq = 0
         self._freed: asyncio.Event | None = None
         self._metrics = _Metrics.get()
         registry.caches.append(self)
@@ -277,7 +215,8 @@ class _ModelCache:
                     task.cancel()  # still waiting for a slot, and nobody wants it any more
 
     def _load_done(self, model_id: str, task: asyncio.Task[Any]) -> None:
-        _retrieve(task)
+        if not task.cancelled():  # seen: a failed load whose callers left is not asyncio's
+            task.exception()      # "Task exception was never retrieved" (we log it)
         if self.loading.get(model_id) is task:  # cancelled before it ran: no finally ran
             del self.loading[model_id]
             self._waiters.pop(model_id, None)
