@@ -300,7 +300,7 @@ async def test_actuals_through_the_admin_rpc_and_the_cli(
             fake.wait_for(4)
         out = capsys.readouterr()
         assert "1 actual(s) accepted, 0 rejected" in out.out
-        assert rc_bad == cli.EXIT_USAGE and "line 1: want 2 columns" in out.err
+        assert rc_bad == cli.EXIT_USAGE and "line 1: want 2 or 3 columns" in out.err
         assert rc_app == cli.EXIT_FAILED and "'nope' has no prediction records" in out.out
         actuals = {r.prediction_id: r for r in fake.records() if r.HasField("actual")}
         assert set(actuals) == {"act-1:0", "act-2:0"}

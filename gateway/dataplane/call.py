@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 
 REQUEST_ID_KEYS = ("x-request-id", "request_id")
+DROPPED_TRAILERS = (*REQUEST_ID_KEYS, "gateway-multiplexed-models")
+"""Set by the gateway, or for it only (gateway/runtime/models_trailer.py)."""
 """Metadata keys that carry a request id: `x-request-id` wins over Ray's `request_id`."""
 MAX_REQUEST_ID_LEN = 512
 
@@ -57,7 +59,7 @@ def valid_request_id(rid: str) -> bool:
 
 def trailers(trailing: Any, rid: str) -> tuple[tuple[str, Any], ...]:
     """The replica's trailers with the call's request id under both keys (and no other)."""
-    out = [(k, v) for k, v in (trailing or ()) if k not in REQUEST_ID_KEYS]
+    out = [(k, v) for k, v in (trailing or ()) if k not in DROPPED_TRAILERS]
     out.append(("x-request-id", rid))
     out.append(("request_id", rid))
     return tuple(out)

@@ -28,6 +28,7 @@ from gateway.dataplane.call import (
 from gateway.dataplane.errors import GatewayError
 from gateway.dataplane.method_warnings import note_known_method, note_unknown_method
 from gateway.dataplane.methods import OTHER, MethodTable
+from gateway.dataplane.models_report import take_report
 from gateway.dataplane.mux import never_started
 from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
 from gateway.dataplane.routing import AppRoute, route_call
@@ -53,14 +54,16 @@ class _CallState:
     """One call's bookkeeping, from its arrival to its `CallRecord`."""
 
     __slots__ = ("admitted", "app", "code", "counted", "dep", "details", "gw_err", "http",
-                 "label", "mid", "path", "rep_id", "req_size", "rid", "shape", "stream", "t0",
-                 "wall")
+                 "label", "mid", "path", "rep_id", "req_size", "rid", "router", "shape", "stream",
+                 "t0", "wall")
 
     def __init__(self, path: str, label: str, shape: int, http: bool) -> None:
         self.t0 = time.perf_counter()
         self.http = http
         self.mid: str | None = None
         """The call's multiplexed model id (routes it to a replica holding that model)."""
+        self.router: Any = None
+        """Its deployment's router: the record names the model id only if it multiplexes."""
         self.wall = time.time()
         self.path = path
         self.label = label
@@ -142,7 +145,9 @@ class Forwarder:
                     initial = await call.initial_metadata()
                     if initial:
                         await _send_initial(ctx, initial)
-                    ctx.set_trailing_metadata(trailers(await call.trailing_metadata(), c.rid))
+                    trailing = await call.trailing_metadata()
+                    take_report(replica, trailing)
+                    ctx.set_trailing_metadata(trailers(trailing, c.rid))
                     return response
                 except grpc.aio.AioRpcError as e:
                     if await self._upstream_failed(c, ctx, replica, e, attempt,
@@ -207,7 +212,9 @@ class Forwarder:
                         if c.stream is not None:
                             c.stream.response(msg)
                         yield msg
-                    ctx.set_trailing_metadata(trailers(await call.trailing_metadata(), c.rid))
+                    trailing = await call.trailing_metadata()
+                    take_report(replica, trailing)
+                    ctx.set_trailing_metadata(trailers(trailing, c.rid))
                     return
                 except grpc.aio.AioRpcError as e:
                     resend = shape == UNARY_STREAM and not got_any
@@ -252,6 +259,7 @@ class Forwarder:
             if mid is not None:  # the replica sees it as if the client had sent the key
                 md.append(("multiplexed_model_id", mid))
         c.mid = mid
+        c.router = route.router
         if route.stream_capture is not None and c.shape != UNARY_UNARY:
             c.stream = route.stream_capture(c.path)
             if c.stream is not None:
@@ -264,6 +272,7 @@ class Forwarder:
         """True: try another replica (the call never reached this one and can be sent again).
         Otherwise the replica's status goes to the client (this raises)."""
         unsent = never_started(e)
+        take_report(replica, e.trailing_metadata())
         if resend and unsent and attempt < self.retries:
             if self.on_unreachable is not None:
                 self.on_unreachable(replica)
@@ -327,7 +336,9 @@ class Forwarder:
         rec = CallRecord(
             c.app, c.dep, c.rep_id, c.path, label, c.code, c.details,
             time.perf_counter() - c.t0, c.wall, c.rid, req_size, response_bytes, c.gw_err,
-            request, response, c.http, c.mid,
+            request, response, c.http,
+            # Only a multiplexed deployment's records are named by the client's model id.
+            c.mid if c.router is not None and c.router.affinity is not None else None,
         )
         for obs in self.observers:
             try:

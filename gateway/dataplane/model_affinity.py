@@ -63,8 +63,9 @@ class ModelAffinity:
 
     def _models_on(self, rep: Replica, now: float) -> int:
         n = len(rep.mux_models)
-        for other, until in self._placed.values():
-            if other is rep and until >= now:
+        for mid, (other, until) in self._placed.items():
+            # A placement the replica's report already confirms is counted in its models.
+            if other is rep and until >= now and mid not in rep.mux_models:
                 n += 1
         return n
 
@@ -81,6 +82,11 @@ class ModelAffinity:
         if free:
             a, b = self._rng.sample(free, 2)
             return a if a.in_flight <= b.in_flight else b
+        placed = self._placed.get(model_id)
+        if placed is not None and placed[0] in held:
+            # Its first load is under way there (at most PLACED_S, and the call's deadline):
+            # wait for that replica rather than load the model on every other one at once.
+            return None
         now = time.monotonic()
         spare = [
             r for r in router.replicas

@@ -90,6 +90,7 @@ class Replica:
         "message",
         "mux_capacity",
         "mux_models",
+        "mux_report",
         "pid",
         "replica_id",
         "started_at",
@@ -130,6 +131,8 @@ class Replica:
         self.mux_capacity: int | None = None
         """How many models it may hold (0: no limit); None when it serves no multiplexed
         models (gateway/runtime/multiplex.py). Set from its start report and its results."""
+        self.mux_report = ""
+        """The last models report read from a plain call's trailers (dataplane/models_report)."""
         # Local replicas run our runtime, which speaks the mux protocol (see mux.py).
         self._mux = MuxChannel(self.channel, max_message_bytes) if mux else None
         if self._mux is not None:

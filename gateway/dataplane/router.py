@@ -155,27 +155,42 @@ class Router:
             self.wake()
 
     def wake(self) -> None:
-        """Hand replicas with room to waiting calls, oldest first."""
-        while self._waiters:
-            fut = self._waiters[0]
+        """Hand replicas with room to waiting calls, oldest first. A call that cannot be
+        served yet (its model's holders are busy) does not hold up the calls behind it that
+        can (head-of-line); plain calls stay in order among themselves."""
+        if not self._waiters:
+            return
+        if not self.has_routable():
+            # Nothing will free up: fail the waiters rather than let them hang.
+            err = errors.no_healthy_replica(self.application, self.deployment)
+            while self._waiters:
+                w = self._waiters.popleft()
+                if not w.done():
+                    w.set_exception(err)
+            return
+        kept: deque[asyncio.Future[Replica]] = deque()
+        plain_blocked = False
+        waiters = self._waiters
+        while waiters:
+            if not any(r.routable and r.in_flight < self.max_ongoing for r in self.replicas):
+                break  # no room anywhere: the rest keep their places
+            fut = waiters.popleft()
             if fut.done():
-                self._waiters.popleft()
+                continue
+            mid = self._wanted.get(fut) if self._wanted and self.affinity is not None else None
+            if mid is None and plain_blocked:
+                kept.append(fut)
                 continue
             try:
-                r = self._pick(self._wanted.get(fut) if self._wanted else None)
+                r = self._pick(mid)
             except errors.GatewayError as e:  # its model id is bad: fail that call only
-                self._waiters.popleft()
                 fut.set_exception(e)
                 continue
             if r is None:
-                if not self.has_routable():
-                    # Nothing will free up: fail the waiters rather than let them hang.
-                    err = errors.no_healthy_replica(self.application, self.deployment)
-                    while self._waiters:
-                        w = self._waiters.popleft()
-                        if not w.done():
-                            w.set_exception(err)
-                return
-            self._waiters.popleft()
+                plain_blocked = plain_blocked or mid is None
+                kept.append(fut)
+                continue
             r.in_flight += 1
             fut.set_result(r)
+        kept.extend(waiters)
+        self._waiters = kept

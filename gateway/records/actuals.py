@@ -59,8 +59,9 @@ class ActualsFileError(ValueError):
 
 
 def read_actuals_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of `prediction_id,actual` (a header line is optional) as `Actual` fields: the text
-    is the actual label, and also the actual score when it is a number."""
+    """Rows of `prediction_id,actual[,multiplexed_model_id]` (a header line is optional) as
+    `Actual` fields: the text is the actual label, and also the actual score when it is a
+    number; the optional third column names the model of a multiplexed application."""
     import csv
 
     p = Path(path)
@@ -76,15 +77,18 @@ def read_actuals_csv(path: str | Path) -> list[dict[str, Any]]:
             continue
         if n == 1 and row[0].strip().lower() == "prediction_id":
             continue
-        if len(row) != 2:
-            raise ActualsFileError(f"{p}: line {n}: want 2 columns (prediction_id,actual), "
-                                   f"got {len(row)}")
+        if len(row) not in (2, 3):
+            raise ActualsFileError(f"{p}: line {n}: want 2 or 3 columns (prediction_id,actual"
+                                   f"[,multiplexed_model_id]), got {len(row)}")
         pid, actual = row[0].strip(), row[1].strip()
         if not pid:
             raise ActualsFileError(f"{p}: line {n}: empty prediction_id")
         if not actual:
             raise ActualsFileError(f"{p}: line {n}: empty actual")
         item: dict[str, Any] = {"prediction_id": pid, "actual_label": actual}
+        if len(row) == 3 and row[2].strip():
+            # A multiplexed application's records are named by model id: this joins them.
+            item["multiplexed_model_id"] = row[2].strip()
         try:
             score = float(actual)
         except ValueError:

@@ -16,10 +16,8 @@ concurrent first calls for one id share one load; a failing load is not cached a
 fails with UNAVAILABLE naming the model; an evicted model's `close()` (sync or async) runs, or
 else dropping the last reference lets its `__del__` run.
 
-The replica tells the gateway which ids it holds (loaded or loading) with its call results
-(`MuxFrame.models`, see gateway/runtime/mux_server.py), so the gateway can route each id to a
-replica that has it. The seven `ray_serve_*multiplexed*` metrics are recorded here and reach the
-gateway's scrape with the replica's custom metrics (gateway/custom_metrics.py).
+The replica reports the ids it holds with its call results (mux_server.py, models_trailer.py);
+metrics: multiplex_metrics.py.
 """
 
 from __future__ import annotations
@@ -36,6 +34,9 @@ from typing import Any, TypeVar, overload
 
 import grpc
 
+from gateway.runtime import multiplex_metrics
+from gateway.runtime.multiplex_metrics import _Metrics
+
 __all__ = [
     "MODEL_ID_KEY",
     "MultiplexedModelError",
@@ -49,13 +50,9 @@ MODEL_ID_KEY = "multiplexed_model_id"
 """The gRPC metadata key that carries a call's model id (Ray Serve's)."""
 MAX_MODEL_ID_LEN = 256
 MAX_REPORTED = 512
+MAX_ERROR_LEN = 500  # a failed load's message in the call's status details, at most
 DEFAULT_MAX_MODELS = 3
 """Ray's default for `max_num_models_per_replica`."""
-LATENCY_BOUNDS_MS = (
-    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 120000.0, 300000.0,
-)
-"""Model loads take milliseconds (a small sklearn model) to minutes (a large download)."""
 
 _model_id: contextvars.ContextVar[str] = contextvars.ContextVar(
     "gateway_multiplexed_model_id", default=""
@@ -121,57 +118,12 @@ class _Registry:
 registry = _Registry()
 
 
-class _Metrics:
-    """The seven Ray rows, through the replica's custom-metrics SDK (one instance a process)."""
+def _loaded_ids() -> list[str]:
+    ids = [i for c in list(registry.caches) for i in list(c.models)]
+    return ids[-MAX_REPORTED:]
 
-    _instance: _Metrics | None = None
 
-    def __init__(self) -> None:
-        from gateway import custom_metrics
-
-        meter = custom_metrics._provider()[0].get_meter("gateway.multiplex")
-        self.attrs = custom_metrics._identity()
-        self._ids: dict[str, dict[str, str]] = {}
-        # Named without the `ray_` prefix: the custom-metrics reader adds it, as Ray's own.
-        self.load_latency = meter.create_histogram(
-            "serve_multiplexed_model_load_latency_ms", description="The time it takes to load "
-            "a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
-        self.unload_latency = meter.create_histogram(
-            "serve_multiplexed_model_unload_latency_ms", description="The time it takes to "
-            "unload a model.", explicit_bucket_boundaries_advisory=LATENCY_BOUNDS_MS)
-        self.num_models = meter.create_gauge(
-            "serve_num_multiplexed_models",
-            description="The number of models loaded on the current replica.")
-        self.loads = meter.create_counter(
-            "serve_multiplexed_models_load_counter",
-            description="The number of times models loaded on the current replica.")
-        self.unloads = meter.create_counter(
-            "serve_multiplexed_models_unload_counter",
-            description="The number of times models unloaded on the current replica.")
-        self.registered = meter.create_gauge(
-            "serve_registered_multiplexed_model_id",
-            description="The mutlplexed model ID registered on the current replica.")
-        self.requests = meter.create_counter(
-            "serve_multiplexed_get_model_requests_counter",
-            description="The number of calls to get a multiplexed model.")
-        # Series from the start (at zero), so rates and "no unloads yet" show on dashboards.
-        self.num_models.set(0, self.attrs)
-        self.loads.add(0, self.attrs)
-        self.unloads.add(0, self.attrs)
-
-    @classmethod
-    def get(cls) -> _Metrics:
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def with_id(self, model_id: str) -> dict[str, str]:
-        attrs = self._ids.get(model_id)
-        if attrs is None:
-            attrs = {**self.attrs, "model_id": model_id}
-            if len(self._ids) < 4096:
-                self._ids[model_id] = attrs
-        return attrs
+multiplex_metrics.loaded_ids = _loaded_ids
 
 
 async def _close(model: Any) -> None:
@@ -186,16 +138,37 @@ async def _close(model: Any) -> None:
             await result
 
 
+SLOT_WAIT_S = 120.0
+"""How long a new load waits for a model slot (all held by loads in progress or closing
+models) before its callers get UNAVAILABLE."""
+CLOSE_TIMEOUT_S = 30.0
+"""How long an evicted model's close() holds its slot; after that it is logged and let go."""
+
+
 class _ModelCache:
-    """One decorated loader's models on this replica (for one servicer instance), LRU."""
+    """One decorated loader's models on this replica (for one servicer instance), LRU.
+
+    Capacity: loaded models, loads holding a slot and evicted models whose close() has not
+    returned all count, so never more than `max_models` models are live. A new load takes a
+    free slot, else evicts the least recently used loaded model (its close() runs in its own
+    task and holds the slot until it returns, at most CLOSE_TIMEOUT_S), else waits (at most
+    SLOT_WAIT_S) for a slot; a load nobody waits for any more gives its slot up."""
 
     def __init__(self, load: Callable[[str], Awaitable[Any]], max_models: int) -> None:
         self._load = load
         self.max_models = max_models
         self.models: OrderedDict[str, Any] = OrderedDict()
         self.loading: dict[str, asyncio.Task[Any]] = {}
+        self._waiters: dict[str, int] = {}  # callers awaiting each load in progress
+        self._slotted: set[str] = set()  # loads in progress that hold a slot
+        self.closing: dict[str, asyncio.Task[None]] = {}  # close()s holding their slot
+        self._slot_wanted = self._seq = 0
+        self._freed: asyncio.Event | None = None
         self._metrics = _Metrics.get()
         registry.caches.append(self)
+
+    def live(self) -> int:
+        return len(self.models) + len(self._slotted) + len(self.closing)
 
     async def get(self, model_id: Any) -> Any:
         m = self._metrics
@@ -219,64 +192,136 @@ class _ModelCache:
         if task is None:
             # Its own task: a caller that goes away does not cancel the load the others await.
             task = asyncio.ensure_future(self._load_one(model_id))
+            task.add_done_callback(functools.partial(self._load_done, model_id))
             self.loading[model_id] = task
+            self._waiters[model_id] = 0
             registry.changed()
+        self._waiters[model_id] = self._waiters.get(model_id, 0) + 1
         try:
             return await asyncio.shield(task)
         except MultiplexedModelError:
             raise
         except asyncio.CancelledError:
-            if task.cancelled():  # the replica is stopping
+            if task.cancelled():  # the replica is stopping, or the load was given up
                 raise MultiplexedModelError(
                     grpc.StatusCode.UNAVAILABLE, f"loading model {model_id!r} was cancelled"
                 ) from None
             raise
+        finally:
+            left = self._waiters.get(model_id)
+            if left is not None and self.loading.get(model_id) is task:
+                self._waiters[model_id] = left - 1
+                if left == 1 and model_id not in self._slotted and not task.done():
+                    task.cancel()  # still waiting for a slot, and nobody wants it any more
 
-    async def _evict_for_one(self) -> None:
-        """Unload least recently used models until one more fits (loads in flight count)."""
-        while (
-            self.max_models > 0 and self.models
-            and len(self.models) + len(self.loading) > self.max_models
-        ):
-            model_id, model = self.models.popitem(last=False)
+    def _load_done(self, model_id: str, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled():  # seen: a failed load whose callers left is not asyncio's
+            task.exception()      # "Task exception was never retrieved" (we log it)
+        if self.loading.get(model_id) is task:  # cancelled before it ran: no finally ran
+            del self.loading[model_id]
+            self._waiters.pop(model_id, None)
             registry.changed()
-            m = self._metrics
-            t0 = time.perf_counter()
-            try:
-                await _close(model)
-            except Exception:
-                log.exception("closing multiplexed model %r failed", model_id)
+
+    def _slot_freed(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+    def _evict_lru(self) -> None:
+        model_id, model = self.models.popitem(last=False)
+        registry.changed()
+        m = self._metrics
+        m.num_models.set(len(self.models), m.attrs)
+        self._seq += 1
+        key = f"{self._seq}\0{model_id}"
+        self.closing[key] = asyncio.ensure_future(self._unload(key, model_id, model))
+        log.info("multiplexed model %r unloaded (least recently used)", model_id)
+
+    async def _unload(self, key: str, model_id: str, model: Any) -> None:
+        m = self._metrics
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(_close(model), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("close() of multiplexed model %r did not return within %g s: "
+                      "its slot is given to the next model", model_id, CLOSE_TIMEOUT_S)
+        except Exception:
+            log.exception("closing multiplexed model %r failed", model_id)
+        finally:
             del model
-            m.unload_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
-            m.unloads.add(1, m.attrs)
-            m.registered.set(0, m.with_id(model_id))
-            m.num_models.set(len(self.models), m.attrs)
-            log.info("multiplexed model %r unloaded (least recently used)", model_id)
+            self.closing.pop(key, None)
+            self._slot_freed()
+        m.unload_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
+        m.unloads.add(1, m.attrs)
+
+    async def _take_slot(self, model_id: str) -> None:
+        if self.max_models < 0:
+            self._slotted.add(model_id)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SLOT_WAIT_S
+        self._slot_wanted += 1
+        try:
+            while True:
+                if self.live() < self.max_models:
+                    self._slotted.add(model_id)
+                    return
+                # Frees on the way (closes) serve the loads already waiting; evict for the rest.
+                if self.models and len(self.closing) < self._slot_wanted:
+                    self._evict_lru()
+                    continue
+                orphans = [i for i in self._slotted if self._waiters.get(i, 0) == 0]
+                if orphans and len(self.closing) < self._slot_wanted:
+                    log.warning("loading multiplexed model %r given up: no caller waits for it "
+                                "and model %r needs its slot", orphans[0], model_id)
+                    self.loading[orphans[0]].cancel()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise MultiplexedModelError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no slot for multiplexed model {model_id!r} within {SLOT_WAIT_S:g} s: "
+                        f"all {self.max_models} slots of this replica are loading or unloading "
+                        "models; retry later",
+                    )
+                if self._freed is None:
+                    self._freed = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._freed.wait(), remaining)
+                except TimeoutError:
+                    pass
+        finally:
+            self._slot_wanted -= 1
 
     async def _load_one(self, model_id: str) -> Any:
         m = self._metrics
         try:
-            await self._evict_for_one()
+            await self._take_slot(model_id)
             t0 = time.perf_counter()
             try:
                 model = await self._load(model_id)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                # One line, bounded: it becomes the call's status details and a log line.
+                why = " ".join(str(e).split())
+                if len(why) > MAX_ERROR_LEN:
+                    why = why[:MAX_ERROR_LEN] + "..."
                 log.warning("loading multiplexed model %r failed: %s: %s",
-                            model_id, type(e).__name__, e)
+                            model_id, type(e).__name__, why)
                 raise MultiplexedModelError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"multiplexed model {model_id!r} failed to load: {type(e).__name__}: {e}",
+                    f"multiplexed model {model_id!r} failed to load: {type(e).__name__}: {why}",
                 ) from e
             m.load_latency.record((time.perf_counter() - t0) * 1000.0, m.attrs)
             m.loads.add(1, m.attrs)
             self.models[model_id] = model
-            m.registered.set(1, m.with_id(model_id))
             m.num_models.set(len(self.models), m.attrs)
             return model
         finally:
             self.loading.pop(model_id, None)
+            self._waiters.pop(model_id, None)
+            self._slotted.discard(model_id)
+            self._slot_freed()  # a slot freed, or a model loaded that a waiting load may evict
             registry.changed()
 
 
@@ -351,6 +396,7 @@ def multiplexed(
             return await cache_of(None).get(mid)
 
         function._gateway_multiplexed = n  # type: ignore[attr-defined]
+        function._gateway_function_loader = True  # type: ignore[attr-defined]
         _used.append((fn.__module__, n, False))
         return function
 
@@ -361,11 +407,33 @@ _used: list[tuple[str, int, bool]] = []
 """(module, max_num_models_per_replica, is a method) of every loader decorated here."""
 
 
+def _function_loaders(modules: set[str]) -> list[int]:
+    """The caps of function loaders defined in, or imported by name or module into, `modules`
+    (a servicer's module calling `load_model` of its own `loaders.py`, a common layout)."""
+    import sys
+    import types
+
+    caps: dict[int, int] = {}
+    for name in modules:
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        for value in list(vars(mod).values()):
+            candidates = [value]
+            if isinstance(value, types.ModuleType):
+                candidates = list(vars(value).values())
+            for v in candidates:
+                n = getattr(v, "_gateway_multiplexed", None) if callable(v) else None
+                if isinstance(n, int) and getattr(v, "_gateway_function_loader", False):
+                    caps[id(v)] = n
+    return list(caps.values())
+
+
 def declared_capacity(servicer_class: type) -> int | None:
     """What the replica tells the gateway at start: None (its servicer serves no multiplexed
     models), 0 (no limit) or how many models it may hold: from the class's decorated loader
-    methods, else from function loaders of the class's own module. Decorators run when the
-    module is imported, before the replica serves."""
+    methods, else from function loaders the modules of its classes define or import. Decorators
+    run when the module is imported, before the replica serves."""
     caps = [
         v._gateway_multiplexed
         for klass in servicer_class.__mro__ for v in vars(klass).values()
@@ -374,6 +442,8 @@ def declared_capacity(servicer_class: type) -> int | None:
     if not caps:
         caps = [n for mod, n, method in _used if not method and mod == servicer_class.__module__]
     if not caps:
+        caps = _function_loaders({k.__module__ for k in servicer_class.__mro__
+                                  if k.__module__ != "builtins"})
+    if not caps:
         return None
     return 0 if -1 in caps else sum(caps)
-

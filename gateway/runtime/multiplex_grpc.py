@@ -9,7 +9,18 @@ from typing import Any
 
 import grpc
 
+from gateway.runtime import models_trailer
 from gateway.runtime.multiplex import MultiplexedModelError, _model_id, model_id_of
+
+
+def _report(context: Any) -> tuple[tuple[str, str], ...]:
+    """The handler's own trailers plus this replica's models (models_trailer.py): the gateway
+    routes by them, as it does by the reports of mux calls."""
+    try:
+        own = tuple(context.trailing_metadata() or ())
+    except Exception:  # a context without it (older grpc): ours only
+        own = ()
+    return (*own, (models_trailer.MODELS_KEY, models_trailer.current()))
 
 
 class MultiplexInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -43,15 +54,18 @@ def _wrap(h: Any) -> Any:
                 async for m in inner(request, context):
                     yield m
             except MultiplexedModelError as e:
-                await context.abort(e.code, e.details)
+                await context.abort(e.code, e.details, _report(context))
+            context.set_trailing_metadata(_report(context))
         fn: Any = agen
     elif inspect.iscoroutinefunction(inner):
         async def coro(request: Any, context: Any) -> Any:
             _model_id.set(model_id_of(context.invocation_metadata()))
             try:
-                return await inner(request, context)
+                result = await inner(request, context)
             except MultiplexedModelError as e:
-                await context.abort(e.code, e.details)
+                await context.abort(e.code, e.details, _report(context))
+            context.set_trailing_metadata(_report(context))
+            return result
         fn = coro
     elif h.response_streaming:
         def gen(request: Any, context: Any) -> Any:
@@ -65,9 +79,10 @@ def _wrap(h: Any) -> Any:
                         it = iter(inner(request, context))
                     item = next(it)
                 except StopIteration:
+                    context.set_trailing_metadata(_report(context))
                     return
                 except MultiplexedModelError as e:
-                    context.abort(e.code, e.details)
+                    context.abort(e.code, e.details, _report(context))
                 finally:
                     _model_id.reset(token)
                 yield item
@@ -76,9 +91,12 @@ def _wrap(h: Any) -> Any:
         def plain(request: Any, context: Any) -> Any:
             token = _model_id.set(model_id_of(context.invocation_metadata()))
             try:
-                return inner(request, context)
+                result = inner(request, context)
             except MultiplexedModelError as e:
-                context.abort(e.code, e.details)
+                context.abort(e.code, e.details, _report(context))
+            else:
+                context.set_trailing_metadata(_report(context))
+                return result
             finally:
                 _model_id.reset(token)
         fn = plain

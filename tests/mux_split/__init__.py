@@ -1,0 +1,1 @@
+"""A servicer whose multiplexed loader lives in another module (tests/test_multiplex_split.py)."""
