@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 from urllib.parse import urlsplit
 
 COOKIE = "gateway_dashboard"
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 
 def session_value(token: str) -> str:
@@ -40,8 +40,17 @@ def host_ok(host_header: str, bound_host: str) -> bool:
         name = urlsplit("//" + host_header).hostname or ""
     except ValueError:
         return False
-    return name in _LOOPBACK_NAMES or name == bound_host.strip("[]") or \
-        name.startswith("127.")
+    if not name:
+        return False
+    if name == "localhost" or name == bound_host.strip("[]").lower():
+        return True
+    try:  # only an IP literal that is loopback: `127.evil.example` is a DNS name
+        addr = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
 
 
 def safe_next(target: str) -> str:
