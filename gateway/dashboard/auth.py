@@ -3,9 +3,10 @@
 With `admin.token` set, a request needs `Authorization: Bearer <token>` or the session cookie
 the login form sets. The cookie holds its issue time and an HMAC of it under the token (not
 the token), lasts `SESSION_TTL_S`, and every compare is constant-time; failed logins are
-limited for all clients together. Without a token the dashboard only binds loopback (the config insists), and
-it answers only requests whose Host names a loopback address: a web page elsewhere cannot read
-it through DNS rebinding.
+limited for all clients together. Without a token the dashboard only binds loopback (the
+config insists), and it answers only requests whose Host names a loopback address (an IP
+literal, `localhost` or the configured host): a web page elsewhere cannot read it through DNS
+rebinding.
 """
 
 from __future__ import annotations

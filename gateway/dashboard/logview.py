@@ -3,10 +3,11 @@
 Bounded whatever the file: at most `MAX_READ_BYTES` (256 KiB) are read per request and at
 most `MAX_LINES` (2,000) entries returned; older parts are paged with `before=<start>`. Secrets
 are scrubbed from every line *before* the search filter runs (a search on the raw lines would
-tell a viewer, one character at a time, what the scrubbed lines hide). Both encodings are understood: TEXT lines
-(`LEVEL date time application deployment replica request_id route where - message`, Ray
-Serve's order) and JSON objects; a line that is neither (a traceback's continuation) joins the
-entry before it. Runs in a worker thread (file I/O stays off the event loop).
+tell a viewer, one character at a time, what the scrubbed lines hide). Both encodings are
+understood: TEXT lines (`LEVEL date time application deployment replica request_id route where
+- message`, Ray Serve's order) and JSON objects; a line that is neither (a traceback's
+continuation, marked by escape's CONTINUATION) joins the entry before it. Runs in a worker
+thread (file I/O, scrubbing and JSON encoding stay off the event loop).
 """
 
 from __future__ import annotations

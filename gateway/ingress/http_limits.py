@@ -47,7 +47,7 @@ class ConnectionLimits:
         self.refused = 0
         self.timed_out = 0
         # Open connections (aiohttp's protocol object) -> (transport, its deadline timer).
-        self._open: dict[object, tuple[asyncio.BaseTransport, asyncio.TimerHandle | None]] = {}
+        self._open: dict[object, tuple[asyncio.Transport, asyncio.TimerHandle | None]] = {}
 
     @property
     def open(self) -> int:
@@ -117,8 +117,7 @@ class ConnectionLimits:
         self.timed_out += 1
         # Nothing left to send: a plain close. An answer stuck on a client that does not
         # read: dropped (close() would wait for it).
-        pending = getattr(transport, "get_write_buffer_size", lambda: 0)()
-        if pending:
+        if transport.get_write_buffer_size():
             transport.abort()
         else:
             transport.close()
