@@ -121,6 +121,17 @@ def test_log_read_is_a_bounded_window_with_paging(tmp_path: Path) -> None:
     assert page["entries"][0]["request_id"] == "req-000000"
 
 
+def test_following_says_when_it_skipped_lines(tmp_path: Path) -> None:
+    f = tmp_path / "r.log"
+    f.write_text(_text_line("r1", "first", "rid-0"))
+    offset = logview.read(f)["offset"]
+    assert not logview.read(f, after=offset)["truncated"]
+    with open(f, "a") as out:
+        out.write(_text_line("r1", "x" * 400, "rid-1") * 1000)  # > MAX_READ_BYTES
+    page = logview.read(f, after=offset)
+    assert page["truncated"] and page["offset"] == f.stat().st_size
+
+
 def test_log_api_answers_json_built_off_the_loop(tmp_path: Path) -> None:
     f = tmp_path / "r.log"
     f.write_text(_text_line("r1", "hello", "rid-1"))

@@ -118,8 +118,10 @@ def read(path: Path, after: int | None = None, level: str = "", query: str = "",
         q = query.lower()
         by_id = [e for e in entries if q == e.request_id.lower()]
         entries = by_id or [e for e in entries if q in e.line.lower()]
-    # Truncated: entries left out by `limit`, or older lines this window did not reach.
-    truncated = len(entries) > limit or (start + begin > 0 and after is None)
+    # Truncated: entries left out by `limit`, older lines this window did not reach, or (when
+    # following) lines written since `after` that the window skipped.
+    truncated = len(entries) > limit or (start + begin > 0 and after is None) or \
+        (after is not None and start > after)
     return {"path": str(path), "exists": True, "offset": start + end, "start": start + begin,
             "entries": [e.to_dict() for e in entries[-limit:]], "truncated": truncated}
 
