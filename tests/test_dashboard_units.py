@@ -100,7 +100,11 @@ def test_log_reader_is_bounded(tmp_path: Path) -> None:
     line = TEXT_LINE.format(lvl="INFO", rid="r", msg="x" * 200)
     write(f, [line] * 20000)  # ~5 MB
     out = logview.read(f, limit=100000)
-    assert len(out["entries"]) == logview.MAX_LINES and out["truncated"]
+    assert 0 < len(out["entries"]) <= logview.MAX_LINES and out["truncated"]
+    assert f.stat().st_size - out["start"] <= logview.MAX_READ_BYTES
+    short = TEXT_LINE.format(lvl="INFO", rid="r", msg="")
+    write(f, [short] * 20000)  # short lines: the line cap binds before the byte cap
+    assert len(logview.read(f, limit=100000)["entries"]) == logview.MAX_LINES
     assert all(e["level"] == "INFO" for e in out["entries"])  # no half line at the start
     # A rotated (shrunk) file is read from its tail again.
     write(f, [line])

@@ -28,6 +28,8 @@ log = logging.getLogger("gateway.controller")
 
 
 STARTUP_TIMEOUT_S = 60.0
+GATEWAY_ONLY_ENV = ("ARIZE_API_KEY", "ARIZE_SPACE_ID")
+"""Secrets in the gateway's environment its replica processes do not inherit."""
 
 
 class Supervisor(HealthChecks):
@@ -144,6 +146,8 @@ class Supervisor(HealthChecks):
             PYTHONUNBUFFERED="1",
         )
         env.pop(ENV_CONTROL_SECRET, None)  # handed over on stdin: /proc/<pid>/environ shows env
+        for var in GATEWAY_ONLY_ENV:  # the gateway's exporter keys: a model has no use for them
+            env.pop(var, None)
         if self.replica_env is not None:
             env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()

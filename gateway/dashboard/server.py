@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.dashboard import auth, logview, pages
 from gateway.dashboard.api import DashboardApi
+from gateway.ingress.http_limits import ConnectionLimits
 from gateway.tls import ServerTLS, ServerTLSConfig, http_listener
 
 log = logging.getLogger("gateway.dashboard")
@@ -67,11 +68,14 @@ class DashboardServer:
         """The listener's certificate (re-read on rotation) once started with `dashboard.tls`."""
         self._runner: web.AppRunner | None = None
         self._reads = asyncio.Semaphore(LOG_READS)
+        self.limits = ConnectionLimits()  # slow and too many clients (see http_limits)
+        self._failed_logins = auth.FailedLogins()
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
+        app = web.Application(middlewares=[self.limits.middleware, self._guard],
+                              client_max_size=64 * 1024)
         r = app.router
         r.add_get("/", self._page("overview", "Serve applications"))
         r.add_get("/apps/{app}", self._app_page)
@@ -105,6 +109,7 @@ class DashboardServer:
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, logger=quiet,
                                shutdown_timeout=SHUTDOWN_S)
         await runner.setup()
+        self.limits.install(runner.server)
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True, ssl_context=ctx)
         self.tls = tls
         try:
@@ -168,14 +173,20 @@ class DashboardServer:
         form = await request.post()
         offered = str(form.get("token", ""))
         nxt = auth.safe_next(str(form.get("next", "/")))
+        if not self._failed_logins.allow():  # a guesser gets ten tries a minute, not thousands
+            return web.Response(text="too many failed logins: try again in a minute",
+                                status=429, headers={"Retry-After": str(
+                                    self._failed_logins.retry_after_s())})
         if not auth.token_ok(token, offered):
-            await asyncio.sleep(0.3)  # a guesser gets a few tries a second, not thousands
+            self._failed_logins.failed()
+            await asyncio.sleep(0.3)
             return web.Response(text=pages.login(nxt, True), status=401,
                                 content_type="text/html")
         resp = _redirect(nxt)
         # Over HTTPS the browser never sends the session cookie on a plaintext connection.
         resp.set_cookie(auth.COOKIE, auth.session_value(token), httponly=True,
-                        samesite="Strict", path="/", secure=self.tls is not None)
+                        samesite="Strict", path="/", secure=self.tls is not None,
+                        max_age=auth.SESSION_TTL_S)
         return resp
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
@@ -253,22 +264,22 @@ class DashboardServer:
             return _error(400, "give ?replica=<replica id> or ?component=gateway")
         try:
             after = int(q["after"]) if q.get("after") else None
+            before = int(q["before"]) if q.get("before") else None
             limit = int(q.get("limit", logview.DEFAULT_LINES))
         except ValueError:
-            return _error(400, "after and limit are integers")
+            return _error(400, "after, before and limit are integers")
         level = q.get("level", "")
         if level and level.upper() not in logview.LEVELS:
             return _error(400, f"level is one of {', '.join(logview.LEVELS)}")
         assert path is not None
-        async with self._reads:
-            data = await asyncio.get_running_loop().run_in_executor(
-                None, logview.read, path, after, level, q.get("q", "")[:200], limit)
         scrub = self.api.scrub
-        if scrub.secrets:
-            for e in data["entries"]:
-                e["line"] = scrub(e["line"])
-                e["message"] = scrub(e["message"])
-        return _json(data)
+        # Reading, scrubbing (before the search: see logview), filtering and JSON encoding all
+        # run in a worker thread, a bounded window per request.
+        async with self._reads:
+            text = await asyncio.get_running_loop().run_in_executor(
+                None, logview.read_json, path, after, level, q.get("q", "")[:200], limit,
+                scrub if scrub.secrets else None, before)
+        return web.Response(text=text, content_type="application/json")
 
 
 def _query(**params: str) -> str:

@@ -25,6 +25,13 @@ def escape_field(value: Any) -> str:
     return escape(text).replace(" ", "\\x20")
 
 
+CONTINUATION = " "
+"""What every continuation line of a record (a traceback's) starts with. A record's first line
+starts with its level, so a client's newline inside an exception message cannot make a line
+that reads as a record of its own (the dashboard's parser relies on this)."""
+
+
 def escape_lines(text: str) -> str:
-    """A traceback keeps its lines; control characters inside them are escaped."""
-    return "\n".join(escape(line) for line in text.split("\n"))
+    """A traceback keeps its lines, each marked as a continuation; control characters inside
+    them are escaped."""
+    return "\n".join(CONTINUATION + escape(line) for line in text.split("\n"))

@@ -25,24 +25,46 @@ from gateway.runtime.sync_stream import sync_stream
 INTERNAL_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.", "/gateway.internal.")
 
 
+LINE_CAP = 64 * 1024
+"""Characters a replica's print may hold back waiting for a newline: past it the partial line
+is written as a record of its own (progress dots never grow memory without bound)."""
+
+
 class _LineWriter:
-    """Stands in for sys.stdout/sys.stderr in a replica: each printed line becomes a record."""
+    """Stands in for sys.stdout/sys.stderr in a replica: each printed line becomes a record.
+
+    Linear in what is written: the partial line is kept as a list of pieces, and only the new
+    text is searched for a newline."""
 
     def __init__(self, logger: logging.Logger, level: int, fallback: TextIO | None) -> None:
         self._logger = logger
         self._level = level
-        self._buf = ""
+        self._parts: list[str] = []
+        self._held = 0
         self._fallback = fallback
         self._local = threading.local()
 
     def write(self, s: str) -> int:
         if getattr(self._local, "busy", False):  # logging itself failed and wrote to stderr
             return self._fallback.write(s) if self._fallback is not None else len(s)
-        self._buf += s
-        while "\n" in self._buf:
-            line, self._buf = self._buf.split("\n", 1)
-            self._emit(line)
-        return len(s)
+        n = len(s)
+        if "\n" in s:
+            *lines, rest = s.split("\n")
+            self._parts.append(lines[0])
+            first, self._parts, self._held = "".join(self._parts), [], 0
+            for line in (first, *lines[1:]):
+                for i in range(0, max(len(line), 1), LINE_CAP):
+                    self._emit(line[i:i + LINE_CAP])
+            s = rest
+        if s:
+            self._parts.append(s)
+            self._held += len(s)
+            while self._held >= LINE_CAP:
+                held = "".join(self._parts)
+                self._emit(held[:LINE_CAP])
+                held = held[LINE_CAP:]
+                self._parts, self._held = ([held] if held else []), len(held)
+        return n
 
     def _emit(self, line: str) -> None:
         self._local.busy = True
@@ -52,8 +74,8 @@ class _LineWriter:
             self._local.busy = False
 
     def flush(self) -> None:
-        if self._buf:
-            line, self._buf = self._buf, ""
+        if self._parts:
+            line, self._parts, self._held = "".join(self._parts), [], 0
             self._emit(line)
 
     def isatty(self) -> bool:

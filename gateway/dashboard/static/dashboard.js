@@ -4,7 +4,8 @@
 
 const REFRESH_MS = 3000;
 const LOG_POLL_MS = 2000;
-const MAX_LOG_LINES = 5000;
+const MAX_LOG_LINES = 2000; // the API's most per request (a bounded window of the file)
+const SEARCH_DEBOUNCE_MS = 700;
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777",
   "#65a30d"];
 const SVG = "http://www.w3.org/2000/svg";
@@ -325,11 +326,20 @@ function logView(container, source) {
   const search = h("input", { id: "log-search", type: "search", placeholder: "request id or text" });
   const follow = h("input", { id: "log-follow", type: "checkbox", checked: "checked" });
   const count = h("span", { id: "log-count", class: "muted" });
+  const note = h("p", { id: "log-truncated", class: "muted", hidden: "hidden" },
+    "Only the newest part of the log is shown. ");
+  const older = h("button", { id: "log-older", type: "button" }, "Show older lines");
+  note.appendChild(older);
   const lines = h("div", { id: "log-lines", class: "log", role: "log" });
   container.replaceChildren(h("div", { class: "logbar" },
     h("label", {}, "Level ", level), h("label", {}, "Search ", search),
-    h("label", {}, follow, " follow"), count), lines);
+    h("label", {}, follow, " follow"), count), note, lines);
   let offset = null;
+  let start = 0;
+  const truncated = (data) => {
+    start = data.start || 0;
+    note.hidden = !data.truncated;
+  };
   let gen = 0;
   const query = () => source + "&level=" + encodeURIComponent(level.value) + "&q=" +
     encodeURIComponent(search.value.trim());
@@ -350,10 +360,27 @@ function logView(container, source) {
     if (mine !== gen) return;
     lines.replaceChildren();
     offset = data.offset;
+    truncated(data);
     if (!data.exists) count.textContent = "no log file yet";
     add(data.entries);
     lines.scrollTop = lines.scrollHeight;
   };
+  // The window before the oldest one shown (the API reads a bounded window per request).
+  const loadOlder = async () => {
+    if (start <= 0) return;
+    const mine = gen;
+    const data = await api(query() + "&before=" + start + "&limit=" + MAX_LOG_LINES);
+    if (mine !== gen) return;
+    truncated(data);
+    const frag = document.createDocumentFragment();
+    for (const e of data.entries) {
+      frag.appendChild(h("div", { class: "ln " + (e.level || "raw").toLowerCase() }, e.line));
+    }
+    lines.insertBefore(frag, lines.firstChild);
+    while (lines.childElementCount > MAX_LOG_LINES) lines.lastChild.remove();
+    count.textContent = lines.childElementCount + " lines";
+  };
+  older.addEventListener("click", () => loadOlder().catch(showError));
   const poll = async () => {
     if (!follow.checked || offset === null) return;
     const mine = gen;
@@ -366,7 +393,7 @@ function logView(container, source) {
   let timer = null;
   search.addEventListener("input", () => {
     clearTimeout(timer);
-    timer = setTimeout(() => reload().catch(showError), 300);
+    timer = setTimeout(() => reload().catch(showError), SEARCH_DEBOUNCE_MS);
   });
   reload().catch(showError);
   setInterval(() => poll().then(tick).catch(showError), LOG_POLL_MS);
