@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import FieldMapping
+from gateway.oip import RAW_FORMAT, TYPED_FIELD
 
 
 class DecodeProblem(ValueError):
@@ -61,17 +62,8 @@ def _bf16(raw: bytes) -> list[float]:
 
 # -- Open Inference tensors ----------------------------------------------------------------------
 
-_TYPED = {
-    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-    "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-    "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
-}
-_RAW = {
-    "BOOL": "?", "INT8": "b", "INT16": "h", "INT32": "i", "INT64": "q", "UINT8": "B",
-    "UINT16": "H", "UINT32": "I", "UINT64": "Q", "FP16": "e", "FP32": "f", "FP64": "d",
-    "BF16": "H",
-}
+_TYPED = TYPED_FIELD  # one table for the protocol (gateway/oip.py)
+_RAW = RAW_FORMAT
 
 
 def tensor_values(name: str, datatype: str, shape: Sequence[int], contents: Any,
