@@ -17,9 +17,18 @@ from gateway.logs.settings import LogSettings
 _FIELDS = ("application", "deployment", "replica", "request_id", "route")
 
 
+_last_second: tuple[int, str] = (-1, "")
+"""The last whole second formatted and its text: access lines come many to a second, and
+localtime + strftime cost ~5 us a line. One tuple, swapped whole: safe across threads."""
+
+
 def _asctime(record: logging.LogRecord) -> str:
-    t = time.localtime(record.created)
-    return time.strftime("%Y-%m-%d %H:%M:%S", t) + f",{int(record.msecs):03d}"
+    global _last_second
+    sec = int(record.created)
+    last = _last_second
+    if last[0] != sec:
+        last = _last_second = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+    return f"{last[1]},{int(record.msecs):03d}"
 
 
 class TextFormatter(logging.Formatter):
