@@ -52,6 +52,7 @@ import yaml
 
 from bench.echo_replica import ECHO_METHOD
 from bench.frames import write_echo_frame
+from bench.paired import Pair, Side, render_paired, run_paired
 from gateway.config import parse_config
 from gateway.pb import bench_pb2, bench_pb2_grpc
 
@@ -334,7 +335,7 @@ class H2Result:
 def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
            calls: int | None = None, duration_s: float | None = None,
            path: str = ECHO_METHOD, h1_json: bool = False, log_name: str = "h2load.log",
-           model_id: str | None = None) -> H2Result:
+           model_id: str | None = None, rps: int | None = None) -> H2Result:
     """One h2load run over one connection with `concurrency` streams; `h1_json`: HTTP/1.1
     JSON posts over `concurrency` connections instead (the HTTP ingress cell)."""
     log = work / log_name
@@ -349,6 +350,8 @@ def h2load(address: str, concurrency: int, frame: Path, app: str, work: Path,
                "-H", f"application: {app}", f"--log-file={log}"]
         if model_id is not None:
             cmd += ["-H", f"multiplexed_model_id: {model_id}"]
+        if rps is not None:
+            cmd += ["--rps", str(rps)]  # a fixed offered load (bench/paired.py)
     if duration_s is not None:
         cmd += ["-D", f"{round(duration_s * 1000)}ms"]
         timeout = duration_s + 30
@@ -587,6 +590,33 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
 # -- the run -----------------------------------------------------------------------------
 
 
+def paired_pairs(targets: list[Target]) -> tuple[list[Pair], Pair | None]:
+    """The pairs the targets compare (bench/paired.py), from this run's targets."""
+    by = {(t.kind, t.name): t for t in targets}
+
+    def side(kind: str, name: str) -> Side | None:
+        t = by.get((kind, name))
+        return None if t is None else Side(f"{kind} {name}", t.address, kind, t.proxy_pids,
+                                           t.replica_pid)
+
+    wanted = [
+        ("external", "gateway", "minimal-proxy", "default vs minimal proxy", ">= 0.95"),
+        ("external", "gateway", "gateway-telemetry-off", "telemetry on vs off", ">= 0.90"),
+        ("local", "gateway", "gateway-telemetry-off", "telemetry on vs off", ">= 0.90"),
+        ("local", "gateway", "direct", "default vs direct", ">= 0.55"),
+        ("local", "gateway+records", "direct", "records 100% vs direct", ">= 0.45"),
+    ]
+    pairs = []
+    for kind, a, b, name, want in wanted:
+        sa, sb = side(kind, a), side(kind, b)
+        if sa is not None and sb is not None:
+            pairs.append(Pair(f"{kind}, {name}", sa, sb, want))
+    ea, eb = side("external", "gateway"), side("external", "minimal-proxy")
+    equal = (Pair("external, equal load", ea, eb, "CPU: gateway <= 1.10, replica <= 1.05")
+             if ea is not None and eb is not None else None)
+    return pairs, equal
+
+
 def add_ratios(cells: list[dict[str, Any]]) -> None:
     """Each figure over direct's from the same run (same kind and concurrency)."""
     direct = {(c["kind"], c["concurrency"]): c for c in cells if c["target"] == "direct"}
@@ -722,6 +752,7 @@ def render(result: dict[str, Any]) -> str:
         from bench.http_cell import render_http
 
         lines += render_http(result["http"])
+    lines += render_paired(result.get("paired", []))
     lines += ["", "## Issue 6 targets (same run)", "", *targets_summary(cells, mem), ""]
     lines += ["How each call is checked to be gRPC OK: " + result["ok_method"], ""]
     return "\n".join(lines)
@@ -855,6 +886,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
     clients = Clients()
     features: dict[str, Any] = {}
     memory: dict[str, Any] = {}
+    paired: list[dict[str, Any]] = []
     t0 = time.monotonic()
     with stopping(children):
         ext = Child("external replica", [sys.executable, "-m", "bench.echo_replica"],
@@ -929,6 +961,8 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     print(f"  {kind:8} {t.name:22} c={conc:<3} {cell['calls_per_s']:8.0f} calls/s"
                           f"  p50 {cell['p50_ms']:.3f} ms  ok={cell['grpc_ok']}",
                           file=sys.stderr, flush=True)
+        paired = run_paired(*paired_pairs(targets), h2load, cpu_seconds, frame, work,
+                            smoke=s.smoke)
         memory = measure_memory(mem_gw, s, frame, message, work)
         from bench.http_cell import run_http_cells  # imports this module: not at the top
 
@@ -946,6 +980,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     "loadavg": os.getloadavg()},
         "notes": notes, "ok_method": OK_METHOD, "cells": cells, "memory": memory,
         "http": http_cells,
+        "paired": paired,
         "features": features,
         "gateway_configs": {v: g.config for v, g in gws.items()},
         "nginx": nginx is not None,
