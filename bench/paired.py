@@ -145,7 +145,8 @@ def render_paired(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['name']}: {r['a']} / {r['b']} | {load} | {_f(r['calls_per_s_ratio'])} | "
             f"{', '.join(_f(x) for x in r['calls_per_s_ratios'])} | {r['wanted']} | "
             f"{_f(r['a_proxy_cpu_us'], 0)} / {_f(r['b_proxy_cpu_us'], 0)} | "
-            f"{_f(r['proxy_cpu_ratio'])} | {_f(r['a_replica_cpu_us'], 0)} / {_f(r['b_replica_cpu_us'], 0)} | "
+            f"{_f(r['proxy_cpu_ratio'])} | "
+            f"{_f(r['a_replica_cpu_us'], 0)} / {_f(r['b_replica_cpu_us'], 0)} | "
             f"{_f(r['replica_cpu_ratio'])} | {'yes' if r['ok'] else 'NO'} |")
     return lines
 
