@@ -73,3 +73,17 @@ def test_text_date_follows_each_records_second() -> None:
         assert rec is not None
         want = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f",{int(rec.msecs):03d}"
         assert fmt.format(rec).split(" ", 1)[1].startswith(want)
+
+
+def test_fields_that_need_escaping_are_escaped_and_plain_ones_kept() -> None:
+    logger = logging.getLogger("test.access.fields")
+    logger.setLevel(logging.INFO)
+    rec = access_record(logger, method="/svc/M", code=grpc.StatusCode.OK, latency_s=0.0,
+                        end_time=1.0, request_id="id with space\nINFO forged\x1b[31m",
+                        application="app", deployment="", replica="r#D#1")
+    assert rec is not None
+    line = TextFormatter().format(rec)
+    assert "\n" not in line and "\x1b" not in line
+    fields = line.split(" ")[3:8]
+    assert fields == ["app", "-", "r#D#1", "id\\x20with\\x20space\\nINFO\\x20forged\\x1b[31m",
+                      "/svc/M"]

@@ -31,6 +31,13 @@ def _asctime(record: logging.LogRecord) -> str:
     return f"{last[1]},{int(record.msecs):03d}"
 
 
+def _field(value: Any) -> str:
+    # Most fields (ids, names, paths) need no escaping: skip the work for them.
+    if value.__class__ is str and value and value.isprintable() and " " not in value:
+        return value  # type: ignore[no-any-return]
+    return escape_field(value)
+
+
 class TextFormatter(logging.Formatter):
     """`LEVEL date time application deployment replica request_id route file:line - message`,
     Ray Serve's field order, with `-` for a field that does not apply.
@@ -41,7 +48,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         d = record.__dict__
-        fields = " ".join(escape_field(d.get(k)) for k in _FIELDS)
+        fields = " ".join([_field(d.get(k)) for k in _FIELDS])
         where = "access" if d.get("access") else f"{record.filename}:{record.lineno}"
         line = (
             f"{record.levelname} {_asctime(record)} {fields} {where} - "
