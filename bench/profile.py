@@ -3,8 +3,9 @@
 `python -m bench.profile [--seconds 10] [--concurrency 16] [--kind local|external] [--unknown]`
 starts the default-observability gateway (as `make bench` does), drives Echo calls at it with
 h2load (`--unknown`: `/bench.Unlisted/Echo`, a name the gateway cannot know, at the external
-replica), samples the gateway process with `py-spy record --format raw`, and prints the functions with the most
-self time (and an SVG flame graph with `--svg`). Needs py-spy (`pip install py-spy`) and ptrace.
+replica), samples the gateway process with `py-spy record --format raw`, and prints the
+functions with the most self time (and an SVG flame graph with `--svg`). Needs py-spy
+(`pip install py-spy`) and ptrace.
 """
 
 from __future__ import annotations
