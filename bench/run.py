@@ -15,7 +15,8 @@ drives unary `/bench.Echo/Echo` calls at:
 Beside the local cells, `multiplexed` cells call the default gateway's application
 `multiplexed` (a local `MuxEcho` replica, `@gateway.multiplexed`) with a `multiplexed_model_id`
 whose model is loaded: the cost of routing by model id and the cache lookup, compared with the
-plain local gateway cell.
+plain local gateway cell. Beside the external cells, `... (unknown method)` cells call the
+same replica's Echo under a name the gateway cannot know (bench/unknown_cell.py, issue 17).
 
 Each gateway variant is one `gateway run` process serving two applications, `local` and
 `external`, so both kinds are measured through the same process. Every cell checks that every
@@ -754,11 +755,13 @@ OK_METHOD = (
     "h2load sees only HTTP status, so each cell adds: (1) a few calls with a Python gRPC client "
     "through the same target, same bytes and metadata, that read grpc-status from the trailers "
     "and compare the echo; (2) every measured response carried exactly one echo message (h2load's "
-    "DATA byte count; a gRPC error is trailers-only); (3) the replica's own counter (Echo/Stats) "
-    "rose by exactly the measured call count; (4) for gateways with metrics on, the gateway's "
-    "ray_serve_num_grpc_requests rose by exactly that count, all with status_code OK; (5) for "
-    "nginx, its access log records the grpc-status trailer it sent ('$sent_trailer_grpc_status'), "
-    "one '200 0' line per call.")
+    "DATA byte count; a gRPC error is trailers-only); (3) the replica's own counter (Echo/Stats; "
+    "Unlisted/Stats for the unknown-method cells) rose by exactly the measured call count; (4) "
+    "for gateways with metrics on, the gateway's ray_serve_num_grpc_requests rose by exactly that "
+    "count, all with status_code OK (under the called method's label); (5) for nginx, its access "
+    "log records the grpc-status trailer it sent ('$sent_trailer_grpc_status'), one '200 0' line "
+    "per call; (6) for the gateway's unknown-method cells, `gateway status` names the method as "
+    "one it does not know.")
 
 
 def gateway_features(gw: GatewayProc) -> dict[str, Any]:
