@@ -1,9 +1,11 @@
 """Where the gateway's per-call CPU goes: py-spy on the gateway under h2load load.
 
-`python -m bench.profile [--seconds 10] [--concurrency 16] [--kind local|external]` starts the
-default-observability gateway (as `make bench` does), drives Echo calls at it with h2load, samples
-the gateway process with `py-spy record --format raw`, and prints the functions with the most
-self time (and an SVG flame graph with `--svg`). Needs py-spy (`pip install py-spy`) and ptrace.
+`python -m bench.profile [--seconds 10] [--concurrency 16] [--kind local|external] [--unknown]`
+starts the default-observability gateway (as `make bench` does), drives Echo calls at it with
+h2load (`--unknown`: `/bench.Unlisted/Echo`, a name the gateway cannot know, at the external
+replica), samples the gateway process with `py-spy record --format raw`, and prints the
+functions with the most self time (and an SVG flame graph with `--svg`). Needs py-spy
+(`pip install py-spy`) and ptrace.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.echo_replica import ECHO_METHOD
+from bench.echo_replica import ECHO_METHOD, UNLISTED_ECHO_METHOD
 from bench.frames import write_echo_frame
 from bench.run import Child, child_env, start_gateway, stopping, wait_gateway
 
@@ -64,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=("local", "external"), default="local")
     p.add_argument("--variant", default="gateway",
                    choices=("gateway", "gateway+records", "gateway-telemetry-off"))
+    p.add_argument("--unknown", action="store_true",
+                   help="call /bench.Unlisted/Echo, unknown to the gateway (external replica)")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--native", action="store_true",
                    help="include C frames (grpc's Cython core, the interpreter)")
     p.add_argument("--svg", type=Path, default=None, help="also write a flame graph here")
     a = p.parse_args(argv)
+    if a.unknown and a.kind != "external":
+        p.error("--unknown: only the external replica serves /bench.Unlisted/Echo")
+    method = UNLISTED_ECHO_METHOD if a.unknown else ECHO_METHOD
     spy = py_spy()
     tmp = Path(tempfile.mkdtemp(prefix="gateway-profile-"))
     frame, _ = write_echo_frame(tmp / "echo.frame")
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         load = ["h2load", "-c", "1", "-t", "1", "-m", str(a.concurrency), "-d", str(frame),
                 "-H", "content-type: application/grpc", "-H", "te: trailers",
                 "-H", f"application: {a.kind}", "-D", f"{round((a.seconds + 2) * 1000)}ms",
-                f"http://{gw.address}{ECHO_METHOD}"]
+                f"http://{gw.address}{method}"]
         h2 = subprocess.Popen(load, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.0)  # warm
         raw = tmp / "profile.txt"
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"h2load:\n{out}", file=sys.stderr)
     own, incl, threads, total = self_time(raw.read_text())
     print(f"gateway ({a.variant}) under h2load c={a.concurrency} to the {a.kind} replica: "
-          f"{rate.group(1) if rate else '?'} calls/s; {total} samples over {a.seconds:g}s "
+          f"({method}): {rate.group(1) if rate else '?'} calls/s; {total} samples over "
+          f"{a.seconds:g}s "
           "(py-spy, Python frames only, idle threads excluded)")
     print("\n| thread | % of samples |\n|---|---:|")
     for name, n in threads.most_common():

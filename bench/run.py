@@ -15,7 +15,8 @@ drives unary `/bench.Echo/Echo` calls at:
 Beside the local cells, `multiplexed` cells call the default gateway's application
 `multiplexed` (a local `MuxEcho` replica, `@gateway.multiplexed`) with a `multiplexed_model_id`
 whose model is loaded: the cost of routing by model id and the cache lookup, compared with the
-plain local gateway cell.
+plain local gateway cell. Beside the external cells, `... (unknown method)` cells call the
+same replica's Echo under a name the gateway cannot know (bench/unknown_cell.py, issue 17).
 
 Each gateway variant is one `gateway run` process serving two applications, `local` and
 `external`, so both kinds are measured through the same process. Every cell checks that every
@@ -50,11 +51,11 @@ import grpc
 import psutil
 import yaml
 
-from bench.echo_replica import ECHO_METHOD
+from bench.echo_replica import ECHO_METHOD, STATS_METHOD, UNLISTED_ECHO_METHOD
 from bench.frames import write_echo_frame
 from bench.paired import Pair, Side, render_paired, run_paired
 from gateway.config import parse_config
-from gateway.pb import bench_pb2, bench_pb2_grpc
+from gateway.pb import bench_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -317,6 +318,12 @@ class Target:
     proxy_pids: Callable[[], list[int]]
     gateway: GatewayProc | None = None
     nginx_log: Path | None = None
+    method: str = ECHO_METHOD
+    """The method called (bench/unknown_cell.py: one the gateway cannot know)."""
+    stats_method: str = STATS_METHOD
+    """The replica's count of the calls it served to `method`."""
+    check: Callable[[], tuple[bool, str]] | None = None
+    """One more check after the measured run: (passed, what it found)."""
 
 
 @dataclass
@@ -405,16 +412,18 @@ class Clients:
             ch = self._channels[address] = grpc.insecure_channel(address)
         return ch
 
-    def replica_calls(self, address: str) -> int:
-        stub = bench_pb2_grpc.EchoStub(self.channel(address))
-        calls: int = stub.Stats(bench_pb2.StatsRequest(), timeout=10).calls
+    def replica_calls(self, address: str, stats_method: str = STATS_METHOD) -> int:
+        stats = self.channel(address).unary_unary(
+            stats_method, request_serializer=bench_pb2.StatsRequest.SerializeToString,
+            response_deserializer=bench_pb2.StatsReply.FromString)
+        calls: int = stats(bench_pb2.StatsRequest(), timeout=10).calls
         return calls
 
     def verify(self, address: str, app: str, message: bytes, n: int,
-               model_id: str | None = None) -> str | None:
+               model_id: str | None = None, method: str = ECHO_METHOD) -> str | None:
         """`n` calls through `address` with the benchmark's request; None when each one came
         back with grpc-status OK and the echoed message, else what was wrong."""
-        rpc = self.channel(address).unary_unary(ECHO_METHOD, None, None)
+        rpc = self.channel(address).unary_unary(method, None, None)
         md: tuple[tuple[str, str], ...] = (("application", app),)
         if model_id is not None:
             md += (("multiplexed_model_id", model_id),)
@@ -432,8 +441,9 @@ class Clients:
             ch.close()
 
 
-def scrape_statuses(port: int, app: str) -> dict[str, float]:
-    """The gateway's own count of finished Echo calls of `app` per gRPC status (Prometheus)."""
+def scrape_statuses(port: int, app: str, method: str = ECHO_METHOD) -> dict[str, float]:
+    """The gateway's own count of finished calls of `app` to `method` per gRPC status
+    (Prometheus; an unknown method keeps its own name as its label once a replica answered)."""
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
@@ -447,7 +457,7 @@ def scrape_statuses(port: int, app: str) -> dict[str, float]:
         for s in fam.samples:
             if s.name.endswith("_created"):
                 continue
-            if s.labels.get("application") == app and s.labels.get("method") == ECHO_METHOD:
+            if s.labels.get("application") == app and s.labels.get("method") == method:
                 code = s.labels.get("status_code", "?")
                 out[code] = out.get(code, 0.0) + s.value
     return out
@@ -463,13 +473,15 @@ def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
 
 
 def access_log_lines(logs_dir: Path) -> int:
-    """Access lines for Echo in the gateway's own log files (not the replicas')."""
+    """Access lines for Echo (either name) in the gateway's own log files (not the replicas')."""
     n = 0
+    # Access lines only: a warning may name a method too (the unknown-method one does).
+    names = tuple(f" access - {m} ".encode() for m in (ECHO_METHOD, UNLISTED_ECHO_METHOD))
     for p in logs_dir.glob("*.log*"):
         if p.name.startswith("replica_"):
             continue
         with p.open("rb") as f:
-            n += sum(1 for line in f if ECHO_METHOD.encode() in line)
+            n += sum(1 for line in f if any(m in line for m in names))
     return n
 
 
@@ -509,32 +521,33 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
     problems: list[str] = []
     checks: list[str] = []
     log_off = log_size(t.gateway.logs_dir) if t.gateway is not None else 0
-    bad = clients.verify(t.address, app, message, s.verify_calls, mid)
+    bad = clients.verify(t.address, app, message, s.verify_calls, mid, t.method)
     if bad:
         problems.append(bad)
     else:
         checks.append(f"{s.verify_calls} Python gRPC calls: status OK, echo intact")
     if s.smoke:
         warm = h2load(t.address, conc, frame, app, work, calls=max(s.warmup_calls, conc * 2),
-                      model_id=mid)
+                      path=t.method, model_id=mid)
     else:
-        warm = h2load(t.address, conc, frame, app, work, duration_s=s.warmup_s, model_id=mid)
+        warm = h2load(t.address, conc, frame, app, work, duration_s=s.warmup_s, path=t.method,
+                      model_id=mid)
     n = (s.measure_calls if s.smoke
          else int(min(400_000, max(conc * 50, 500, warm.calls_per_s * s.measure_s))))
     n = max(n, conc * 4)
     if not s.smoke:
         time.sleep(0.1)  # calls the timed warm-up cut off finish before counters are read
-    metrics0 = (scrape_statuses(t.gateway.metrics_port, app)
+    metrics0 = (scrape_statuses(t.gateway.metrics_port, app, t.method)
                 if t.gateway and t.gateway.metrics_port else None)
     nginx_off = t.nginx_log.stat().st_size if t.nginx_log and t.nginx_log.exists() else 0
-    served0 = clients.replica_calls(t.replica_address)
+    served0 = clients.replica_calls(t.replica_address, t.stats_method)
     proxy_pids = t.proxy_pids()
     cpu_p0, cpu_r0, cpu_l0 = cpu_seconds(proxy_pids), cpu_seconds([t.replica_pid]), \
         children_cpu_seconds()
-    res = h2load(t.address, conc, frame, app, work, calls=n, model_id=mid)
+    res = h2load(t.address, conc, frame, app, work, calls=n, path=t.method, model_id=mid)
     cpu_p1, cpu_r1, cpu_l1 = cpu_seconds(proxy_pids), cpu_seconds([t.replica_pid]), \
         children_cpu_seconds()
-    served = clients.replica_calls(t.replica_address) - served0
+    served = clients.replica_calls(t.replica_address, t.stats_method) - served0
     if t.gateway is not None:
         sent = s.verify_calls + warm.succeeded + res.succeeded
         t.gateway.calls[app] = t.gateway.calls.get(app, 0) + sent
@@ -550,18 +563,20 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
     else:
         checks.append(f"{n} responses each carried one {frame_len}-byte echo message")
     if served != n:
-        problems.append(f"the replica served {served} Echo calls for {n} sent")
+        problems.append(f"the replica served {served} {t.method} calls for {n} sent")
     else:
-        checks.append(f"the replica served exactly {n} calls")
+        checks.append(f"the replica served exactly {n} calls" + (
+            f" of {t.method}" if t.method != ECHO_METHOD else ""))
     if metrics0 is not None and t.gateway and t.gateway.metrics_port:
         time.sleep(0.05)
-        m1 = scrape_statuses(t.gateway.metrics_port, app)
+        m1 = scrape_statuses(t.gateway.metrics_port, app, t.method)
         delta = {k: m1.get(k, 0.0) - metrics0.get(k, 0.0) for k in set(m1) | set(metrics0)}
         delta = {k: v for k, v in delta.items() if v}
         if delta != {"OK": float(n)}:
             problems.append(f"gateway metrics: status counts {delta}, expected {{'OK': {n}}}")
         else:
-            checks.append(f"gateway metrics: {n} x status OK, no other status")
+            checks.append(f"gateway metrics: {n} x status OK, no other status"
+                          + (f', method="{t.method}"' if t.method != ECHO_METHOD else ""))
     if t.nginx_log is not None:
         lines, _ = read_new_lines(t.nginx_log, nginx_off)
         ok_lines = sum(1 for ln in lines if ln.strip() == "200 0")
@@ -569,6 +584,9 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
             problems.append(f"nginx log: {ok_lines} of {len(lines)} lines '200 0', {n} calls")
         else:
             checks.append(f"nginx access log: {n} x grpc-status 0 in trailers")
+    if t.check is not None:
+        passed, found = t.check()
+        (checks if passed else problems).append(found)
     if problems and t.gateway is not None:
         problems += [f"gateway log: {ln}" for ln in gateway_error_lines(t.gateway.logs_dir,
                                                                         log_off)]
@@ -691,6 +709,9 @@ def targets_summary(cells: list[dict[str, Any]], memory: dict[str, Any]) -> list
     for kind in KINDS:
         out.append(f"| {kind}, telemetry on vs off, c16 | >= 0.90 | "
                    f"{_fmt(ratio_of(kind, 'gateway', 'gateway-telemetry-off'), 3)} |")
+    from bench.unknown_cell import summary_line
+
+    out.append(summary_line(cells))  # issue 17
     pts = memory.get("points", [])
     if len(pts) == 2:
         growth = (pts[1]["rss_mb"] - pts[0]["rss_mb"]) / pts[0]["rss_mb"]
@@ -739,6 +760,9 @@ def render(result: dict[str, Any]) -> str:
                 f"{c['p99_ms']:.3f} | {_fmt(c['proxy_cpu_us_per_call'], 0)} | "
                 f"{_fmt(c.get('proxy_cpu_us_vs_local_gateway'))} | "
                 f"{'yes' if c['grpc_ok'] else 'NO: ' + '; '.join(c['problems'])} |")
+    from bench.unknown_cell import render_unknown
+
+    lines += render_unknown(cells, result["settings"]["concurrencies"])
     mem = result["memory"]
     lines += ["", "## Gateway memory (default observability, local replica calls)", ""]
     for p in mem.get("points", []):
@@ -762,11 +786,13 @@ OK_METHOD = (
     "h2load sees only HTTP status, so each cell adds: (1) a few calls with a Python gRPC client "
     "through the same target, same bytes and metadata, that read grpc-status from the trailers "
     "and compare the echo; (2) every measured response carried exactly one echo message (h2load's "
-    "DATA byte count; a gRPC error is trailers-only); (3) the replica's own counter (Echo/Stats) "
-    "rose by exactly the measured call count; (4) for gateways with metrics on, the gateway's "
-    "ray_serve_num_grpc_requests rose by exactly that count, all with status_code OK; (5) for "
-    "nginx, its access log records the grpc-status trailer it sent ('$sent_trailer_grpc_status'), "
-    "one '200 0' line per call.")
+    "DATA byte count; a gRPC error is trailers-only); (3) the replica's own counter (Echo/Stats; "
+    "Unlisted/Stats for the unknown-method cells) rose by exactly the measured call count; (4) "
+    "for gateways with metrics on, the gateway's ray_serve_num_grpc_requests rose by exactly that "
+    "count, all with status_code OK (under the called method's label); (5) for nginx, its access "
+    "log records the grpc-status trailer it sent ('$sent_trailer_grpc_status'), one '200 0' line "
+    "per call; (6) for the gateway's unknown-method cells, `gateway status` names the method as "
+    "one it does not know.")
 
 
 def gateway_features(gw: GatewayProc) -> dict[str, Any]:
@@ -948,6 +974,9 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                 targets.append(Target(kind, "nginx", nginx_addr[kind], rep_addr, rep_pid,
                                       pids_of(nginx.pid, True),
                                       nginx_log=tmp / "nginx" / "access.log"))
+        from bench.unknown_cell import add_unknown_ratios, with_unknown_twins
+
+        targets = with_unknown_twins(targets)  # issue 17: a method the gateway cannot know
         targets.append(Target(MUX_KIND, "gateway", default.address, default.mux_replica_address,
                               default.mux_replica_pid, pids_of(default.child.pid, False),
                               gateway=default))
@@ -958,7 +987,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                 for t in (t for t in targets if t.kind == kind):
                     cell = run_cell(t, conc, s, frame, message, clients, work)
                     cells.append(cell)
-                    print(f"  {kind:8} {t.name:22} c={conc:<3} {cell['calls_per_s']:8.0f} calls/s"
+                    print(f"  {kind:8} {t.name:33} c={conc:<3} {cell['calls_per_s']:8.0f} calls/s"
                           f"  p50 {cell['p50_ms']:.3f} ms  ok={cell['grpc_ok']}",
                           file=sys.stderr, flush=True)
         paired = run_paired(*paired_pairs(targets), h2load, cpu_seconds, frame, work,
@@ -970,6 +999,7 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         features = {v: gateway_features(g) for v, g in gws.items()}
         clients.close()
     add_ratios(cells)
+    add_unknown_ratios(cells)
     result = {
         "started": started.isoformat(timespec="seconds"), "smoke": s.smoke,
         "elapsed_s": round(time.monotonic() - t0, 1),

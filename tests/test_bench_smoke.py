@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from bench import run as bench_run
+from bench import unknown_cell
 from bench.frames import write_echo_frame
 from gateway.pb import bench_pb2, bench_pb2_grpc
 
@@ -46,6 +47,9 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     expected = {(k, t, c) for k in bench_run.KINDS for t in bench_run.TARGETS
                 for c in (1, 16, 64) if t != "nginx" or has_nginx}
     expected |= {(bench_run.MUX_KIND, "gateway", c) for c in (1, 16, 64)}
+    # Issue 17: the external direct, gateway and minimal proxy again, on a method the gateway
+    # cannot know (/bench.Unlisted/Echo).
+    expected |= {("external", n, c) for n in unknown_cell.NAMES for c in (1, 16, 64)}
     cells = {(c["kind"], c["target"], c["concurrency"]): c for c in result["cells"]}
     assert set(cells) == expected
     # The HTTP cell: the iris model over REST and gRPC through the gateway, and direct.
@@ -67,17 +71,23 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
         assert c["replica_cpu_us_per_call"] >= 0, key
         if key[0] == bench_run.MUX_KIND:  # no direct cell: compared with the plain gateway
             assert c["calls_per_s_vs_local_gateway"] > 0
-        elif key[1] == "direct":
+        elif key[1].startswith("direct"):
             assert c["proxy_cpu_us_per_call"] is None
-            assert c["calls_per_s_vs_direct"] == 1.0
+            assert c["calls_per_s_vs_direct"] > 0
+            assert (c["calls_per_s_vs_direct"] == 1.0) is (key[1] == "direct")
         else:
             assert c["proxy_cpu_us_per_call"] is not None and c["proxy_cpu_us_per_call"] >= 0
             assert c["calls_per_s_vs_direct"] > 0
         # The call-by-call checks that ran (not only HTTP 200).
         assert any("replica served exactly" in x for x in c["checks"]), key
         assert any("echo message" in x for x in c["checks"]), key
-        if key[1] in ("gateway", "gateway+records"):
+        if key[1] in ("gateway", "gateway+records", "gateway (unknown method)"):
             assert any("gateway metrics" in x for x in c["checks"]), key
+        if key[1] in unknown_cell.NAMES:
+            assert c["calls_per_s_vs_known"] > 0, key
+            assert any("of /bench.Unlisted/Echo" in x for x in c["checks"]), key
+        if key[1] == "gateway (unknown method)":
+            assert any("a method it does not know" in x for x in c["checks"]), key
         if key[1] == "nginx":
             assert any("grpc-status 0" in x for x in c["checks"]), key
     mem = result["memory"]["points"]
@@ -88,11 +98,17 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     assert features["gateway"]["metrics"] == "on"
     assert features["gateway-telemetry-off"]["metrics"] == "off"
     assert features["gateway-telemetry-off"]["access_log"].startswith("off")
+    # One access line per call, the unknown method's included (and not its warning line).
+    lines, calls = features["gateway"]["access_log"].split(" lines for ")
+    assert f"{lines} calls" == calls, features["gateway"]
     assert "prediction_records" in features["gateway+records"]
     table = md.read_text()
     assert table in proc.stdout
     assert "| gateway | 16 |" in table and "Issue 6 targets" in table
     assert "## multiplexed models" in table
+    assert "## Methods the gateway does not know" in table
+    row = next(ln for ln in table.splitlines() if unknown_cell.SUMMARY_LABEL in ln)
+    assert row.startswith(f"| {unknown_cell.SUMMARY_LABEL} | >= 0.85 | ") and "| - |" not in row
     # Everything the harness started is gone.
     for name, pid in result["processes"].items():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie", name
