@@ -57,17 +57,21 @@ Cpu = Callable[[list[int]], float]
 
 
 def _slice(side: Side, load: Load, cpu: Cpu, frame: Path, work: Path, seconds: float,
-           rps: int | None = None) -> dict[str, Any]:
+           rps: int | None = None, calls: int | None = None) -> dict[str, Any]:
+    """One run of `calls` calls (or `seconds` long, for a warm-up: h2load cuts calls off at
+    the end of a timed run, and a cut streaming call can look answered)."""
     pids = side.proxy_pids()
     p0, r0 = cpu(pids), cpu([side.replica_pid])
-    res = load(side.address, CONCURRENCY, frame, side.app, work, duration_s=seconds,
-               path=side.path, rps=rps, log_name="paired.log")
+    res = load(side.address, CONCURRENCY, frame, side.app, work,
+               duration_s=None if calls else seconds, calls=calls, path=side.path, rps=rps,
+               log_name="paired.log")
     p1, r1 = cpu(pids), cpu([side.replica_pid])
     n = max(res.succeeded, 1)
     # HTTP 200 is not gRPC OK: every response must also carry the one echo message (a gRPC
     # error is trailers-only), as the main cells check.
     ok = (res.failed == 0 and res.errored == 0 and res.status_2xx == res.succeeded > 0
-          and res.data_bytes == res.succeeded * frame.stat().st_size)
+          and res.data_bytes == res.succeeded * frame.stat().st_size
+          and (calls is None or res.succeeded == calls))
     return {"calls_per_s": res.calls_per_s, "calls": res.succeeded, "ok": ok,
             "proxy_cpu_us": (p1 - p0) / n * 1e6 if pids else None,
             "replica_cpu_us": (r1 - r0) / n * 1e6}
@@ -82,14 +86,18 @@ def run_pair(pair: Pair, load: Load, cpu: Cpu, frame: Path, work: Path,
              rounds: int = ROUNDS, seconds: float = SLICE_S,
              rps: int | None = None) -> dict[str, Any]:
     """`rounds` rounds of one slice each side, ABBA order; the median of the round ratios."""
-    for side in (pair.a, pair.b):  # warm both (connections, caches) outside the figures
-        _slice(side, load, cpu, frame, work, min(seconds, 1.0), rps)
+    count: dict[str, int] = {}
+    for side in (pair.a, pair.b):
+        # Warm both (connections, caches) outside the figures; the warm-up's rate sets the
+        # call count of a slice of `seconds`.
+        warm = _slice(side, load, cpu, frame, work, min(seconds, 1.0), rps)
+        count[side.label] = max(CONCURRENCY * 4, int(warm["calls_per_s"] * seconds))
     a_runs: list[dict[str, Any]] = []
     b_runs: list[dict[str, Any]] = []
     for i in range(rounds):
         order = ((pair.a, a_runs), (pair.b, b_runs))
         for side, runs in (order if i % 2 == 0 else order[::-1]):
-            runs.append(_slice(side, load, cpu, frame, work, seconds, rps))
+            runs.append(_slice(side, load, cpu, frame, work, seconds, rps, count[side.label]))
 
     def ratios(key: str) -> list[float | None]:
         out: list[float | None] = []
@@ -133,8 +141,9 @@ def render_paired(rows: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", "## Paired ratios (same run; the two targets in alternating slices, median of "
              "the rounds)", "",
-             f"Each round: one {rows[0]['slice_s']:g} s slice of each target at c{CONCURRENCY} "
-             "(ABBA order). Ratios are a/b; CPU is per call, proxy process and replica process.",
+             f"Each round: one slice of each target at c{CONCURRENCY}, ~{rows[0]['slice_s']:g} s "
+             "(a call count set by a warm-up's rate), ABBA order. Ratios are a/b; CPU is per "
+             "call, proxy process and replica process.",
              "",
              "| pair (a / b) | load | calls/s a/b | rounds | wanted | proxy CPU us a / b | "
              "proxy CPU a/b | replica CPU us a / b | replica CPU a/b | all gRPC OK |",

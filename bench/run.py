@@ -610,12 +610,14 @@ def run_cell(t: Target, conc: int, s: Settings, frame: Path, message: bytes, cli
 
 def paired_pairs(targets: list[Target]) -> tuple[list[Pair], Pair | None]:
     """The pairs the targets compare (bench/paired.py), from this run's targets."""
+    from bench.unknown_cell import unknown_name  # imports this module: not at the top
+
     by = {(t.kind, t.name): t for t in targets}
 
     def side(kind: str, name: str) -> Side | None:
         t = by.get((kind, name))
         return None if t is None else Side(f"{kind} {name}", t.address, kind, t.proxy_pids,
-                                           t.replica_pid)
+                                           t.replica_pid, t.method)
 
     wanted = [
         ("external", "gateway", "minimal-proxy", "default vs minimal proxy", ">= 0.95"),
@@ -623,6 +625,7 @@ def paired_pairs(targets: list[Target]) -> tuple[list[Pair], Pair | None]:
         ("local", "gateway", "gateway-telemetry-off", "telemetry on vs off", ">= 0.90"),
         ("local", "gateway", "direct", "default vs direct", ">= 0.55"),
         ("local", "gateway+records", "direct", "records 100% vs direct", ">= 0.45"),
+        ("external", unknown_name("gateway"), "gateway", "unknown vs known method", ">= 0.85"),
     ]
     pairs = []
     for kind, a, b, name, want in wanted:
@@ -990,13 +993,15 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                     print(f"  {kind:8} {t.name:33} c={conc:<3} {cell['calls_per_s']:8.0f} calls/s"
                           f"  p50 {cell['p50_ms']:.3f} ms  ok={cell['grpc_ok']}",
                           file=sys.stderr, flush=True)
+        time.sleep(0.3)  # the access logs write their last lines
+        # Taken before the paired slices, which send calls the cells did not count.
+        features = {v: gateway_features(g) for v, g in gws.items()}
         paired = run_paired(*paired_pairs(targets), h2load, cpu_seconds, frame, work,
                             smoke=s.smoke)
         memory = measure_memory(mem_gw, s, frame, message, work)
         from bench.http_cell import run_http_cells  # imports this module: not at the top
 
         http_cells = run_http_cells(s, tmp, env)
-        features = {v: gateway_features(g) for v, g in gws.items()}
         clients.close()
     add_ratios(cells)
     add_unknown_ratios(cells)

@@ -102,7 +102,19 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     lines, calls = features["gateway"]["access_log"].split(" lines for ")
     assert f"{lines} calls" == calls, features["gateway"]
     assert "prediction_records" in features["gateway+records"]
+    # The paired ratios: every pair the targets compare, each call checked gRPC OK.
+    paired = {r["name"]: r for r in result["paired"]}
+    assert set(paired) == {
+        "external, default vs minimal proxy", "external, telemetry on vs off",
+        "local, telemetry on vs off", "local, default vs direct", "local, records 100% vs direct",
+        "external, unknown vs known method", "external, equal load"}
+    for name, r in paired.items():
+        assert r["ok"] and r["calls_per_s_ratio"] > 0, (name, r)
+        assert r["a_replica_cpu_us"] > 0 and r["b_replica_cpu_us"] > 0, name
+    assert paired["external, equal load"]["rps"] >= 20
+    assert paired["external, default vs minimal proxy"]["rps"] is None
     table = md.read_text()
+    assert "## Paired ratios" in table
     assert table in proc.stdout
     assert "| gateway | 16 |" in table and "Issue 6 targets" in table
     assert "## multiplexed models" in table
