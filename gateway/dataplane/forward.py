@@ -30,7 +30,8 @@ from gateway.dataplane.method_warnings import note_known_method, note_unknown_me
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.models_report import take_report
 from gateway.dataplane.mux import never_started
-from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY, Replica
+from gateway.dataplane.peek import peek_single
+from gateway.dataplane.replicas import STREAM_STREAM, UNARY_STREAM, UNARY_UNARY, Replica
 from gateway.dataplane.routing import AppRoute, route_call
 
 log = logging.getLogger("gateway.proxy")
@@ -187,6 +188,12 @@ class Forwarder:
                 # Answered here: a replica rejecting a call it cannot parse races with the
                 # request stream we would open to it, and grpc then reports INTERNAL.
                 raise errors.method_not_found(path, c.app)
+            up_shape = shape
+            if label is OTHER and shape == STREAM_STREAM and c.stream is None:
+                # One message and its end: upstream as unary-stream, far cheaper (peek.py).
+                single, rest = await peek_single(request)
+                request, up_shape = (single, UNARY_STREAM) if single is not None else (rest,
+                                                                                     shape)
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
@@ -202,7 +209,8 @@ class Forwarder:
                 got_any = False
                 try:
                     timeout = self._left(deadline, c)
-                    call = replica.callable(path, shape)(request, metadata=md, timeout=timeout)
+                    call = replica.callable(path, up_shape)(request, metadata=md,
+                                                            timeout=timeout)
                     initial = await call.initial_metadata()
                     if initial:
                         await _send_initial(ctx, initial)
@@ -217,7 +225,7 @@ class Forwarder:
                     ctx.set_trailing_metadata(trailers(trailing, c.rid))
                     return
                 except grpc.aio.AioRpcError as e:
-                    resend = shape == UNARY_STREAM and not got_any
+                    resend = up_shape == UNARY_STREAM and not got_any
                     if await self._upstream_failed(c, ctx, replica, e, attempt,
                                                    resend=resend, initial=False):
                         attempt += 1

@@ -1,0 +1,156 @@
+"""Calls of unknown shape (gateway/dataplane/peek.py): one message and its end goes upstream
+as unary-stream; everything else as a stream, every message in order, nothing held back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.dataplane.call import CallRecord
+from gateway.dataplane.peek import PEEK_S
+from gateway.dataplane.replicas import STREAM_STREAM, UNARY_STREAM, Replica
+
+MD = (("application", "echo"),)
+
+
+@contextlib.asynccontextmanager
+async def replica() -> AsyncIterator[int]:
+    """An external replica of raw-bytes methods, without reflection: all unknown."""
+
+    async def say(request: bytes, ctx: Any) -> bytes:
+        return request
+
+    async def count(requests: AsyncIterator[bytes], ctx: Any) -> bytes:
+        return str(len([r async for r in requests])).encode()
+
+    async def chat(requests: AsyncIterator[bytes], ctx: Any) -> AsyncIterator[bytes]:
+        async for r in requests:
+            yield r
+
+    async def push(requests: AsyncIterator[bytes], ctx: Any) -> AsyncIterator[bytes]:
+        yield b"hello"  # the server speaks first
+        async for r in requests:
+            yield r
+
+    handler = grpc.method_handlers_generic_handler("peek.T", {
+        "Say": grpc.unary_unary_rpc_method_handler(say),
+        "Count": grpc.stream_unary_rpc_method_handler(count),
+        "Chat": grpc.stream_stream_rpc_method_handler(chat),
+        "Push": grpc.stream_stream_rpc_method_handler(push),
+    })
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(0)
+
+
+def app(port: int) -> list[dict[str, Any]]:
+    return [{"name": "echo", "deployments": [
+        {"name": "Echo", "targets": [f"127.0.0.1:{port}"], "health_check_period_s": 0.5}]}]
+
+
+@pytest.fixture
+def shapes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The upstream shape of every call the gateway makes (the real callable, recorded)."""
+    seen: list[tuple[str, int]] = []
+    real = Replica.callable
+
+    def spy(self: Replica, path: str, shape: int) -> Any:
+        seen.append((path, shape))
+        return real(self, path, shape)
+
+    monkeypatch.setattr(Replica, "callable", spy)
+    return seen
+
+
+async def test_one_message_goes_upstream_as_unary_stream(
+        start_gateway: Any, shapes: list[tuple[str, int]]) -> None:
+    records: list[CallRecord] = []
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        gw.proxy.observers.append(records.append)
+        for i in range(5):
+            assert await ch.unary_unary("/peek.T/Say")(b"hi%d" % i, metadata=MD) == b"hi%d" % i
+        # A client stream of one message is one message, whatever the method's shape.
+        one = ch.stream_unary("/peek.T/Count")
+        assert await one(iter([b"a"]), metadata=MD) == b"1"
+        assert shapes == [("/peek.T/Say", UNARY_STREAM)] * 5 + [("/peek.T/Count", UNARY_STREAM)]
+        assert [r.request_bytes for r in records] == [3] * 5 + [1]
+        assert all(r.code is grpc.StatusCode.OK for r in records)
+
+
+async def test_streams_keep_every_message_in_order(
+        start_gateway: Any, shapes: list[tuple[str, int]]) -> None:
+    records: list[CallRecord] = []
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        gw.proxy.observers.append(records.append)
+        count = ch.stream_unary("/peek.T/Count")
+        assert await count(iter([b"a", b"b", b"c"]), metadata=MD) == b"3"
+        assert await count(iter([]), metadata=MD) == b"0"  # no message at all
+        # A client that waits for each answer before it sends again (longer than the peek).
+        call = ch.stream_stream("/peek.T/Chat")(metadata=MD)
+        got = []
+        for m in (b"one", b"two", b"three"):
+            await call.write(m)
+            got.append(await asyncio.wait_for(call.read(), 10))
+            await asyncio.sleep(PEEK_S * 4)
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert got == [b"one", b"two", b"three"]
+        assert await call.code() == grpc.StatusCode.OK
+        assert [s for _, s in shapes] == [STREAM_STREAM] * 3
+        assert [r.request_bytes for r in records] == [3, 0, 11]
+
+
+async def test_a_server_that_speaks_first_is_not_kept_waiting(start_gateway: Any) -> None:
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        call = ch.stream_stream("/peek.T/Push")(metadata=MD)
+        # Nothing sent yet: the replica's first message must come through all the same.
+        assert await asyncio.wait_for(call.read(), 10) == b"hello"
+        await call.write(b"x")
+        assert await asyncio.wait_for(call.read(), 10) == b"x"
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_clients_leaving_during_the_peek_leave_nothing_behind(
+        start_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="asyncio")
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        assert await ch.unary_unary("/peek.T/Say")(b"before", metadata=MD) == b"before"
+        before = set(asyncio.all_tasks())
+        for wait in (0.0, PEEK_S / 2, PEEK_S * 2, 0.05):
+            call = ch.stream_stream("/peek.T/Chat")(metadata=MD)
+            if wait:
+                await asyncio.sleep(wait)
+            call.cancel()
+            assert await call.code() == grpc.StatusCode.CANCELLED
+        for _ in range(100):  # the gateway let every one of them go
+            if gw.proxy.ongoing == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert gw.proxy.ongoing == 0
+        assert await ch.unary_unary("/peek.T/Say")(b"after", metadata=MD) == b"after"
+        for _ in range(100):  # no read the peek started outlives its call
+            left = {t for t in set(asyncio.all_tasks()) - before
+                    if "anext" in repr(t.get_coro()) or "_wrap_awaitable" in repr(t.get_coro())}
+            if not left:
+                break
+            await asyncio.sleep(0.02)
+        assert not left
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()
+                or "destroyed but it is pending" in r.getMessage()]
