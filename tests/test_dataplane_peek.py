@@ -154,3 +154,25 @@ async def test_clients_leaving_during_the_peek_leave_nothing_behind(
         assert not left
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()
                 or "destroyed but it is pending" in r.getMessage()]
+
+
+async def test_the_peek_holds_a_message_back_for_peek_s_in_all(
+        start_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both reads share one budget: an interactive client (one message, no half-close) gets
+    its first answer after PEEK_S at most, not after a wait for each read."""
+    from gateway.dataplane import peek
+
+    monkeypatch.setattr(peek, "PEEK_S", 0.4)  # large, so scheduling noise cannot matter
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        call = ch.stream_stream("/peek.T/Chat")(metadata=MD)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.sleep(0.25)  # the message comes late in the first read's wait
+        await call.write(b"first")
+        assert await asyncio.wait_for(call.read(), 10) == b"first"
+        waited = loop.time() - t0
+        # One budget: answered ~0.4 s after the call opened. A wait per read: ~0.65 s.
+        assert waited < 0.55, waited
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF

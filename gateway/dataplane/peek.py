@@ -9,8 +9,8 @@ closes at once. So the proxy looks at the start of the request stream for a mome
 message, then its end, and the call goes upstream as unary-stream (one batch: headers,
 message, half-close), which the replica cannot tell from what the client sent. Anything else
 (more messages, or nothing within `PEEK_S`, as with a bidi client that waits for the server
-to speak first) goes upstream as a stream with every message, in order: nothing is lost or
-held back longer than `PEEK_S`.
+to speak first) goes upstream as a stream with every message, in order: nothing is lost, and
+nothing held back longer than `PEEK_S` in all.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-PEEK_S = 0.005
-"""How long each of the two reads may wait. A unary client's message and end of stream are
-usually in by the time the handler runs; a stream that is not is forwarded as a stream."""
+PEEK_S = 0.003
+"""How long the two reads may wait, together: no message is held back longer. A unary
+client's message and end of stream are usually in by the time the handler runs; a stream
+that is not is forwarded as a stream."""
 
 
 def _settle(t: asyncio.Future[Any]) -> None:
@@ -37,11 +38,14 @@ def _read(it: AsyncIterator[bytes]) -> asyncio.Future[bytes]:
     return t
 
 
-async def _ready(t: asyncio.Future[bytes]) -> bool:
-    """True once `t` has finished, waiting at most PEEK_S (it is not cancelled)."""
+async def _ready(t: asyncio.Future[bytes], until: float) -> bool:
+    """True once `t` has finished, waiting until `until` at most (it is not cancelled)."""
     if not t.done():
+        left = until - asyncio.get_running_loop().time()
+        if left <= 0:
+            return False
         try:
-            await asyncio.wait((t,), timeout=PEEK_S)
+            await asyncio.wait((t,), timeout=left)
         except BaseException:
             t.cancel()  # this call is being cancelled: its pending read goes with it
             raise
@@ -53,13 +57,14 @@ async def peek_single(requests: AsyncIterator[bytes]) -> tuple[bytes | None,
     """(the message, an empty stream) when the client sent one message and closed; else
     (None, a stream of everything the client sends, in order)."""
     it = requests.__aiter__()
+    until = asyncio.get_running_loop().time() + PEEK_S
     first = _read(it)
-    if not await _ready(first):
+    if not await _ready(first, until):
         return None, _chain([first], it)
     if first.exception() is not None:
         return None, _chain([first], it)  # no message at all (or a failed read): as it is
     second = _read(it)
-    if await _ready(second) and isinstance(second.exception(), StopAsyncIteration):
+    if await _ready(second, until) and isinstance(second.exception(), StopAsyncIteration):
         return first.result(), _chain([], None)
     return None, _chain([first, second], it)
 
