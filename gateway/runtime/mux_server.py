@@ -150,6 +150,9 @@ class MuxServer:
                 return
             writing = True
             try:
+                # One loop turn first: the other calls of the batch that came in together
+                # finish in it, and their results share this write.
+                await asyncio.sleep(0)
                 while pending:
                     frames, pending = pending, []
                     for batch in batches(frames, limit, self._refused):

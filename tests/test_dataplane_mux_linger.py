@@ -1,0 +1,109 @@
+"""Calls to a local replica share stream writes under load (gateway/dataplane/mux.py LINGER_S)
+and a lone call is never held back; calls cancelled or expired while they wait never reach
+the replica. A real grpc.aio server with the replica runtime's MuxServer, a real Replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.dataplane import mux as mux_mod
+from gateway.dataplane.mux import MuxServer, capture_unary_handlers
+from gateway.dataplane.replicas import UNARY_UNARY, Replica, channel_options
+from gateway.pb import replica_control_pb2_grpc, text_model_pb2_grpc
+from gateway.runtime.replica import _Control
+from tests.conftest import PredictRequest
+from tests.test_dataplane_mux import PREDICT, _Counting
+
+
+@contextlib.asynccontextmanager
+async def local_replica() -> AsyncIterator[tuple[Replica, _Counting, list[int]]]:
+    """The replica, its servicer, and the number of frames in each stream write."""
+    servicer = _Counting()
+    server = grpc.aio.server(options=channel_options(32 << 20))
+    mux = MuxServer(capture_unary_handlers([text_model_pb2_grpc.add_TextModelServicer_to_server],
+                                           servicer), 32 << 20)
+    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer, mux), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    rep = Replica("t", "D", "t#D#0", f"127.0.0.1:{port}", 32 << 20, is_local=True, mux=True)
+    writes: list[int] = []
+    send = rep.callable(PREDICT, UNARY_UNARY)
+    await send(PredictRequest(text="warm").SerializeToString(), metadata=(), timeout=5)
+    chan = rep._mux
+    assert chan is not None and chan._stream is not None
+    real_write = chan._stream.write
+
+    async def counted(data: bytes) -> Any:
+        writes.append(len(mux_mod.pb.MuxBatch.FromString(data).frames))
+        return await real_write(data)
+
+    chan._stream.write = counted
+    try:
+        yield rep, servicer, writes
+    finally:
+        await rep.close()
+        await server.stop(0)
+
+
+def _call(rep: Replica, text: str, sleep_s: float = 0.0, timeout: float | None = 5) -> Any:
+    send = rep.callable(PREDICT, UNARY_UNARY)
+    return send(PredictRequest(text=text, sleep_s=sleep_s).SerializeToString(), metadata=(),
+                timeout=timeout)
+
+
+async def test_concurrent_calls_share_writes_and_a_lone_call_does_not_wait() -> None:
+    async with local_replica() as (rep, servicer, writes):
+        for i in range(5):  # one at a time: each goes out at once, alone
+            assert await _call(rep, f"one{i}")
+        assert writes == [1] * 5
+        assert rep._mux is not None and rep._mux._linger is None
+        writes.clear()
+        calls = []
+        for i in range(40):  # arriving apart, as a loaded server hands them over
+            calls.append(asyncio.ensure_future(_call(rep, f"c{i}", sleep_s=0.05)))
+            await asyncio.sleep(0.0003)
+        assert all(await asyncio.gather(*calls))
+        # Without the wait, each call's write is done before the next call comes: 1 each.
+        assert sum(writes) == 40 and sum(writes) / len(writes) >= 1.5, writes
+        assert servicer.finished == 1 + 5 + 40
+
+
+async def test_calls_cancelled_or_expired_while_waiting_never_reach_the_replica(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mux_mod, "LINGER_S", 0.3)  # long enough to act inside the wait
+    async with local_replica() as (rep, servicer, _writes):
+        holder = asyncio.ensure_future(_call(rep, "hold", sleep_s=1.0))
+        await asyncio.sleep(0.4)  # its write is out; it is in flight at the replica
+        started = servicer.started
+        cancelled = asyncio.ensure_future(_call(rep, "cancel me"))
+        expired = _call(rep, "too late", timeout=0.05)
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await expired
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await asyncio.sleep(0.5)  # past the wait: anything still queued would be written now
+        assert servicer.started == started, "a cancelled or expired call reached the replica"
+        assert await holder
+        assert await _call(rep, "after")  # the stream is fine
+
+
+async def test_a_full_write_does_not_wait_out_the_linger(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mux_mod, "LINGER_S", 30.0)
+    async with local_replica() as (rep, _servicer, _writes):
+        holder = asyncio.ensure_future(_call(rep, "hold", sleep_s=0.5))
+        await asyncio.sleep(0.2)
+        n = mux_mod.LINGER_MAX_FRAMES
+        calls = [asyncio.ensure_future(_call(rep, f"f{i}", timeout=10)) for i in range(n)]
+        done, _ = await asyncio.wait(calls, timeout=8)  # not 30 s: the write filled up
+        assert len(done) == n and all(c.result() for c in calls)
+        assert await holder
