@@ -57,21 +57,27 @@ def _call(rep: Replica, text: str, sleep_s: float = 0.0, timeout: float | None =
                 timeout=timeout)
 
 
-async def test_concurrent_calls_share_writes_and_a_lone_call_does_not_wait() -> None:
+async def test_concurrent_calls_share_writes_and_a_lone_call_does_not_wait(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mux_mod, "LINGER_S", 0.2)  # wide, so the test does not race the clock
     async with local_replica() as (rep, servicer, writes):
         for i in range(5):  # one at a time: each goes out at once, alone
             assert await _call(rep, f"one{i}")
         assert writes == [1] * 5
         assert rep._mux is not None and rep._mux._linger is None
+        holder = asyncio.ensure_future(_call(rep, "hold", sleep_s=0.5))
+        await asyncio.sleep(0.05)
         writes.clear()
         calls = []
-        for i in range(40):  # arriving apart, as a loaded server hands them over
-            calls.append(asyncio.ensure_future(_call(rep, f"c{i}", sleep_s=0.05)))
-            await asyncio.sleep(0.0003)
+        for i in range(10):  # arriving 5 ms apart, with another call in flight
+            calls.append(asyncio.ensure_future(_call(rep, f"c{i}")))
+            await asyncio.sleep(0.005)
         assert all(await asyncio.gather(*calls))
-        # Without the wait, each call's write is done before the next call comes: 1 each.
-        assert sum(writes) == 40 and sum(writes) / len(writes) >= 1.5, writes
-        assert servicer.finished == 1 + 5 + 40
+        # Without the wait each would have had a write of its own (each write is done long
+        # before the next call comes).
+        assert writes == [10], writes
+        assert await holder
+        assert servicer.finished == 1 + 5 + 10 + 1
 
 
 async def test_calls_cancelled_or_expired_while_waiting_never_reach_the_replica(
@@ -106,4 +112,50 @@ async def test_a_full_write_does_not_wait_out_the_linger(
         calls = [asyncio.ensure_future(_call(rep, f"f{i}", timeout=10)) for i in range(n)]
         done, _ = await asyncio.wait(calls, timeout=8)  # not 30 s: the write filled up
         assert len(done) == n and all(c.result() for c in calls)
+        assert await holder
+
+
+async def test_a_stream_that_ends_under_a_pending_write_leaves_the_channel_usable() -> None:
+    """Breaker: the stream ending in the loop turn a flush task (or the linger timer) was
+    started left `writing` set for good, and every later call waited for a write that never
+    came. Both interleavings, made exactly, then real calls on the next stream."""
+    async with local_replica() as (rep, _servicer, _writes):
+        chan = rep._mux
+        assert chan is not None
+        for linger in (False, True):
+            # With another call in flight the new one lingers; alone, its flush task starts.
+            holder = asyncio.ensure_future(_call(rep, "hold", sleep_s=0.3)) if linger else None
+            await asyncio.sleep(0.1)
+            doomed = _call(rep, "doomed", timeout=5)  # a flush task or a linger, not run yet
+            assert chan.writing
+            assert (chan._linger is not None) is linger
+            chan._broken(None)  # what the reader does when the stream ends, same turn
+            for c in [doomed] + ([holder] if holder is not None else []):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await c
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert not chan.writing
+            assert chan._linger is None
+            calls = [_call(rep, f"n{i}") for i in range(8)]
+            got = await asyncio.wait_for(asyncio.gather(*calls), 10)
+            assert all(got)
+
+
+async def test_one_slow_call_in_flight_does_not_slow_every_lone_call(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Breaker: one long call in flight made each one-at-a-time call wait LINGER_S, though
+    no other call ever joined its write. After LINGER_MISSES such waits, calls stop waiting."""
+    monkeypatch.setattr(mux_mod, "LINGER_BACKOFF_S", 30.0)
+    async with local_replica() as (rep, _servicer, _writes):
+        chan = rep._mux
+        assert chan is not None
+        holder = asyncio.ensure_future(_call(rep, "hold", sleep_s=2.0))
+        await asyncio.sleep(0.1)
+        lingered = []
+        for i in range(12):
+            call = _call(rep, f"seq{i}")
+            lingered.append(chan._linger is not None)
+            assert await call
+        assert lingered[:mux_mod.LINGER_MISSES] == [True] * mux_mod.LINGER_MISSES
+        assert not any(lingered[mux_mod.LINGER_MISSES:]), lingered
         assert await holder

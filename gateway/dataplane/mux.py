@@ -65,6 +65,10 @@ for each other's turns; a lone call never waits (c1 latency is unchanged)."""
 LINGER_MIN_CALLS = 1
 LINGER_MAX_FRAMES = 16
 """Frames that end the wait at once: a write full enough."""
+LINGER_MISSES = 5
+LINGER_BACKOFF_S = 0.25
+"""After LINGER_MISSES waits in a row that no other call joined (one slow call in flight
+beside one-at-a-time calls), calls do not wait for this long."""
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _EMPTY_MD = grpc.aio.Metadata()
 
@@ -185,6 +189,11 @@ class MuxChannel:
         self.writing = False
         """True while a write runs or is about to (a flush task, or the linger timer)."""
         self._linger: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Future[None] | None = None
+        """The flush task that owns `writing` (None while a linger timer owns it)."""
+        self._linger_misses = 0
+        self._linger_off = 0.0
+        """Loop time until which calls do not wait (see _linger_over)."""
         self._stream: Any = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -228,7 +237,7 @@ class MuxChannel:
             call._timer = self.loop.call_later(timeout, call._expire)
         self._pending.append(frame)
         if not self.writing:
-            if len(self._calls) > LINGER_MIN_CALLS:
+            if len(self._calls) > LINGER_MIN_CALLS and self.loop.time() >= self._linger_off:
                 # Under load, wait a moment for more calls to share the write (see LINGER_S).
                 self.writing = True
                 self._linger = self.loop.call_later(LINGER_S, self._linger_over)
@@ -241,6 +250,15 @@ class MuxChannel:
 
     def _linger_over(self) -> None:
         self._linger = None
+        if len(self._pending) > 1:
+            self._linger_misses = 0
+        else:
+            # Nobody joined: the calls in flight are long ones, not a stream of new calls.
+            # After a few such waits, stop waiting for a while (a lone call never waits).
+            self._linger_misses += 1
+            if self._linger_misses >= LINGER_MISSES:
+                self._linger_misses = 0
+                self._linger_off = self.loop.time() + LINGER_BACKOFF_S
         self._start_flush()
 
     def forget(self, call: MuxCall, send_cancel: bool) -> bool:
@@ -258,7 +276,7 @@ class MuxChannel:
         # middle of a stream write would cancel the write and with it the whole stream.
         # Frames queued while it writes go out with its next write (batching under load).
         self.writing = True
-        task = asyncio.ensure_future(self.flush())
+        task = self._flusher = asyncio.ensure_future(self.flush())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -293,7 +311,7 @@ class MuxChannel:
         """Write every pending frame, in batches that fit; only one flush runs at a time."""
         stream = self._stream
         if stream is None:
-            self.writing = False
+            self._flush_over()
             return
         calls = self._calls
         try:
@@ -316,6 +334,13 @@ class MuxChannel:
             if stream is self._stream:
                 self._broken(e)
         finally:
+            self._flush_over()
+
+    def _flush_over(self) -> None:
+        # Only the current flush clears the flag: one the stream's end already replaced
+        # (see _broken) must not let a second flush start beside the new one.
+        if self._flusher is asyncio.current_task():
+            self._flusher = None
             self.writing = False
 
     async def _reader(self, stream: Any) -> None:
@@ -347,6 +372,14 @@ class MuxChannel:
         # A stream that never connected delivered nothing: its calls are safe to retry.
         unsent = isinstance(err, grpc.aio.AioRpcError) and (why or "").startswith(_NOT_CONNECTED)
         self._stream = None
+        # A flush task cancelled below before its first step never runs its `finally`, and a
+        # pending linger would flush a stream that is gone: reset both here, or the next
+        # calls queue behind a write that never comes.
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        self.writing = False
+        self._flusher = None
         if self.on_models is not None:
             self.on_models(None, None)  # a new stream (or process) reports afresh
         for t in list(self._tasks):
