@@ -176,3 +176,39 @@ async def test_the_peek_holds_a_message_back_for_peek_s_in_all(
         assert waited < 0.55, waited
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
+
+
+async def test_a_method_seen_streaming_is_not_peeked_at_again(
+        start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+        shapes: list[tuple[str, int]]) -> None:
+    """A bidi method pays the peek once: then its calls go upstream as streams at once."""
+    from gateway.dataplane import peek
+
+    monkeypatch.setattr(peek, "PEEK_S", 0.4)
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        loop = asyncio.get_running_loop()
+        waits = []
+        for _ in range(3):
+            call = ch.stream_stream("/peek.T/Chat")(metadata=MD)
+            t0 = loop.time()
+            await call.write(b"m")
+            assert await asyncio.wait_for(call.read(), 10) == b"m"
+            waits.append(loop.time() - t0)
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+        assert waits[0] >= 0.3 and max(waits[1:]) < 0.3, waits
+        assert "/peek.T/Chat" in gw.proxy.streaming
+        # Single-message calls of other unknown methods still take the cheap way.
+        assert await ch.unary_unary("/peek.T/Say")(b"x", metadata=MD) == b"x"
+        assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
+        assert "/peek.T/Say" not in gw.proxy.streaming
+
+
+def test_remembered_streaming_methods_are_bounded() -> None:
+    from gateway.dataplane.peek import MAX_STREAMING, StreamingMethods
+
+    s = StreamingMethods()
+    for i in range(MAX_STREAMING + 50):
+        s.add(f"/x.S/M{i}")
+    assert len(s.paths) == MAX_STREAMING and "/x.S/M0" in s

@@ -30,7 +30,7 @@ from gateway.dataplane.method_warnings import note_known_method, note_unknown_me
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.models_report import take_report
 from gateway.dataplane.mux import never_started
-from gateway.dataplane.peek import peek_single
+from gateway.dataplane.peek import StreamingMethods, peek_single
 from gateway.dataplane.replicas import STREAM_STREAM, UNARY_STREAM, UNARY_UNARY, Replica
 from gateway.dataplane.routing import AppRoute, route_call
 
@@ -105,6 +105,8 @@ class Forwarder:
         self.cut_at_stop = False
         """Set by the drain when calls outlive its grace: grpc then cancels their handlers and
         the clients see UNAVAILABLE, which is what they are recorded as (not CANCELLED)."""
+        self.streaming = StreamingMethods()
+        """Unknown methods seen to stream: not peeked at (gateway/dataplane/peek.py)."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
 
@@ -189,11 +191,16 @@ class Forwarder:
                 # request stream we would open to it, and grpc then reports INTERNAL.
                 raise errors.method_not_found(path, c.app)
             up_shape = shape
-            if label is OTHER and shape == STREAM_STREAM and c.stream is None:
+            if (label is OTHER and shape == STREAM_STREAM and c.stream is None
+                    and path not in self.streaming):
                 # One message and its end: upstream as unary-stream, far cheaper (peek.py).
-                single, rest = await peek_single(request)
-                request, up_shape = (single, UNARY_STREAM) if single is not None else (rest,
-                                                                                     shape)
+                single, rest, streamed = await peek_single(request)
+                if single is not None:
+                    request, up_shape = single, UNARY_STREAM
+                else:
+                    request = rest
+                    if streamed:
+                        self.streaming.add(path)
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0

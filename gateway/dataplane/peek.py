@@ -19,10 +19,28 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-PEEK_S = 0.003
+PEEK_S = 0.05
 """How long the two reads may wait, together: no message is held back longer. A unary
-client's message and end of stream are usually in by the time the handler runs; a stream
-that is not is forwarded as a stream."""
+client's message and end of stream are in by the time the handler runs, but a loaded event
+loop may take several ms to see them (3 ms lost most single-message calls at 16 concurrent
+calls); a method whose calls turn out to be streams is not peeked at again (see
+`StreamingMethods`), so a bidi method pays this once."""
+MAX_STREAMING = 1024
+"""Unknown methods remembered as streaming (bounded: clients choose the paths)."""
+
+
+class StreamingMethods:
+    """Unknown methods whose calls were seen to be streams: their calls skip the peek."""
+
+    def __init__(self) -> None:
+        self.paths: set[str] = set()
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.paths
+
+    def add(self, path: str) -> None:
+        if len(self.paths) < MAX_STREAMING:
+            self.paths.add(path)
 
 
 def _settle(t: asyncio.Future[Any]) -> None:
@@ -53,20 +71,23 @@ async def _ready(t: asyncio.Future[bytes], until: float) -> bool:
 
 
 async def peek_single(requests: AsyncIterator[bytes]) -> tuple[bytes | None,
-                                                               AsyncIterator[bytes]]:
-    """(the message, an empty stream) when the client sent one message and closed; else
-    (None, a stream of everything the client sends, in order)."""
+                                                               AsyncIterator[bytes], bool]:
+    """(the message, an empty stream, False) when the client sent one message and closed;
+    else (None, a stream of everything the client sends, in order, and whether the call was
+    seen to be a stream: no message, no end within PEEK_S, or a second message)."""
     it = requests.__aiter__()
     until = asyncio.get_running_loop().time() + PEEK_S
     first = _read(it)
     if not await _ready(first, until):
-        return None, _chain([first], it)
-    if first.exception() is not None:
-        return None, _chain([first], it)  # no message at all (or a failed read): as it is
+        return None, _chain([first], it), True
+    if first.exception() is not None:  # no message at all (or a failed read): as it is
+        return None, _chain([first], it), isinstance(first.exception(), StopAsyncIteration)
     second = _read(it)
     if await _ready(second, until) and isinstance(second.exception(), StopAsyncIteration):
-        return first.result(), _chain([], None)
-    return None, _chain([first, second], it)
+        return first.result(), _chain([], None), False
+    failed = second.done() and not isinstance(second.exception() or StopAsyncIteration(),
+                                              StopAsyncIteration)
+    return None, _chain([first, second], it), not failed
 
 
 async def _chain(pending: list[asyncio.Future[bytes]],
