@@ -5,7 +5,9 @@ cancels that reach the replica. Real gateway, real replica processes, real clien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -259,9 +261,10 @@ class _Counting(TextModel):
         return await super().Predict(PredictRequest(text="good"), context)
 
 
-async def test_cancel_while_the_call_frame_is_written_reaches_the_replica() -> None:
-    """Item 7: a call cancelled in the middle of its frame's write is cancelled upstream."""
-    servicer = _Counting()
+@contextlib.asynccontextmanager
+async def mux_replica(servicer: Any) -> AsyncIterator[Replica]:
+    """An in-process replica: a grpc.aio server with the runtime's MuxServer in front of
+    `servicer`, and the gateway's `Replica` for it (mux on)."""
     server = grpc.aio.server(options=channel_options(32 << 20))
     text_model_pb2_grpc.add_TextModelServicer_to_server(servicer, server)
     mux = MuxServer(capture_unary_handlers([text_model_pb2_grpc.add_TextModelServicer_to_server],
@@ -271,6 +274,16 @@ async def test_cancel_while_the_call_frame_is_written_reaches_the_replica() -> N
     await server.start()
     rep = Replica("t", "D", "t#D#0", f"127.0.0.1:{port}", 32 << 20, is_local=True, mux=True)
     try:
+        yield rep
+    finally:
+        await rep.close()
+        await server.stop(0)
+
+
+async def test_cancel_while_the_call_frame_is_written_reaches_the_replica() -> None:
+    """Item 7: a call cancelled in the middle of its frame's write is cancelled upstream."""
+    servicer = _Counting()
+    async with mux_replica(servicer) as rep:
         send = rep.callable(PREDICT, UNARY_UNARY)
         await send(PredictRequest(text="warm").SerializeToString(), metadata=(), timeout=5)
         for _ in range(3):
@@ -290,6 +303,3 @@ async def test_cancel_while_the_call_frame_is_written_reaches_the_replica() -> N
         out = await send(PredictRequest(text="again").SerializeToString(), metadata=(),
                          timeout=5)
         assert out
-    finally:
-        await rep.close()
-        await server.stop(0)

@@ -13,42 +13,29 @@ import grpc
 import pytest
 
 from gateway.dataplane import mux as mux_mod
-from gateway.dataplane.mux import MuxServer, capture_unary_handlers
-from gateway.dataplane.replicas import UNARY_UNARY, Replica, channel_options
-from gateway.pb import replica_control_pb2_grpc, text_model_pb2_grpc
-from gateway.runtime.replica import _Control
+from gateway.dataplane.replicas import UNARY_UNARY, Replica
 from tests.conftest import PredictRequest
-from tests.test_dataplane_mux import PREDICT, _Counting
+from tests.test_dataplane_mux import PREDICT, _Counting, mux_replica
 
 
 @contextlib.asynccontextmanager
 async def local_replica() -> AsyncIterator[tuple[Replica, _Counting, list[int]]]:
     """The replica, its servicer, and the number of frames in each stream write."""
     servicer = _Counting()
-    server = grpc.aio.server(options=channel_options(32 << 20))
-    mux = MuxServer(capture_unary_handlers([text_model_pb2_grpc.add_TextModelServicer_to_server],
-                                           servicer), 32 << 20)
-    replica_control_pb2_grpc.add_ReplicaControlServicer_to_server(_Control(servicer, mux), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    rep = Replica("t", "D", "t#D#0", f"127.0.0.1:{port}", 32 << 20, is_local=True, mux=True)
-    writes: list[int] = []
-    send = rep.callable(PREDICT, UNARY_UNARY)
-    await send(PredictRequest(text="warm").SerializeToString(), metadata=(), timeout=5)
-    chan = rep._mux
-    assert chan is not None and chan._stream is not None
-    real_write = chan._stream.write
+    async with mux_replica(servicer) as rep:
+        writes: list[int] = []
+        send = rep.callable(PREDICT, UNARY_UNARY)
+        await send(PredictRequest(text="warm").SerializeToString(), metadata=(), timeout=5)
+        chan = rep._mux
+        assert chan is not None and chan._stream is not None
+        real_write = chan._stream.write
 
-    async def counted(data: bytes) -> Any:
-        writes.append(len(mux_mod.pb.MuxBatch.FromString(data).frames))
-        return await real_write(data)
+        async def counted(data: bytes) -> Any:
+            writes.append(len(mux_mod.pb.MuxBatch.FromString(data).frames))
+            return await real_write(data)
 
-    chan._stream.write = counted
-    try:
+        chan._stream.write = counted
         yield rep, servicer, writes
-    finally:
-        await rep.close()
-        await server.stop(0)
 
 
 def _call(rep: Replica, text: str, sleep_s: float = 0.0, timeout: float | None = 5) -> Any:
