@@ -198,11 +198,11 @@ async def test_a_method_seen_streaming_is_not_peeked_at_again(
             await call.done_writing()
             assert await call.read() == grpc.aio.EOF
         assert waits[0] >= 0.3 and max(waits[1:]) < 0.3, waits
-        assert "/peek.T/Chat" in gw.proxy.streaming
+        assert ("echo", "/peek.T/Chat") in gw.proxy.streaming
         # Single-message calls of other unknown methods still take the cheap way.
         assert await ch.unary_unary("/peek.T/Say")(b"x", metadata=MD) == b"x"
         assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
-        assert "/peek.T/Say" not in gw.proxy.streaming
+        assert ("echo", "/peek.T/Say") not in gw.proxy.streaming
 
 
 def test_remembered_streaming_methods_are_bounded() -> None:
@@ -210,5 +210,74 @@ def test_remembered_streaming_methods_are_bounded() -> None:
 
     s = StreamingMethods()
     for i in range(MAX_STREAMING + 50):
-        s.add(f"/x.S/M{i}")
-    assert len(s.paths) == MAX_STREAMING and "/x.S/M0" in s
+        s.add(("app", f"/x.S/M{i}"))
+    assert len(s.paths) == MAX_STREAMING and ("app", "/x.S/M0") in s
+
+
+async def test_a_peek_out_of_time_does_not_mark_a_unary_method_streaming(
+        start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+        shapes: list[tuple[str, int]]) -> None:
+    """A loaded loop can read a unary client's message and end after PEEK_S: the call goes
+    up as a stream, but later calls of the method must still take the cheap way."""
+    from gateway.dataplane import peek
+
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        say = ch.unary_unary("/peek.T/Say")
+        monkeypatch.setattr(peek, "PEEK_S", 0.0)  # every peek runs out of time
+        for i in range(5):
+            assert await say(b"slow%d" % i, metadata=MD) == b"slow%d" % i
+        assert [s for _, s in shapes] == [STREAM_STREAM] * 5
+        assert ("echo", "/peek.T/Say") not in gw.proxy.streaming
+        monkeypatch.setattr(peek, "PEEK_S", 0.4)
+        assert await say(b"fast", metadata=MD) == b"fast"
+        assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
+
+
+async def test_what_proves_a_method_streams(start_gateway: Any,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two messages, none at all, or an answer before the client's end: remembered."""
+    from gateway.dataplane import peek
+
+    monkeypatch.setattr(peek, "PEEK_S", 0.0)
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        streaming = gw.proxy.streaming
+        count = ch.stream_unary("/peek.T/Count")
+        assert await count(iter([b"a"]), metadata=MD) == b"1"
+        assert ("echo", "/peek.T/Count") not in streaming  # one message: nothing proved
+        assert await count(iter([]), metadata=MD) == b"0"
+        assert ("echo", "/peek.T/Count") in streaming
+        chat = ch.stream_stream("/peek.T/Chat")
+        assert [m async for m in chat(iter([b"x"]), metadata=MD)] == [b"x"]
+        assert ("echo", "/peek.T/Chat") not in streaming
+        assert [m async for m in chat(iter([b"x", b"y"]), metadata=MD)] == [b"x", b"y"]
+        assert ("echo", "/peek.T/Chat") in streaming
+        push = ch.stream_stream("/peek.T/Push")(metadata=MD)
+        assert await asyncio.wait_for(push.read(), 10) == b"hello"  # before any message
+        await push.done_writing()
+        assert await push.read() == grpc.aio.EOF
+        assert ("echo", "/peek.T/Push") in streaming
+
+
+async def test_only_methods_a_replica_serves_are_remembered_per_application(
+        start_gateway: Any, shapes: list[tuple[str, int]]) -> None:
+    """Made-up paths (the replica answers UNIMPLEMENTED) must not fill the memory, and one
+    application's bidi method says nothing of another application's method of that name."""
+    async with replica() as port:
+        apps = [*app(port), {"name": "other", "deployments": [
+            {"name": "Other", "targets": [f"127.0.0.1:{port}"]}]}]
+        async with start_gateway(apps) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+            streaming = gw.proxy.streaming
+            junk = ch.stream_stream("/peek.T/Nope")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [m async for m in junk(iter([b"a", b"b"]), metadata=MD)]
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert not streaming.paths
+            chat = ch.stream_stream("/peek.T/Chat")
+            assert [m async for m in chat(iter([b"x", b"y"]), metadata=MD)] == [b"x", b"y"]
+            assert streaming.paths == {("echo", "/peek.T/Chat")}
+            shapes.clear()
+            other = (("application", "other"),)
+            assert [m async for m in chat(iter([b"z"]), metadata=other)] == [b"z"]
+            assert shapes == [("/peek.T/Chat", UNARY_STREAM)]

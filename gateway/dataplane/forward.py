@@ -30,7 +30,7 @@ from gateway.dataplane.method_warnings import note_known_method, note_unknown_me
 from gateway.dataplane.methods import OTHER, MethodTable
 from gateway.dataplane.models_report import take_report
 from gateway.dataplane.mux import never_started
-from gateway.dataplane.peek import StreamingMethods, peek_single
+from gateway.dataplane.peek import Rest, StreamingMethods, peek_single
 from gateway.dataplane.replicas import STREAM_STREAM, UNARY_STREAM, UNARY_UNARY, Replica
 from gateway.dataplane.routing import AppRoute, route_call
 
@@ -183,6 +183,7 @@ class Forwarder:
         else:
             request = c.counted = Counted(request)
         sent = 0
+        rest: Rest | None = None
         try:
             route, md, request = self._admit(c, ctx, request)
             router = route.router
@@ -192,15 +193,13 @@ class Forwarder:
                 raise errors.method_not_found(path, c.app)
             up_shape = shape
             if (label is OTHER and shape == STREAM_STREAM and c.stream is None
-                    and path not in self.streaming):
+                    and (c.app, path) not in self.streaming):
                 # One message and its end: upstream as unary-stream, far cheaper (peek.py).
-                single, rest, streamed = await peek_single(request)
+                single, rest = await peek_single(request)
                 if single is not None:
                     request, up_shape = single, UNARY_STREAM
                 else:
                     request = rest
-                    if streamed:
-                        self.streaming.add(path)
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
@@ -222,7 +221,10 @@ class Forwarder:
                     if initial:
                         await _send_initial(ctx, initial)
                     async for msg in call:
-                        got_any = True
+                        if not got_any:
+                            got_any = True
+                            if rest is not None:
+                                rest.answered()
                         sent += len(msg)
                         if c.stream is not None:
                             c.stream.response(msg)
@@ -246,6 +248,8 @@ class Forwarder:
             await self._failed(c, ctx, e)
             raise
         finally:
+            if rest is not None and rest.proved and (rest.replied or c.code is OK):
+                self.streaming.add((c.app, path))  # a replica answered: a real method
             rec = self._finish(c, sent, None, None)
             if c.stream is not None:
                 c.stream.done(rec)
