@@ -146,3 +146,33 @@ async def test_one_slow_call_in_flight_does_not_slow_every_lone_call(
         assert lingered[:mux_mod.LINGER_MISSES] == [True] * mux_mod.LINGER_MISSES
         assert not any(lingered[mux_mod.LINGER_MISSES:]), lingered
         assert await holder
+
+
+async def test_calls_that_expire_behind_a_stalled_write_leave_the_queue() -> None:
+    """A replica that takes no write (stopped, or its flow-control window full) must not make
+    the queue keep the frames, payloads and all, of calls that expired before they left."""
+    async with local_replica() as (rep, _, _):
+        chan = rep._mux
+        assert chan is not None and chan._stream is not None
+        stalled = chan._stream.write
+        release = asyncio.Event()
+
+        async def stuck(data: bytes) -> Any:
+            await release.wait()  # the write the replica does not take
+            return await stalled(data)
+
+        chan._stream.write = stuck
+        big = "x" * (64 << 10)
+        for _ in range(3):  # waves: each expires, and makes room for the next
+            calls = [asyncio.ensure_future(_call(rep, big, timeout=0.05)) for _ in range(20)]
+            done = await asyncio.gather(*calls, return_exceptions=True)
+            assert all(isinstance(e, grpc.aio.AioRpcError)
+                       and e.code() is grpc.StatusCode.DEADLINE_EXCEEDED for e in done)
+        # The stuck write took the first wave: the replica may yet get those, so their
+        # CANCELs wait. The later waves never left, and nothing of them is held.
+        assert not chan._calls
+        assert {f.kind for f in chan._pending} <= {mux_mod.CANCEL}
+        assert len(chan._pending) <= 20
+        release.set()
+        chan._stream.write = stalled
+        assert await _call(rep, "after")

@@ -265,7 +265,15 @@ class MuxChannel:
         """Drop `call`; tell the replica to stop working on it. False if it had finished."""
         if self._calls.pop(call.call_id, None) is None:
             return False
-        if send_cancel and call.sent:
+        if not call.sent:
+            # Its frame leaves the queue now, payload and all: a stalled replica may take no
+            # write for seconds while expired calls make room for new ones.
+            frame, pending = call._frame, self._pending
+            for i in range(len(pending) - 1, -1, -1):
+                if pending[i] is frame:
+                    del pending[i]
+                    break
+        elif send_cancel:
             self._pending.append(pb.MuxFrame(call_id=call.call_id, kind=CANCEL))
             if not self.writing:
                 self._start_flush()
