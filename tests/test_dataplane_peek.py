@@ -181,7 +181,9 @@ async def test_the_peek_holds_a_message_back_for_peek_s_in_all(
 async def test_a_method_seen_streaming_is_not_peeked_at_again(
         start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
         shapes: list[tuple[str, int]]) -> None:
-    """A bidi method pays the peek once: then its calls go upstream as streams at once."""
+    """A bidi method pays the peek once, remembered as soon as its call proves it (a second
+    message, once the replica has answered): sessions opened while that call is still open
+    get their first answer at once."""
     from gateway.dataplane import peek
 
     monkeypatch.setattr(peek, "PEEK_S", 0.4)
@@ -189,20 +191,49 @@ async def test_a_method_seen_streaming_is_not_peeked_at_again(
             grpc.aio.insecure_channel(gw.address) as ch:
         loop = asyncio.get_running_loop()
         waits = []
-        for _ in range(3):
+        sessions = []
+        for _ in range(3):  # each session stays open
             call = ch.stream_stream("/peek.T/Chat")(metadata=MD)
+            sessions.append(call)
             t0 = loop.time()
             await call.write(b"m")
             assert await asyncio.wait_for(call.read(), 10) == b"m"
             waits.append(loop.time() - t0)
-            await call.done_writing()
-            assert await call.read() == grpc.aio.EOF
+            await call.write(b"n")
+            assert await asyncio.wait_for(call.read(), 10) == b"n"
         assert waits[0] >= 0.3 and max(waits[1:]) < 0.3, waits
         assert ("echo", "/peek.T/Chat") in gw.proxy.streaming
+        for call in sessions:
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
         # Single-message calls of other unknown methods still take the cheap way.
         assert await ch.unary_unary("/peek.T/Say")(b"x", metadata=MD) == b"x"
         assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
         assert ("echo", "/peek.T/Say") not in gw.proxy.streaming
+
+
+async def test_a_unary_method_marked_by_a_malformed_call_is_forgotten(
+        start_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+        shapes: list[tuple[str, int]]) -> None:
+    """Two messages to a unary method (its replica answers all the same) mark it, but only
+    for REMEMBER_S after the last such call; its well-formed calls do not keep it marked."""
+    from gateway.dataplane import peek
+
+    monkeypatch.setattr(peek, "REMEMBER_S", 0.5)
+    async with replica() as port, start_gateway(app(port)) as gw, \
+            grpc.aio.insecure_channel(gw.address) as ch:
+        bad = ch.stream_stream("/peek.T/Say")
+        assert [m async for m in bad(iter([b"a", b"b"]), metadata=MD)] == [b"a"]
+        assert ("echo", "/peek.T/Say") in gw.proxy.streaming
+        say = ch.unary_unary("/peek.T/Say")
+        shapes.clear()
+        assert await say(b"x", metadata=MD) == b"x"
+        assert shapes == [("/peek.T/Say", STREAM_STREAM)]  # still remembered
+        await asyncio.sleep(0.6)
+        assert ("echo", "/peek.T/Say") not in gw.proxy.streaming
+        assert await say(b"y", metadata=MD) == b"y"
+        assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
 
 
 def test_remembered_streaming_methods_are_bounded() -> None:
@@ -253,6 +284,14 @@ async def test_what_proves_a_method_streams(start_gateway: Any,
         assert ("echo", "/peek.T/Chat") not in streaming
         assert [m async for m in chat(iter([b"x", b"y"]), metadata=MD)] == [b"x", b"y"]
         assert ("echo", "/peek.T/Chat") in streaming
+        # A unary replica answers once it has the message, before a slow client's end: that
+        # proves nothing.
+        slow_end = ch.stream_stream("/peek.T/Say")(metadata=MD)
+        await slow_end.write(b"m")
+        assert await asyncio.wait_for(slow_end.read(), 10) == b"m"
+        await slow_end.done_writing()
+        assert await slow_end.code() == grpc.StatusCode.OK
+        assert ("echo", "/peek.T/Say") not in streaming
         push = ch.stream_stream("/peek.T/Push")(metadata=MD)
         assert await asyncio.wait_for(push.read(), 10) == b"hello"  # before any message
         await push.done_writing()

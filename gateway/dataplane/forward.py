@@ -192,14 +192,18 @@ class Forwarder:
                 # request stream we would open to it, and grpc then reports INTERNAL.
                 raise errors.method_not_found(path, c.app)
             up_shape = shape
-            if (label is OTHER and shape == STREAM_STREAM and c.stream is None
-                    and (c.app, path) not in self.streaming):
-                # One message and its end: upstream as unary-stream, far cheaper (peek.py).
-                single, rest = await peek_single(request)
-                if single is not None:
-                    request, up_shape = single, UNARY_STREAM
+            if label is OTHER and shape == STREAM_STREAM and c.stream is None:
+                key = (c.app, path)
+                if key in self.streaming:
+                    # Known to stream: no peek; still watched, so it stays remembered.
+                    request = rest = Rest([], request.__aiter__(), key, self.streaming)
                 else:
-                    request = rest
+                    # One message and its end: upstream as unary-stream, far cheaper.
+                    single, rest = await peek_single(request, key, self.streaming)
+                    if single is not None:
+                        request, up_shape = single, UNARY_STREAM
+                    else:
+                        request = rest
             deadline = self._deadline(ctx)
             replica: Replica | None = None
             attempt = 0
@@ -248,8 +252,6 @@ class Forwarder:
             await self._failed(c, ctx, e)
             raise
         finally:
-            if rest is not None and rest.proved and (rest.replied or c.code is OK):
-                self.streaming.add((c.app, path))  # a replica answered: a real method
             rec = self._finish(c, sent, None, None)
             if c.stream is not None:
                 c.stream.done(rec)

@@ -11,12 +11,13 @@ message, half-close), which the replica cannot tell from what the client sent. A
 (more messages, or nothing within `PEEK_S`, as with a bidi client that waits for the server
 to speak first) goes upstream as a stream with every message, in order: nothing is lost, and
 nothing held back longer than `PEEK_S` in all. A method whose calls prove to be streams is
-not peeked at again (`Rest`).
+not peeked at again for a while (`Rest`, `REMEMBER_S`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,21 +29,40 @@ calls); a method whose calls prove to be streams is not peeked at again (see `Re
 a bidi method pays this once."""
 MAX_STREAMING = 1024
 """Unknown methods remembered as streaming (bounded: clients choose the paths)."""
+REMEMBER_S = 60.0
+"""How long a method stays remembered as streaming after the last call that proved it: a
+unary method marked by one malformed call (two messages, which a unary replica answers all
+the same) goes back to the cheap way, while a bidi method's own calls keep it remembered."""
 
 
 class StreamingMethods:
-    """Unknown methods, per application, whose calls proved to be streams (and that a replica
-    answered: paths a client makes up do not fill it): their calls skip the peek."""
+    """Unknown methods, per (application, path), whose calls proved lately to be streams and
+    that a replica answered (paths a client makes up do not fill it): calls skip the peek."""
 
     def __init__(self) -> None:
-        self.paths: set[tuple[str, str]] = set()
+        self._until: dict[tuple[str, str], float] = {}
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self.paths
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._until[key]
+            return False
+        return True
+
+    @property
+    def paths(self) -> set[tuple[str, str]]:
+        return {k for k in self._until if k in self}
 
     def add(self, key: tuple[str, str]) -> None:
-        if len(self.paths) < MAX_STREAMING:
-            self.paths.add(key)
+        now = time.monotonic()
+        if key not in self._until and len(self._until) >= MAX_STREAMING:
+            for k in [k for k, until in self._until.items() if until < now]:
+                del self._until[k]
+            if len(self._until) >= MAX_STREAMING:
+                return
+        self._until[key] = now + REMEMBER_S
 
 
 def _settle(t: asyncio.Future[Any]) -> None:
@@ -72,52 +92,62 @@ async def _ready(t: asyncio.Future[bytes], until: float) -> bool:
     return t.done()
 
 
-async def peek_single(requests: AsyncIterator[bytes]) -> tuple[bytes | None, Rest | None]:
+async def peek_single(requests: AsyncIterator[bytes], key: tuple[str, str],
+                      streaming: StreamingMethods) -> tuple[bytes | None, Rest | None]:
     """(the message, None) when the client sent one message and closed; else (None, the
-    stream of everything the client sends, in order, which says whether the call proved to
-    be a stream)."""
+    stream of everything the client sends, in order, which remembers `key` in `streaming`
+    once the call proves to be a stream)."""
     it = requests.__aiter__()
     until = asyncio.get_running_loop().time() + PEEK_S
     first = _read(it)
     if not await _ready(first, until):
-        return None, Rest([first], it)
+        return None, Rest([first], it, key, streaming)
     if first.exception() is not None:  # no message at all (or a failed read): as it is
-        return None, Rest([first], it)
+        return None, Rest([first], it, key, streaming)
     second = _read(it)
     if await _ready(second, until) and isinstance(second.exception(), StopAsyncIteration):
         return first.result(), None
-    return None, Rest([first, second], it)
+    return None, Rest([first, second], it, key, streaming)
 
 
 class Rest:
-    """The client's messages after a peek that found no single message: the reads already
-    started, in order, then the rest of the stream.
+    """The client's messages, in order (after a peek: the reads already started, then the
+    rest of the stream), watched for proof that the method streams.
 
-    Only proof marks the method streaming: a second message, none at all, or an answer from
-    the replica before the client's end (a unary replica answers one whole request, sent with
-    its end). A peek that ran out of time proves nothing: on a loaded loop a unary client's
-    message and end can take longer than PEEK_S to be read, and that must not send every
-    later call of the method the expensive way."""
+    Proof is what a unary or server-streaming replica cannot be sent in a well-formed call: a
+    second message, or none at all, or an answer before the client's first message (the
+    server spoke first). A peek that ran out of time proves nothing (a large message, a
+    loaded loop), nor does an answer before the client's end (a unary replica answers as soon
+    as it has the message). The method is remembered once the replica has answered too."""
 
-    __slots__ = ("_it", "_pending", "ended", "n", "proved", "replied")
+    __slots__ = ("_it", "_key", "_pending", "_streaming", "ended", "n", "proved", "replied")
 
-    def __init__(self, pending: list[asyncio.Future[bytes]], it: AsyncIterator[bytes]) -> None:
+    def __init__(self, pending: list[asyncio.Future[bytes]], it: AsyncIterator[bytes],
+                 key: tuple[str, str], streaming: StreamingMethods) -> None:
         self._pending = pending
         self._it = it
+        self._key = key
+        self._streaming = streaming
         self.n = 0
         """Messages passed on so far."""
         self.ended = False
         """The client's end of stream was passed on."""
         self.proved = False
-        """The call is a stream (see the class docstring)."""
         self.replied = False
         """The replica sent a message."""
 
     def answered(self) -> None:
         """The replica's first message arrived."""
         self.replied = True
-        if not self.ended:
+        if self.n == 0 and not self.ended:
             self.proved = True
+        if self.proved:
+            self._streaming.add(self._key)
+
+    def _proof(self) -> None:
+        self.proved = True
+        if self.replied:
+            self._streaming.add(self._key)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._messages()
@@ -143,10 +173,10 @@ class Rest:
     def _count(self, msg: bytes) -> bytes:
         self.n += 1
         if self.n == 2:
-            self.proved = True
+            self._proof()
         return msg
 
     def _end(self) -> None:
         self.ended = True
         if self.n == 0:  # a unary client always sends its message
-            self.proved = True
+            self._proof()
