@@ -163,16 +163,18 @@ async def test_calls_that_expire_behind_a_stalled_write_leave_the_queue() -> Non
 
         chan._stream.write = stuck
         big = "x" * (64 << 10)
-        for _ in range(3):  # waves: each expires, and makes room for the next
+        for _ in range(5):  # waves: each expires, and makes room for the next
             calls = [asyncio.ensure_future(_call(rep, big, timeout=0.05)) for _ in range(20)]
             done = await asyncio.gather(*calls, return_exceptions=True)
             assert all(isinstance(e, grpc.aio.AioRpcError)
                        and e.code() is grpc.StatusCode.DEADLINE_EXCEEDED for e in done)
         # The stuck write took the first wave: the replica may yet get those, so their
-        # CANCELs wait. The later waves never left, and nothing of them is held.
+        # CANCELs wait. The later waves (80 calls) never left: a few of their frames at most
+        # wait for the next rebuild of the queue.
         assert not chan._calls
-        assert {f.kind for f in chan._pending} <= {mux_mod.CANCEL}
-        assert len(chan._pending) <= 20
+        cancels = [f for f in chan._pending if f.kind == mux_mod.CANCEL]
+        assert len(cancels) <= 20
+        assert len(chan._pending) - len(cancels) <= 2 * mux_mod.DEAD_MIN
         release.set()
         chan._stream.write = stalled
         assert await _call(rep, "after")

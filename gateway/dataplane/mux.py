@@ -69,6 +69,8 @@ LINGER_MISSES = 5
 LINGER_BACKOFF_S = 0.25
 """After LINGER_MISSES waits in a row that no other call joined (one slow call in flight
 beside one-at-a-time calls), calls do not wait for this long."""
+DEAD_MIN = 16
+"""Queued frames of dropped calls tolerated before the queue is rebuilt without them."""
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 _EMPTY_MD = grpc.aio.Metadata()
 
@@ -186,6 +188,8 @@ class MuxChannel:
         self._ids = itertools.count(1)
         self._calls: dict[int, MuxCall] = {}
         self._pending: list[pb.MuxFrame] = []
+        self._dead = 0
+        """Frames in `_pending` whose calls were dropped before they left (about)."""
         self.writing = False
         """True while a write runs or is about to (a flush task, or the linger timer)."""
         self._linger: asyncio.TimerHandle | None = None
@@ -266,13 +270,15 @@ class MuxChannel:
         if self._calls.pop(call.call_id, None) is None:
             return False
         if not call.sent:
-            # Its frame leaves the queue now, payload and all: a stalled replica may take no
-            # write for seconds while expired calls make room for new ones.
-            frame, pending = call._frame, self._pending
-            for i in range(len(pending) - 1, -1, -1):
-                if pending[i] is frame:
-                    del pending[i]
-                    break
+            # Its frame (no longer wanted, see _live) must not stay queued, payload and all,
+            # while a stalled replica takes no write and expired calls make room for new ones:
+            # the queue is rebuilt once most of it is dead (amortised, not a scan per call).
+            self._dead += 1
+            if self._dead > DEAD_MIN and self._dead * 2 > len(self._pending):
+                calls = self._calls
+                self._pending = [f for f in self._pending
+                                 if f.kind != CALL or f.call_id in calls]
+                self._dead = 0
         elif send_cancel:
             self._pending.append(pb.MuxFrame(call_id=call.call_id, kind=CANCEL))
             if not self.writing:
@@ -325,6 +331,7 @@ class MuxChannel:
         try:
             while self._pending:
                 frames, self._pending = self._pending, []
+                self._dead = 0
                 for batch in batches(self._live(frames), self.max_message_bytes, self._refused):
                     out = []
                     for f in batch:
@@ -395,6 +402,7 @@ class MuxChannel:
                 t.cancel()
         calls, self._calls = self._calls, {}
         self._pending = []
+        self._dead = 0
         for call in calls.values():
             call._fail(
                 MuxRpcError(
