@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -236,13 +237,22 @@ async def test_a_unary_method_marked_by_a_malformed_call_is_forgotten(
         assert shapes[-1] == ("/peek.T/Say", UNARY_STREAM)
 
 
-def test_remembered_streaming_methods_are_bounded() -> None:
-    from gateway.dataplane.peek import MAX_STREAMING, StreamingMethods
+def test_remembered_streaming_methods_are_bounded_per_application(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.dataplane import peek
 
-    s = StreamingMethods()
-    for i in range(MAX_STREAMING + 50):
-        s.add(("app", f"/x.S/M{i}"))
-    assert len(s.paths) == MAX_STREAMING and ("app", "/x.S/M0") in s
+    s = peek.StreamingMethods()
+    for i in range(peek.MAX_STREAMING + 50):
+        s.add(("noisy", f"/x.S/M{i}"))
+    assert len(s.paths) == peek.MAX_STREAMING and ("noisy", "/x.S/M0") in s
+    s.add(("quiet", "/y.S/Chat"))  # another application's method still fits
+    assert ("quiet", "/y.S/Chat") in s
+    # Expired entries leave the listing (it must not change the dict it reads) and make room.
+    now = time.monotonic()
+    monkeypatch.setattr(peek.time, "monotonic", lambda: now + peek.REMEMBER_S + 1)
+    assert s.paths == set()
+    s.add(("noisy", "/x.S/New"))
+    assert s.paths == {("noisy", "/x.S/New")}
 
 
 async def test_a_peek_out_of_time_does_not_mark_a_unary_method_streaming(
@@ -284,14 +294,14 @@ async def test_what_proves_a_method_streams(start_gateway: Any,
         assert ("echo", "/peek.T/Chat") not in streaming
         assert [m async for m in chat(iter([b"x", b"y"]), metadata=MD)] == [b"x", b"y"]
         assert ("echo", "/peek.T/Chat") in streaming
-        # A unary replica answers once it has the message, before a slow client's end: that
-        # proves nothing.
+        # An answer before the client's end: a bidi client that sends one request and reads
+        # the answers (or, here, a unary method's client slow to close: see REMEMBER_S).
         slow_end = ch.stream_stream("/peek.T/Say")(metadata=MD)
         await slow_end.write(b"m")
         assert await asyncio.wait_for(slow_end.read(), 10) == b"m"
+        assert ("echo", "/peek.T/Say") in streaming  # at once, not when the call ends
         await slow_end.done_writing()
         assert await slow_end.code() == grpc.StatusCode.OK
-        assert ("echo", "/peek.T/Say") not in streaming
         push = ch.stream_stream("/peek.T/Push")(metadata=MD)
         assert await asyncio.wait_for(push.read(), 10) == b"hello"  # before any message
         await push.done_writing()

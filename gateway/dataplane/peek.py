@@ -28,41 +28,56 @@ loop may take several ms to see them (3 ms lost most single-message calls at 16 
 calls); a method whose calls prove to be streams is not peeked at again (see `Rest`), so
 a bidi method pays this once."""
 MAX_STREAMING = 1024
-"""Unknown methods remembered as streaming (bounded: clients choose the paths)."""
+"""Unknown methods remembered as streaming, per application (bounded: clients choose the
+paths, and one application's clients cannot crowd out another's methods)."""
 REMEMBER_S = 60.0
 """How long a method stays remembered as streaming after the last call that proved it: a
-unary method marked by one malformed call (two messages, which a unary replica answers all
-the same) goes back to the cheap way, while a bidi method's own calls keep it remembered."""
+unary method marked by a malformed or slow-closing client goes back to the cheap way, while a
+bidi method's own calls keep it remembered."""
 
 
 class StreamingMethods:
-    """Unknown methods, per (application, path), whose calls proved lately to be streams and
-    that a replica answered (paths a client makes up do not fill it): calls skip the peek."""
+    """Unknown methods, per application, whose calls proved lately to be streams and that a
+    replica answered (paths a client makes up do not fill it): their calls skip the peek."""
 
     def __init__(self) -> None:
-        self._until: dict[tuple[str, str], float] = {}
+        self._apps: dict[str, dict[str, float]] = {}
+        """application -> path -> until (monotonic)."""
+        self._purge_at: dict[str, float] = {}
+        """For a full application: when its next entry expires (no scan before then)."""
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        until = self._until.get(key)
+        paths = self._apps.get(key[0])
+        if paths is None:
+            return False
+        until = paths.get(key[1])
         if until is None:
             return False
         if until < time.monotonic():
-            del self._until[key]
+            del paths[key[1]]
             return False
         return True
 
     @property
     def paths(self) -> set[tuple[str, str]]:
-        return {k for k in self._until if k in self}
+        """The (application, path) pairs remembered now."""
+        now = time.monotonic()
+        return {(app, path) for app, paths in self._apps.items()
+                for path, until in paths.items() if until >= now}
 
     def add(self, key: tuple[str, str]) -> None:
+        app, path = key
         now = time.monotonic()
-        if key not in self._until and len(self._until) >= MAX_STREAMING:
-            for k in [k for k, until in self._until.items() if until < now]:
-                del self._until[k]
-            if len(self._until) >= MAX_STREAMING:
+        paths = self._apps.setdefault(app, {})
+        if path not in paths and len(paths) >= MAX_STREAMING:
+            if now < self._purge_at.get(app, 0.0):
+                return  # full, and nothing has expired yet
+            for p in [p for p, until in paths.items() if until < now]:
+                del paths[p]
+            if len(paths) >= MAX_STREAMING:
+                self._purge_at[app] = min(paths.values())
                 return
-        self._until[key] = now + REMEMBER_S
+        paths[path] = now + REMEMBER_S
 
 
 def _settle(t: asyncio.Future[Any]) -> None:
@@ -114,11 +129,14 @@ class Rest:
     """The client's messages, in order (after a peek: the reads already started, then the
     rest of the stream), watched for proof that the method streams.
 
-    Proof is what a unary or server-streaming replica cannot be sent in a well-formed call: a
-    second message, or none at all, or an answer before the client's first message (the
-    server spoke first). A peek that ran out of time proves nothing (a large message, a
-    loaded loop), nor does an answer before the client's end (a unary replica answers as soon
-    as it has the message). The method is remembered once the replica has answered too."""
+    Proof: a second message, or none at all (a unary client always sends one), or an answer
+    from the replica before the client's end. The last is not certain: a unary replica
+    answers as soon as it has the message, so a client slow to close looks like a bidi client
+    that sends one request and reads the answers (the style of token streaming). Taking it as
+    proof spares that bidi style the peek's wait on every call; a unary method it marks goes
+    back after REMEMBER_S. A peek that ran out of time proves nothing (a large message, a
+    loaded loop: the message and its end are passed on before any answer can come back). The
+    method is remembered once the replica has answered too."""
 
     __slots__ = ("_it", "_key", "_pending", "_streaming", "ended", "n", "proved", "replied")
 
@@ -139,7 +157,7 @@ class Rest:
     def answered(self) -> None:
         """The replica's first message arrived."""
         self.replied = True
-        if self.n == 0 and not self.ended:
+        if not self.ended:
             self.proved = True
         if self.proved:
             self._streaming.add(self._key)
