@@ -1,5 +1,7 @@
-"""A local replica that stops reading (SIGSTOP) behind large requests still leaves rotation on
-its health checks' timeout: grpc's own deadline was seen to end the check only after ~19 s."""
+"""Health checks bounded by the gateway's own clock: a local replica that stops reading
+(SIGSTOP) behind large requests still leaves rotation on the checks' timeout (grpc's own
+deadline was seen to end the check only after ~19 s), and a gateway loop stalled past that
+bound does not take a check answered in time for none."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
+from gateway.control import health
+from gateway.control.state import DeploymentState, ReplicaSlot
 from gateway.pb import text_model_pb2
 from tests.conftest import gateway_config, md, running_gateway, text_stub
 
@@ -57,3 +63,33 @@ async def test_a_stopped_replica_behind_blocked_writes_leaves_rotation(tmp_path:
             await asyncio.sleep(0.1)
         assert (await stub.Predict(text_model_pb2.PredictRequest(text="after"),
                                    metadata=md("text"), timeout=10)).label
+
+
+async def test_a_check_answered_while_the_loop_stalls_counts_as_answered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dep = {"name": "TextModel", "import_path": "examples.models:TextModel",
+           "health_check_period_s": 0.5, "health_check_timeout_s": 0.3}
+    verdicts: list[tuple[bool, str]] = []
+    armed = False
+    real = health.HealthChecks._check
+
+    async def stalled(self: Any, d: DeploymentState, slot: ReplicaSlot) -> tuple[bool, str]:
+        if armed and len(verdicts) < 3:
+            # Once the check is sent, the loop is busy elsewhere for longer than the bound
+            # (a timer runs after the callbacks already due, the send among them), while
+            # grpc's threads take the answer.
+            asyncio.get_running_loop().call_later(0, time.sleep, 1.0)
+        verdict = await real(self, d, slot)
+        verdicts.append(verdict)
+        return verdict
+
+    monkeypatch.setattr(health.HealthChecks, "_check", stalled)
+    apps = [{"name": "text", "deployments": [dep]}]
+    async with running_gateway(gateway_config(apps, tmp_path), tmp_path):
+        verdicts.clear()
+        armed = True
+        for _ in range(200):
+            if len(verdicts) >= 3:
+                break
+            await asyncio.sleep(0.1)
+    assert verdicts[:3] == [(True, "")] * 3
