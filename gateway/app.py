@@ -339,20 +339,20 @@ class Gateway:
         new connection, which the closed port refuses (UNAVAILABLE).
         """
         gate = asyncio.Event()
-        # No refusal yet: no client is retrying, so nothing to quieten (and no delay).
-        if self.proxy.drain_refusals:
-            self.proxy.refusal_gate = gate
-            # Held even when the grace is used up (a long call took it all): without the
-            # hold, the retrying clients' calls queued in core would be CANCELLED. So the
-            # listener may shut up to QUIET_MAX_S past the grace.
-            stop_at = time.monotonic() + QUIET_MAX_S
-            seen, quiet_since = -1, time.monotonic()
-            while time.monotonic() < stop_at:
-                if self.proxy.drain_refusals != seen:
-                    seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
-                elif time.monotonic() - quiet_since >= QUIET_S:
-                    break
-                await asyncio.sleep(0.01)
+        self.proxy.refusal_gate = gate
+        # Held even when no call was refused yet: a call can wait in core, not yet handed to
+        # us, when the drain finds nothing in flight (a busy loop, clients that retry at
+        # once), and would be CANCELLED. And held even when the grace is used up (a long call
+        # took it all). So the listener shuts QUIET_S after the last refusal, at most
+        # QUIET_MAX_S past the grace.
+        stop_at = time.monotonic() + QUIET_MAX_S
+        seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
+        while time.monotonic() < stop_at:
+            if self.proxy.drain_refusals != seen:
+                seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
+            elif time.monotonic() - quiet_since >= QUIET_S:
+                break
+            await asyncio.sleep(0.01)
         # A moment at least, for the held answers to be written before core cancels them.
         stopping = asyncio.ensure_future(server.stop(max(QUIET_S, end - time.monotonic())))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.
