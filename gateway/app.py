@@ -348,11 +348,16 @@ class Gateway:
         stop_at = time.monotonic() + QUIET_MAX_S
         seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
         while time.monotonic() < stop_at:
+            now = time.monotonic()
             if self.proxy.drain_refusals != seen:
-                seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
-            elif time.monotonic() - quiet_since >= QUIET_S:
+                seen, quiet_since = self.proxy.drain_refusals, now
+            elif now - quiet_since >= QUIET_S:
                 break
             await asyncio.sleep(0.01)
+            if time.monotonic() - now > QUIET_S / 2:
+                # The loop itself was busy: calls may have come into grpc meanwhile, not yet
+                # handed to us. A stall is not quiet.
+                quiet_since = time.monotonic()
         # A moment at least, for the held answers to be written before core cancels them.
         stopping = asyncio.ensure_future(server.stop(max(QUIET_S, end - time.monotonic())))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.

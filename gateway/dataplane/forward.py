@@ -41,6 +41,8 @@ CANCELLED = grpc.StatusCode.CANCELLED
 UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED
 HOLD_REFUSAL_S = 2.0
 """Bound on how long a refusal waits for `Proxy.refusal_gate` (the gateway opens it sooner)."""
+HOLD_MARGIN_S = 0.01
+"""A held refusal is answered this long (or a fifth of the time left) before its deadline."""
 
 
 def _upstream_cut() -> bool:
@@ -322,7 +324,7 @@ class Forwarder:
             c.rid = c.rid or e.request_id
             c.app, c.dep = c.app or e.application, c.dep or e.deployment
             if self.refusal_gate is not None and not c.admitted:
-                await self._hold_refusal(self.refusal_gate)
+                await self._hold_refusal(self.refusal_gate, ctx)
             await ctx.abort(e.code, e.details, trailers((), c.rid) if c.rid else ())
         elif isinstance(e, asyncio.CancelledError):
             c.code = self._cancel_code(ctx)
@@ -368,10 +370,18 @@ class Forwarder:
                 log.exception("call observer failed")
         return rec
 
-    async def _hold_refusal(self, gate: asyncio.Event) -> None:
-        """Answer a refusal only once the gateway has begun shutting its listener down."""
+    async def _hold_refusal(self, gate: asyncio.Event, ctx: Any) -> None:
+        """Answer a refusal only once the gateway has begun shutting its listener down, or
+        just before the client's deadline: it gets the UNAVAILABLE it may retry elsewhere,
+        not a DEADLINE_EXCEEDED the gateway would not have recorded."""
+        hold = HOLD_REFUSAL_S
+        left = ctx.time_remaining()
+        if left is not None:
+            hold = min(hold, left - max(HOLD_MARGIN_S, left * 0.2))
+        if hold <= 0:
+            return
         try:
-            await asyncio.wait_for(gate.wait(), HOLD_REFUSAL_S)
+            await asyncio.wait_for(gate.wait(), hold)
         except TimeoutError:
             pass
 
