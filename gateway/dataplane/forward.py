@@ -108,7 +108,7 @@ class Forwarder:
         """Set by the drain when calls outlive its grace: grpc then cancels their handlers and
         the clients see UNAVAILABLE, which is what they are recorded as (not CANCELLED)."""
         self.streaming = StreamingMethods()
-        """Unknown methods seen to stream: not peeked at (gateway/dataplane/peek.py)."""
+        """Unknown methods whose calls proved lately to stream: not peeked at (peek.py)."""
         self.on_unreachable: Callable[[Replica], None] | None = None
         """Called when a replica could not be reached, so the controller re-checks it."""
 
