@@ -23,7 +23,8 @@ import psutil
 import yaml
 
 from bench.frames import write_echo_frame
-from bench.run import Child, child_env, free_port, h2load
+from bench.load import h2load
+from bench.procs import Child, child_env, free_port
 
 POLLED = ("/api/gateway/overview", "/api/serve/applications/",
           "/api/gateway/timeseries?application=local", "/api/gateway/processes")

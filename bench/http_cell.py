@@ -21,7 +21,9 @@ from typing import Any
 import grpc
 import yaml
 
-from bench.run import Child, Settings, cpu_seconds, h2load, percentile
+from bench.cells import Settings
+from bench.load import h2load, percentile
+from bench.procs import Child, cpu_seconds
 from gateway.pb import grpc_predict_v2_pb2 as pb
 from gateway.pb import grpc_predict_v2_pb2_grpc as pb_grpc
 

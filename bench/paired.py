@@ -52,7 +52,7 @@ class Pair:
 
 
 Load = Callable[..., Any]
-"""bench.run.h2load (passed in: this module is imported by bench.run)."""
+"""bench.load.h2load (passed in, so tests can drive it with their own)."""
 Cpu = Callable[[list[int]], float]
 
 

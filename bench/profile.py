@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.echo_replica import ECHO_METHOD, UNLISTED_ECHO_METHOD
 from bench.frames import write_echo_frame
-from bench.run import Child, child_env, start_gateway, stopping, wait_gateway
+from bench.procs import Child, child_env, start_gateway, stopping, wait_gateway
 
 _LINE = re.compile(r"\s*\(([^()]*?)(?::\d+)?\)$")
 

@@ -19,8 +19,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from bench.cells import Target, find_cell, fmt, ratio
 from bench.echo_replica import UNLISTED_ECHO_METHOD, UNLISTED_STATS_METHOD
-from bench.run import GatewayProc, Target, _fmt, _ratio, find_cell
+from bench.procs import GatewayProc
 
 KIND = "external"
 SUFFIX = " (unknown method)"
@@ -79,10 +80,10 @@ def add_unknown_ratios(cells: list[dict[str, Any]]) -> None:
         known = find_cell(cells, KIND, c["target"].removesuffix(SUFFIX), c["concurrency"])
         if known is None:
             continue
-        c["calls_per_s_vs_known"] = _ratio(c["calls_per_s"], known["calls_per_s"])
-        c["proxy_cpu_vs_known"] = _ratio(c["proxy_cpu_us_per_call"],
+        c["calls_per_s_vs_known"] = ratio(c["calls_per_s"], known["calls_per_s"])
+        c["proxy_cpu_vs_known"] = ratio(c["proxy_cpu_us_per_call"],
                                          known["proxy_cpu_us_per_call"])
-        c["replica_cpu_vs_known"] = _ratio(c["replica_cpu_us_per_call"],
+        c["replica_cpu_vs_known"] = ratio(c["replica_cpu_us_per_call"],
                                            known["replica_cpu_us_per_call"])
         c["p50_added_vs_known_ms"] = round(c["p50_ms"] - known["p50_ms"], 4)
 
@@ -91,7 +92,7 @@ def summary_line(cells: list[dict[str, Any]], conc: int = 16) -> str:
     """The targets-table row: the gateway's unknown-method throughput over its known one."""
     c = find_cell(cells, KIND, unknown_name("gateway"), conc)
     ratio = c.get("calls_per_s_vs_known") if c is not None else None
-    return f"| {SUMMARY_LABEL} | >= 0.85 | {_fmt(ratio, 3)} |"
+    return f"| {SUMMARY_LABEL} | >= 0.85 | {fmt(ratio, 3)} |"
 
 
 def render_unknown(cells: list[dict[str, Any]], concurrencies: list[int]) -> list[str]:
@@ -110,11 +111,11 @@ def render_unknown(cells: list[dict[str, Any]], concurrencies: list[int]) -> lis
                 continue
             lines.append(
                 f"| {name} | {conc} | {c['calls_per_s']:.0f} | "
-                f"{_fmt(c.get('calls_per_s_vs_known'))} | "
-                f"{_fmt(c.get('calls_per_s_vs_direct'))} | {c['p50_ms']:.3f} | "
-                f"{_fmt(c.get('p50_added_vs_known_ms'), 3)} | {c['p99_ms']:.3f} | "
-                f"{_fmt(c['proxy_cpu_us_per_call'], 0)} | {_fmt(c.get('proxy_cpu_vs_known'))} | "
-                f"{_fmt(c['replica_cpu_us_per_call'], 0)} | "
-                f"{_fmt(c.get('replica_cpu_vs_known'))} | "
+                f"{fmt(c.get('calls_per_s_vs_known'))} | "
+                f"{fmt(c.get('calls_per_s_vs_direct'))} | {c['p50_ms']:.3f} | "
+                f"{fmt(c.get('p50_added_vs_known_ms'), 3)} | {c['p99_ms']:.3f} | "
+                f"{fmt(c['proxy_cpu_us_per_call'], 0)} | {fmt(c.get('proxy_cpu_vs_known'))} | "
+                f"{fmt(c['replica_cpu_us_per_call'], 0)} | "
+                f"{fmt(c.get('replica_cpu_vs_known'))} | "
                 f"{'yes' if c['grpc_ok'] else 'NO: ' + '; '.join(c['problems'])} |")
     return lines

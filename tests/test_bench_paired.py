@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from bench.frames import write_echo_frame
+from bench.load import h2load
 from bench.paired import Pair, Side, render_paired, run_pair, run_paired
-from bench.run import cpu_seconds, h2load
+from bench.procs import cpu_seconds
 from gateway.pb import bench_pb2, bench_pb2_grpc
 
 pytestmark = pytest.mark.skipif(shutil.which("h2load") is None,

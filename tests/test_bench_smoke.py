@@ -21,8 +21,8 @@ import grpc
 import psutil
 import pytest
 
-from bench import run as bench_run
-from bench import unknown_cell
+from bench import cells as bench_cells
+from bench import load, procs, report, unknown_cell
 from bench.frames import write_echo_frame
 from gateway.pb import bench_pb2, bench_pb2_grpc
 
@@ -40,13 +40,13 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
     [js] = tmp_path.glob("*-smoke.json")
     [md] = tmp_path.glob("*-smoke.md")
     result = json.loads(js.read_text())
-    has_nginx = bench_run.nginx_binary() is not None
+    has_nginx = procs.nginx_binary() is not None
     assert result["nginx"] is has_nginx
     if not has_nginx:
         assert any("nginx not found" in n for n in result["notes"])
-    expected = {(k, t, c) for k in bench_run.KINDS for t in bench_run.TARGETS
+    expected = {(k, t, c) for k in procs.KINDS for t in report.TARGETS
                 for c in (1, 16, 64) if t != "nginx" or has_nginx}
-    expected |= {(bench_run.MUX_KIND, "gateway", c) for c in (1, 16, 64)}
+    expected |= {(procs.MUX_KIND, "gateway", c) for c in (1, 16, 64)}
     # Issue 17: the external direct, gateway and minimal proxy again, on a method the gateway
     # cannot know (/bench.Unlisted/Echo).
     expected |= {("external", n, c) for n in unknown_cell.NAMES for c in (1, 16, 64)}
@@ -69,7 +69,7 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
         assert 0 < c["p50_ms"] <= c["p99_ms"], key
         assert c["latency_samples"] == c["calls"], key
         assert c["replica_cpu_us_per_call"] >= 0, key
-        if key[0] == bench_run.MUX_KIND:  # no direct cell: compared with the plain gateway
+        if key[0] == procs.MUX_KIND:  # no direct cell: compared with the plain gateway
             assert c["calls_per_s_vs_local_gateway"] > 0
         elif key[1].startswith("direct"):
             assert c["proxy_cpu_us_per_call"] is None
@@ -157,11 +157,11 @@ def failing_server() -> Iterator[str]:
 
 def test_http_200_with_grpc_error_is_not_counted_ok(failing_server: str, tmp_path: Path) -> None:
     frame, message = write_echo_frame(tmp_path / "echo.frame")
-    target = bench_run.Target("external", "direct", failing_server, failing_server, os.getpid(),
+    target = bench_cells.Target("external", "direct", failing_server, failing_server, os.getpid(),
                               lambda: [])
-    clients = bench_run.Clients()
+    clients = load.Clients()
     try:
-        cell = bench_run.run_cell(target, 4, bench_run.SMOKE, frame, message, clients, tmp_path)
+        cell = bench_cells.run_cell(target, 4, bench_cells.SMOKE, frame, message, clients, tmp_path)
     finally:
         clients.close()
     assert cell["grpc_ok"] is False

@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 import gateway.pb
-from bench import run as bench_run
-from bench import unknown_cell
+from bench import cells as bench_cells
+from bench import load, procs, unknown_cell
 from bench.echo_replica import (
     ECHO_METHOD,
     STATS_METHOD,
@@ -31,21 +31,21 @@ from gateway.dataplane.methods import MethodTable, fetch_reflection
 
 
 @pytest.fixture
-def replica(tmp_path: Path) -> Iterator[tuple[str, bench_run.Child]]:
+def replica(tmp_path: Path) -> Iterator[tuple[str, procs.Child]]:
     """`python -m bench.echo_replica`, the external replica of `make bench`."""
-    children: list[bench_run.Child] = []
-    with bench_run.stopping(children):
-        rep = bench_run.Child("external replica", [sys.executable, "-m", "bench.echo_replica"],
-                              tmp_path / "replica.log", env=bench_run.child_env())
+    children: list[procs.Child] = []
+    with procs.stopping(children):
+        rep = procs.Child("external replica", [sys.executable, "-m", "bench.echo_replica"],
+                              tmp_path / "replica.log", env=procs.child_env())
         children.append(rep)
         yield "127.0.0.1:" + rep.wait_for(r"listening (\d+)").group(1), rep
 
 
 def test_replica_serves_the_unlisted_name_with_its_own_count(
-        replica: tuple[str, bench_run.Child]) -> None:
+        replica: tuple[str, procs.Child]) -> None:
     address, _ = replica
     msg = echo_request()
-    clients = bench_run.Clients()
+    clients = load.Clients()
     try:
         assert clients.verify(address, "external", msg, 3, method=UNLISTED_ECHO_METHOD) is None
         assert clients.verify(address, "external", msg, 2) is None  # the listed name
@@ -57,7 +57,7 @@ def test_replica_serves_the_unlisted_name_with_its_own_count(
 
 
 async def test_reflection_and_gateway_protos_do_not_describe_it(
-        replica: tuple[str, bench_run.Child]) -> None:
+        replica: tuple[str, procs.Child]) -> None:
     address, _ = replica
     async with grpc.aio.insecure_channel(address) as ch:
         files = await fetch_reflection(ch)
@@ -77,22 +77,22 @@ async def test_reflection_and_gateway_protos_do_not_describe_it(
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 @pytest.mark.timeout(180)
-def test_bench_gateway_forwards_it_as_unknown(replica: tuple[str, bench_run.Child],
+def test_bench_gateway_forwards_it_as_unknown(replica: tuple[str, procs.Child],
                                               tmp_path: Path) -> None:
     """The bench's default gateway, its external application, one smoke cell of each twin."""
     address, rep = replica
-    children: list[bench_run.Child] = []
-    clients = bench_run.Clients()
-    with bench_run.stopping(children):
-        gw = bench_run.start_gateway("gateway", tmp_path, address, bench_run.child_env())
+    children: list[procs.Child] = []
+    clients = load.Clients()
+    with procs.stopping(children):
+        gw = procs.start_gateway("gateway", tmp_path, address, procs.child_env())
         children.append(gw.child)
-        bench_run.wait_gateway(gw)
+        procs.wait_gateway(gw)
         check = unknown_cell.treated_as_unknown(gw)
         passed, found = check()
         assert not passed and "does not name" in found  # the check bites before any call
-        known = [bench_run.Target("external", "gateway", gw.address, address, rep.pid,
+        known = [bench_cells.Target("external", "gateway", gw.address, address, rep.pid,
                                   lambda: [gw.child.pid], gateway=gw),
-                 bench_run.Target("external", "direct", address, address, rep.pid, lambda: [])]
+                 bench_cells.Target("external", "direct", address, address, rep.pid, lambda: [])]
         targets = unknown_cell.with_unknown_twins(known)
         assert [t.name for t in targets] == ["gateway", "gateway (unknown method)", "direct",
                                              "direct (unknown method)"]
@@ -100,7 +100,7 @@ def test_bench_gateway_forwards_it_as_unknown(replica: tuple[str, bench_run.Chil
         work = tmp_path / "work"
         work.mkdir()
         try:
-            cells = [bench_run.run_cell(t, 16, bench_run.SMOKE, frame, msg, clients, work)
+            cells = [bench_cells.run_cell(t, 16, bench_cells.SMOKE, frame, msg, clients, work)
                      for t in targets]
         finally:
             clients.close()
@@ -112,7 +112,7 @@ def test_bench_gateway_forwards_it_as_unknown(replica: tuple[str, bench_run.Chil
         # Counted under the method's own name (an answered unknown name keeps its label).
         assert any(f'method="{UNLISTED_ECHO_METHOD}"' in x for x in twin["checks"]), twin
         assert any("is a method it does not know" in x for x in twin["checks"]), twin
-        assert bench_run.scrape_statuses(gw.metrics_port or 0, "external",
+        assert bench_cells.scrape_statuses(gw.metrics_port or 0, "external",
                                          UNLISTED_ECHO_METHOD)["OK"] >= n
         # Ratios against the known-method counterparts, and the targets row.
         unknown_cell.add_unknown_ratios(cells)
