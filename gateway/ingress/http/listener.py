@@ -85,7 +85,7 @@ class CappedServer(web.Server):
 
 class Call(Protocol):
     answered: bool
-    """Its answer is back from the proxy: it is being converted or written."""
+    """Its answer is ready: being converted or written."""
 
 
 class Running:
@@ -97,6 +97,13 @@ class Running:
     def __init__(self) -> None:
         self.calls: dict[asyncio.Task[Any], Call] = {}
         self._cut: set[asyncio.Task[Any]] = set()
+
+    def enter(self, call: Call) -> None:
+        """Count the current task's call until the task ends (its answer written)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls[task] = call
+        task.add_done_callback(self.calls.pop)
 
     def answer_cut(self, request: web.BaseRequest) -> bool:
         """In a handler's CancelledError branch: True when the stop cut it and its client is
@@ -119,8 +126,10 @@ class Running:
             await asyncio.wait(answered, timeout=ANSWER_S)
         cut = [t for t in self.calls if not t.done()]
         if cut:
-            # Past the drain's grace (the proxy records them UNAVAILABLE: cut_at_stop).
-            log.warning("HTTP: %d call(s) still running at stop answered 503", len(cut))
+            # Past the drain's grace (the proxy records them UNAVAILABLE: cut_at_stop). Those
+            # still in the handler answer 503; an answer still being written is dropped.
+            log.warning("HTTP: %d call(s) still running at stop are cut (answered 503)",
+                        len(cut))
             self._cut.update(cut)
             for task in cut:
                 task.cancel()

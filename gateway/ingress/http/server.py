@@ -75,7 +75,8 @@ class _Req:
         self.reached = False
         """The call went into the proxy (so a failure may be the deployment's)."""
         self.answered = False
-        """...and is back: its answer is being converted or written (waited for at stop)."""
+        """...and is back (or the handler returned): its answer is being converted or
+        written, which the stop waits for (Running.stop)."""
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
@@ -182,9 +183,7 @@ class HttpIngress:
         # one is passed on for the proxy to refuse (400, as over gRPC).
         rid = request.headers.get("x-request-id") or str(uuid.uuid4())
         shown = rid if valid_request_id(rid) else str(uuid.uuid4())
-        task = asyncio.current_task()
-        assert task is not None
-        self.running.calls[task] = info
+        self.running.enter(info)
         try:
             with call_context(shown, info.route):
                 try:
@@ -228,7 +227,7 @@ class HttpIngress:
                 resp.headers.setdefault("x-request-id", shown)
             return resp
         finally:
-            del self.running.calls[task]
+            info.answered = True  # being written (Running.stop waits for it)
             if m is not None:
                 m.ongoing -= 1
                 m.observe(info.route, request.method, info.app, info.deployment, status,
