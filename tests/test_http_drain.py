@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from tests.http_support import HTTP, PREDICT, call, text, url
+from gateway.ingress.http.listener import SHUTDOWN_S
+from tests.http_support import HTTP, PREDICT, call, infer_body, iris, text, url
 
 GRACE_S = 0.3
 STREAM = "/demo.text.TextModel/PredictStream"
@@ -147,3 +149,70 @@ async def test_an_idle_drain_closes_http_at_once(
         writer.close()
         assert took["s"] < 0.5, took
         assert http_rows(gw, PREDICT) == {"200": 1}
+
+
+async def test_an_answer_being_written_at_stop_is_written_in_full(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call answered within the grace whose client reads its answer slowly (the answer
+    waits in the gateway's buffers at stop): the client still gets all of it."""
+    async with start_gateway([iris(None)], http=HTTP) as gw:
+        assert gw.http is not None and gw.http.server is not None
+        real = gw.http.stop
+        stopping = asyncio.Event()
+
+        async def stop() -> None:
+            stopping.set()
+            await real()
+
+        monkeypatch.setattr(gw.http, "stop", stop)
+        rows = [(5.1, 3.5, 1.4, 0.2)] * 40_000  # a ~0.75 MB answer
+        body = json.dumps(infer_body(rows)).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.http.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        for _ in range(250):  # bounded: until the gateway has the connection
+            if gw.http.server.connections:
+                break
+            await asyncio.sleep(0.02)
+        (conn,) = gw.http.server.connections
+        assert conn.transport is not None
+        # Small kernel buffers on the gateway's side too (loopback's grow to megabytes), so
+        # the answer waits in the gateway while the client does not read.
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        writer.write(b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        for _ in range(500):  # bounded: until the answer is stuck in the writing
+            if conn.transport is not None and conn.transport.get_write_buffer_size() > 0:
+                break
+            await asyncio.sleep(0.02)
+        assert conn.transport is not None and conn.transport.get_write_buffer_size() > 0
+        done = asyncio.ensure_future(gw.stop(grace=GRACE_S))
+        await asyncio.wait_for(stopping.wait(), 10)
+        await asyncio.sleep(3 * SHUTDOWN_S)  # past what aiohttp's shutdown alone would give
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await done
+        head, _, data = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        outputs = {o["name"]: o for o in json.loads(data)["outputs"]}
+        assert outputs["label"]["shape"] == [len(rows)]
+        assert http_rows(gw, "/v2/models/{model}/infer") == {"200": 1}
+
+
+async def test_an_answer_converted_at_stop_is_not_cut(start_gateway: Any) -> None:
+    """A call that ends within the grace but whose (big) answer is still being converted when
+    the listener stops is answered in full (the drain waits for the proxy's calls only)."""
+    async with start_gateway([iris(None)], http=HTTP) as gw:
+        rows = [(5.1, 3.5, 1.4, 0.2)] * 80_000
+        held = asyncio.ensure_future(call("POST", url(gw, "/v2/models/iris/infer"),
+                                          json=infer_body(rows)))
+        await wait_admitted(gw, 1)
+        await gw.stop(grace=10)
+        r = await held
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["outputs"][0]["shape"] == [len(rows)]
