@@ -30,16 +30,9 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.dataplane.methods import MethodTable
 from gateway.dataplane.proxy import Proxy, valid_request_id
-from gateway.ingress.http import call, oip_rest, transcode
+from gateway.ingress.http import call, listener, oip_rest, transcode
 from gateway.ingress.http.body import read_body
 from gateway.ingress.http.errors import RestError, error_body, http_status
-from gateway.ingress.http.listener import (
-    SHUTDOWN_S,
-    SHUTTING_DOWN,
-    CappedServer,
-    ClientFault,
-    Running,
-)
 from gateway.ingress.http.offload import Offload
 from gateway.logs.core import call_context
 from gateway.metrics.http import HttpMetrics
@@ -114,13 +107,13 @@ class HttpIngress:
         self.body_timeout_s = config.http.body_timeout_s
         self.max_connections = config.http.max_connections
         self.offload = Offload()
-        self.server: CappedServer | None = None
+        self.server: listener.CappedServer | None = None
         self.port = 0
         self.in_proxy = 0
         """HTTP calls inside the proxy now (the gRPC ongoing gauge leaves them out)."""
         self.prefixes: list[tuple[str, str]] = []
         self._runner: web.ServerRunner | None = None
-        self.running = Running()
+        self.running = listener.Running()
         self.apply(config)
 
     @property
@@ -135,20 +128,21 @@ class HttpIngress:
 
     async def start(self) -> int:
         server_log = logging.getLogger("aiohttp.server")
-        if not any(isinstance(f, ClientFault) for f in server_log.filters):
-            server_log.addFilter(ClientFault())
+        if not any(isinstance(f, listener.ClientFault) for f in server_log.filters):
+            server_log.addFilter(listener.ClientFault())
         # One handler for every path (routing is ours). Bodies are read by read_body (bounded
         # after inflating), so aiohttp's decompression is off; a client leaving cancels its
         # handler, which cancels the upstream call. The keep-alive timer also closes
         # connections that never finish their headers (slowloris).
-        self.server = CappedServer(
+        self.server = listener.CappedServer(
             self._handle, self.max_connections, handler_cancellation=True,
             auto_decompress=False, access_log=None, keepalive_timeout=self.body_timeout_s,
             lingering_time=LINGER_S)
         # Closed after the gRPC drain (Gateway._stop): calls still running then are past the
         # grace and answered 503 (Running.stop), not aiohttp's default minute.
         tls, ctx = http_listener(self.host, self.tls_config, "http.tls", "the HTTP ingress")
-        runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=SHUTDOWN_S)
+        runner = web.ServerRunner(self.server, handle_signals=False,
+                                  shutdown_timeout=listener.SHUTDOWN_S)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False,
@@ -209,7 +203,7 @@ class HttpIngress:
                         status = 499 if gone else 503
                         raise
                     status = 503
-                    resp = _error(503, SHUTTING_DOWN, {"x-request-id": shown})
+                    resp = _error(503, listener.SHUTTING_DOWN, {"x-request-id": shown})
                     resp.force_close()
                     return resp
                 except Exception:
@@ -408,10 +402,13 @@ class HttpIngress:
                 if not self.running.answer_cut(request):
                     raise
                 # Cut at stop past the drain's grace: said in the stream, as a failure is.
-                await resp.write(transcode.ndjson_line({"error": {
-                    "code": grpc.StatusCode.UNAVAILABLE.value[0], "status": "UNAVAILABLE",
-                    "message": SHUTTING_DOWN}}))
-                await resp.write_eof()
+                try:
+                    await resp.write(transcode.ndjson_line({"error": {
+                        "code": grpc.StatusCode.UNAVAILABLE.value[0], "status": "UNAVAILABLE",
+                        "message": listener.SHUTTING_DOWN}}))
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    info.status = 499
             return resp
         finally:
             info.answered = True
