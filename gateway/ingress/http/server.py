@@ -26,15 +26,13 @@ from typing import Any
 
 import grpc
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import GatewayConfig
 from gateway.dataplane.methods import MethodTable
 from gateway.dataplane.proxy import Proxy, valid_request_id
-from gateway.ingress.http import call, oip_rest, transcode
+from gateway.ingress.http import call, listener, oip_rest, transcode
 from gateway.ingress.http.body import read_body
 from gateway.ingress.http.errors import RestError, error_body, http_status
-from gateway.ingress.http.listener import CappedServer
 from gateway.ingress.http.offload import Offload
 from gateway.logs.core import call_context
 from gateway.metrics.http import HttpMetrics
@@ -61,27 +59,17 @@ OTHER_ROUTE = "other"
 """The route label of requests that match no route."""
 
 
-class _ClientFault(logging.Filter):
-    """aiohttp logs a malformed request (bad header bytes...) at ERROR with a traceback; it is
-    the client's fault and already answered 400, so it is kept as one INFO line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc.message}"[:500]
-            record.args, record.exc_info, record.exc_text = None, None, None
-        return True
-
-
 class _Req:
     """What one HTTP request was, for its metric row and log lines."""
 
-    __slots__ = ("app", "deployment", "reached", "route", "status")
+    __slots__ = ("answered", "app", "deployment", "reached", "route", "status")
 
     def __init__(self) -> None:
         self.reached = False
         """The call went into the proxy (so a failure may be the deployment's)."""
+        self.answered = False
+        """...and is back (or the handler returned): its answer is being converted or
+        written, which the stop waits for (Running.stop)."""
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
@@ -119,12 +107,13 @@ class HttpIngress:
         self.body_timeout_s = config.http.body_timeout_s
         self.max_connections = config.http.max_connections
         self.offload = Offload()
-        self.server: CappedServer | None = None
+        self.server: listener.CappedServer | None = None
         self.port = 0
         self.in_proxy = 0
         """HTTP calls inside the proxy now (the gRPC ongoing gauge leaves them out)."""
         self.prefixes: list[tuple[str, str]] = []
         self._runner: web.ServerRunner | None = None
+        self.running = listener.Running()
         self.apply(config)
 
     @property
@@ -139,20 +128,21 @@ class HttpIngress:
 
     async def start(self) -> int:
         server_log = logging.getLogger("aiohttp.server")
-        if not any(isinstance(f, _ClientFault) for f in server_log.filters):
-            server_log.addFilter(_ClientFault())
+        if not any(isinstance(f, listener.ClientFault) for f in server_log.filters):
+            server_log.addFilter(listener.ClientFault())
         # One handler for every path (routing is ours). Bodies are read by read_body (bounded
         # after inflating), so aiohttp's decompression is off; a client leaving cancels its
         # handler, which cancels the upstream call. The keep-alive timer also closes
         # connections that never finish their headers (slowloris).
-        self.server = CappedServer(
+        self.server = listener.CappedServer(
             self._handle, self.max_connections, handler_cancellation=True,
             auto_decompress=False, access_log=None, keepalive_timeout=self.body_timeout_s,
             lingering_time=LINGER_S)
         # Closed after the gRPC drain (Gateway._stop): calls still running then are past the
-        # grace, and get a second more, not aiohttp's default minute.
+        # grace and answered 503 (Running.stop), not aiohttp's default minute.
         tls, ctx = http_listener(self.host, self.tls_config, "http.tls", "the HTTP ingress")
-        runner = web.ServerRunner(self.server, handle_signals=False, shutdown_timeout=1.0)
+        runner = web.ServerRunner(self.server, handle_signals=False,
+                                  shutdown_timeout=listener.SHUTDOWN_S)
         await runner.setup()
         self._runner = runner
         site = web.TCPSite(runner, self.host, self.port_wanted, reuse_port=False,
@@ -169,9 +159,9 @@ class HttpIngress:
         return self.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
+        if self._runner is not None and self.server is not None:
             runner, self._runner = self._runner, None
-            await runner.cleanup()
+            await self.running.stop(runner, self.server)
         self.offload.close()
 
     # -- per request ---------------------------------------------------------------------
@@ -187,6 +177,7 @@ class HttpIngress:
         # one is passed on for the proxy to refuse (400, as over gRPC).
         rid = request.headers.get("x-request-id") or str(uuid.uuid4())
         shown = rid if valid_request_id(rid) else str(uuid.uuid4())
+        self.running.enter(info)
         try:
             with call_context(shown, info.route):
                 try:
@@ -205,11 +196,16 @@ class HttpIngress:
                     return web.Response(status=499)
                 except asyncio.CancelledError:
                     # aiohttp cancels the handler when its client leaves (the upstream call
-                    # is cancelled with it: CANCELLED in the proxy's record), or at shutdown
-                    # past the grace.
-                    gone = request.transport is None or request.transport.is_closing()
-                    status = 499 if gone else 503
-                    raise
+                    # is cancelled with it: CANCELLED in the proxy's record); the stop cuts
+                    # it past the drain's grace (UNAVAILABLE in the record) and it answers.
+                    if not self.running.answer_cut(request):
+                        gone = request.transport is None or request.transport.is_closing()
+                        status = 499 if gone else 503
+                        raise
+                    status = 503
+                    resp = _error(503, listener.SHUTTING_DOWN, {"x-request-id": shown})
+                    resp.force_close()
+                    return resp
                 except Exception:
                     # A gateway bug: answered in KServe's form with the request id, logged
                     # once; the deployment is not charged for a call that never reached it.
@@ -225,6 +221,7 @@ class HttpIngress:
                 resp.headers.setdefault("x-request-id", shown)
             return resp
         finally:
+            info.answered = True  # being written (Running.stop waits for it)
             if m is not None:
                 m.ongoing -= 1
                 m.observe(info.route, request.method, info.app, info.deployment, status,
@@ -401,8 +398,20 @@ class HttpIngress:
                 await resp.write_eof()
             except ConnectionResetError:
                 info.status = 499  # the client left mid-stream; the upstream call is cancelled
+            except asyncio.CancelledError:
+                if not self.running.answer_cut(request):
+                    raise
+                # Cut at stop past the drain's grace: said in the stream, as a failure is.
+                try:
+                    await resp.write(transcode.ndjson_line({"error": {
+                        "code": grpc.StatusCode.UNAVAILABLE.value[0], "status": "UNAVAILABLE",
+                        "message": listener.SHUTTING_DOWN}}))
+                    await resp.write_eof()
+                except ConnectionResetError:
+                    info.status = 499
             return resp
         finally:
+            info.answered = True
             self.in_proxy -= 1
             await stream.aclose()
 
@@ -417,6 +426,7 @@ class HttpIngress:
         try:
             return await call.unary(self.proxy, path, body, ctx), ctx
         finally:
+            info.answered = True
             self.in_proxy -= 1
 
     @staticmethod
