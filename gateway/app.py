@@ -41,6 +41,13 @@ QUIET_S = 0.1
 """At the end of a drain, refused calls are held until none has come for this long..."""
 QUIET_MAX_S = 1.0
 """...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
+QUIET_STEP_S = 0.01
+STALL_S = 0.005
+"""A quiet-wait step that overran by more than this found the loop busy: not quiet."""
+HELD_ANSWER_S = 0.5
+"""With no call in flight, grpc's stop waits this long (not the rest of the grace) for the
+held refusals to be written, then cancels what is left: streams that never end by
+themselves, such as health Watch streams."""
 
 
 class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
@@ -303,14 +310,15 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
         # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
-        while self.proxy.admitted > 0 and time.monotonic() < end:
+        # HTTP calls are, until their answers are written (the proxy is done with them
+        # before they are converted to JSON).
+        while self._in_flight() and time.monotonic() < end:
             await asyncio.sleep(0.01)
-        if self.proxy.admitted:
+        if self._in_flight():
             log.warning("drained with %d call(s) still in flight after %gs",
-                        self.proxy.admitted, grace)
-            self.proxy.cut_at_stop = True
+                        max(self.proxy.admitted, self._in_flight()), grace)
         if self.server is not None:
-            await self._shut_listener(self.server, end)
+            await self._shut_listener(self.server)
         if self.http is not None:
             await self.http.stop()
         self.state = ProxyState.DRAINED
@@ -326,7 +334,7 @@ class Gateway:
         self.logging.stop()
         self._stopped.set()
 
-    async def _shut_listener(self, server: grpc.aio.Server, end: float) -> None:
+    async def _shut_listener(self, server: grpc.aio.Server) -> None:
         """Stop the grpc server so that no client sees CANCELLED for a call it sent.
 
         Once grpc core begins its shutdown, it cancels (CANCELLED, "CANCELLED") every call it
@@ -348,22 +356,29 @@ class Gateway:
         stop_at = time.monotonic() + QUIET_MAX_S
         seen, quiet_since = self.proxy.drain_refusals, time.monotonic()
         while time.monotonic() < stop_at:
+            before = time.monotonic()
+            await asyncio.sleep(QUIET_STEP_S)
             now = time.monotonic()
-            if self.proxy.drain_refusals != seen:
+            if self.proxy.drain_refusals != seen or now - before > QUIET_STEP_S + STALL_S:
+                # A refusal, or the loop itself was busy (calls may have come into grpc
+                # meanwhile, not yet handed to us): not quiet. Checked after each step, so
+                # the listener never shuts right after a stall, however short.
                 seen, quiet_since = self.proxy.drain_refusals, now
             elif now - quiet_since >= QUIET_S:
                 break
-            await asyncio.sleep(0.01)
-            if time.monotonic() - now > QUIET_S / 2:
-                # The loop itself was busy: calls may have come into grpc meanwhile, not yet
-                # handed to us. A stall is not quiet.
-                quiet_since = time.monotonic()
+        # Calls still in flight now are past the grace: grpc cancels them at the end of this
+        # stop, and their clients hear UNAVAILABLE (a client leaving before now is CANCELLED).
+        self.proxy.cut_at_stop = self.proxy.admitted > 0
         # A moment at least, for the held answers to be written before core cancels them.
-        stopping = asyncio.ensure_future(server.stop(max(QUIET_S, end - time.monotonic())))
+        stopping = asyncio.ensure_future(server.stop(HELD_ANSWER_S))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.
         await asyncio.sleep(0.01)
         gate.set()
         await stopping
+
+    def _in_flight(self) -> int:
+        """Calls a drain waits for: admitted gRPC calls, and HTTP calls until answered."""
+        return max(self.proxy.admitted, self.http.running.busy() if self.http else 0)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -391,7 +391,9 @@ class Forwarder:
         remaining = ctx.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED
-        if self.cut_at_stop:
+        # An HTTP call's context knows whether the stop cut it (gateway/ingress/http).
+        cut = getattr(ctx, "cut", None)
+        if self.cut_at_stop if cut is None else cut:
             return grpc.StatusCode.UNAVAILABLE
         return CANCELLED
 

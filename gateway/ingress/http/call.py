@@ -20,10 +20,12 @@ from gateway.dataplane.replicas import UNARY_STREAM, UNARY_UNARY
 class HttpCallContext:
     """What `Proxy._forward_*` reads from and writes to a grpc.aio servicer context."""
 
-    __slots__ = ("_metadata", "code", "details", "initial", "trailers")
+    __slots__ = ("_metadata", "code", "cut", "details", "initial", "trailers")
 
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self._metadata = tuple(metadata)
+        self.cut = False
+        """Cancelled by the gateway's stop past the drain's grace (else by its client)."""
         self.code = grpc.StatusCode.OK
         self.details = ""
         self.initial: Sequence[tuple[str, Any]] = ()

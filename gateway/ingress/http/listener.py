@@ -86,6 +86,8 @@ class CappedServer(web.Server):
 class Call(Protocol):
     answered: bool
     """Its answer is ready: being converted or written."""
+    ctx: Any
+    """Its call context in the proxy (`HttpCallContext`), once it has one."""
 
 
 class Running:
@@ -97,6 +99,10 @@ class Running:
     def __init__(self) -> None:
         self.calls: dict[asyncio.Task[Any], Call] = {}
         self._cut: set[asyncio.Task[Any]] = set()
+
+    def busy(self) -> int:
+        """Calls not answered yet, or whose answer is still being written."""
+        return len(self.calls)
 
     def enter(self, call: Call) -> None:
         """Count the current task's call until the task ends (its answer written)."""
@@ -132,6 +138,9 @@ class Running:
                         len(cut))
             self._cut.update(cut)
             for task in cut:
+                ctx = self.calls[task].ctx if task in self.calls else None
+                if ctx is not None:
+                    ctx.cut = True  # recorded UNAVAILABLE, not as a client that left
                 task.cancel()
             await asyncio.wait(cut, timeout=CUT_WRITE_S)
         self._cut.clear()

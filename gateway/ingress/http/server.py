@@ -62,7 +62,7 @@ OTHER_ROUTE = "other"
 class _Req:
     """What one HTTP request was, for its metric row and log lines."""
 
-    __slots__ = ("answered", "app", "deployment", "reached", "route", "status")
+    __slots__ = ("answered", "app", "ctx", "deployment", "reached", "route", "status")
 
     def __init__(self) -> None:
         self.reached = False
@@ -70,6 +70,7 @@ class _Req:
         self.answered = False
         """...and is back (or the handler returned): its answer is being converted or
         written, which the stop waits for (Running.stop)."""
+        self.ctx: call.HttpCallContext | None = None
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
@@ -219,6 +220,8 @@ class HttpIngress:
             status = info.status or resp.status
             if not resp.prepared:
                 resp.headers.setdefault("x-request-id", shown)
+                if self.proxy.draining:  # not reused: the stop closes idle connections,
+                    resp.force_close()  # and a request sent on one as it closes is lost
             return resp
         finally:
             info.answered = True  # being written (Running.stop waits for it)
@@ -371,7 +374,7 @@ class HttpIngress:
                 raise RestError(500, f"the answer is not a {desc.output_type.full_name}: "
                                      f"{type(e).__name__}") from None
             return _json(200, doc, self._out(ctx))
-        ctx = call.HttpCallContext(md)
+        ctx = info.ctx = call.HttpCallContext(md)
         stream = call.server_stream(self.proxy, path, body, ctx)
         info.reached = True
         self.in_proxy += 1
@@ -391,6 +394,7 @@ class HttpIngress:
                                                         desc, msg)
                     await resp.write(transcode.ndjson_line({"result": doc}))
                     msg = await anext(stream, None)
+                info.answered = True  # the upstream call is over: only its end is written
                 if ctx.code is not grpc.StatusCode.OK:
                     await resp.write(transcode.ndjson_line({"error": {
                         "code": ctx.code.value[0], "status": ctx.code.name,
@@ -401,6 +405,8 @@ class HttpIngress:
             except asyncio.CancelledError:
                 if not self.running.answer_cut(request):
                     raise
+                if info.answered:  # cut while its end was written: nothing may follow
+                    return resp
                 # Cut at stop past the drain's grace: said in the stream, as a failure is.
                 try:
                     await resp.write(transcode.ndjson_line({"error": {
@@ -420,7 +426,7 @@ class HttpIngress:
 
     async def _unary(self, path: str, body: bytes, md: list[tuple[str, str]],
                      info: _Req) -> tuple[bytes | None, call.HttpCallContext]:
-        ctx = call.HttpCallContext(md)
+        ctx = info.ctx = call.HttpCallContext(md)
         info.reached = True
         self.in_proxy += 1
         try:

@@ -1,0 +1,159 @@
+"""Edges of the drain found by a breaker (helper 42): a stream that never ends by itself does
+not hold the drain for the whole grace; a gRPC client that leaves after the grace, before the
+listener shuts, is recorded as having left (CANCELLED), not as cut by the stop; HTTP answers
+given while draining close their connection; an HTTP answer still being converted within the
+grace is not cut; a stream cut while its end is written gets nothing after its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.ingress.http import oip_rest
+from gateway.pb import text_model_pb2
+from tests.conftest import TEXT_APP, md, text_stub
+from tests.http_support import HTTP, PREDICT, call, infer_body, iris, text, url
+from tests.test_http_drain import STREAM, http_rows, send, wait_admitted
+
+
+async def test_an_open_health_watch_does_not_hold_the_drain(start_gateway: Any) -> None:
+    """grpc client-side health checking keeps a Watch stream open; with nothing in flight the
+    drain took the whole grace (20 s by default) waiting for it."""
+    async with start_gateway([TEXT_APP]) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest())
+        first = await asyncio.wait_for(watch.read(), 10)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        t0 = time.monotonic()
+        await gw.stop(grace=5)
+        took = time.monotonic() - t0
+        assert took < 2.5, took  # a bound, not a benchmark: it was the whole 5 s
+        seen = []
+        with pytest.raises(grpc.aio.AioRpcError):  # the stream ends (it never would alone)
+            for _ in range(10):
+                seen.append((await asyncio.wait_for(watch.read(), 5)).status)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
+
+
+async def test_a_client_leaving_after_the_grace_is_recorded_cancelled(
+    start_gateway: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with start_gateway([TEXT_APP]) as gw, grpc.aio.insecure_channel(gw.address) as ch:
+        held = text_stub(ch).Predict(text_model_pb2.PredictRequest(text="x", sleep_s=10),
+                                     metadata=md("text", **{"x-request-id": "leaves-late"}))
+        for _ in range(500):  # bounded: until the call is upstream
+            if gw.proxy.admitted:
+                break
+            await asyncio.sleep(0.02)
+        real = gw._shut_listener
+
+        async def shut(server: grpc.aio.Server) -> None:
+            # The grace is over with the call in flight; its client gives up before the
+            # listener shuts.
+            held.cancel()
+            for _ in range(250):
+                if not gw.proxy.admitted:
+                    break
+                await asyncio.sleep(0.02)
+            await real(server)
+
+        monkeypatch.setattr(gw, "_shut_listener", shut)
+        await gw.stop(grace=0.3)
+    lines = (tmp_path / "logs" / "gateway.log").read_text().splitlines()
+    access = [s for s in lines if "leaves-late" in s and " access " in s]
+    assert len(access) == 1 and " CANCELLED " in access[0], access
+
+
+async def test_answers_while_draining_close_their_connection(start_gateway: Any) -> None:
+    """A keep-alive client sending through the drain: its 503 "draining" says `Connection:
+    close`, so it does not send its next request on a connection the stop closes unanswered."""
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        held = asyncio.ensure_future(call("POST", url(gw, PREDICT),
+                                          json={"text": "x", "sleepS": 10}))
+        await wait_admitted(gw, 1)
+        body = json.dumps({"text": "a"}).encode()
+        reader, writer = await send(gw, b"POST %s HTTP/1.1\r\n" % PREDICT.encode(), body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+        await asyncio.wait_for(reader.readexactly(
+            int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])), 10)
+        stopping = asyncio.ensure_future(gw.stop(grace=1))
+        while not gw.proxy.draining:
+            await asyncio.sleep(0.005)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (PREDICT.encode(), len(body), body))
+        answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: closed after it
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b"\r\nConnection: close\r\n" in answer, answer
+        await stopping
+        assert (await held).status_code == 503
+
+
+async def test_an_answer_converted_within_the_grace_is_not_cut(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica answered at once, the conversion to JSON takes longer than the stop's own
+    1 s for ready answers, but well within the grace: the client gets its 200 (a 503 would
+    tell it to send again a call the model has run)."""
+    real = oip_rest.infer_response_body
+    converting = threading.Event()
+
+    def slow(*args: Any) -> Any:
+        converting.set()
+        time.sleep(1.5)  # in the conversion thread
+        return real(*args)
+
+    monkeypatch.setattr(oip_rest, "infer_response_body", slow)
+    async with start_gateway([iris(None)], http=HTTP) as gw:
+        assert gw.http is not None
+        gw.http.offload.inline_bytes = 0  # converted in a thread, as a big answer is
+        held = asyncio.ensure_future(call("POST", url(gw, "/v2/models/iris/infer"),
+                                          json=infer_body([(5.1, 3.5, 1.4, 0.2)])))
+        assert await asyncio.to_thread(converting.wait, 10)  # the replica has answered
+        await gw.stop(grace=10)
+        r = await held
+        assert r.status_code == 200, r.text[:300]
+        assert http_rows(gw, "/v2/models/{model}/infer") == {"200": 1}
+
+
+async def test_a_stream_cut_while_its_end_is_written_gets_nothing_after_it(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream stream ended within the grace, but its end is still being written (a
+    client that does not read it: here the end waits) when the stop cuts: no error line may
+    follow the stream's results, and the call is counted as the 200 it was."""
+    real = web.StreamResponse.write_eof
+    waited: set[int] = set()
+
+    async def slow_end(self: web.StreamResponse, data: bytes = b"") -> None:
+        if self.content_type == "application/x-ndjson" and id(self) not in waited:
+            waited.add(id(self))
+            await asyncio.sleep(30)  # cut by the stop
+        await real(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write_eof", slow_end)
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        assert gw.http is not None
+        body = json.dumps({"text": "good", "repeat": 3}).encode()
+        reader, writer = await send(gw, b"POST %s HTTP/1.1\r\n" % STREAM.encode(), body)
+        for _ in range(500):  # bounded: the upstream call is over, its end is being written
+            if waited and gw.proxy.ongoing == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert waited and gw.proxy.ongoing == 0 and gw.http.running.calls
+        await gw.stop(grace=0.3)
+        data = await asyncio.wait_for(reader.read(), 10)  # to EOF: closed by the stop
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200"), data
+        assert data.count(b'{"result"') == 3, data
+        assert b'"error"' not in data, data
+        assert http_rows(gw, STREAM) == {"200": 1}
