@@ -42,8 +42,9 @@ QUIET_S = 0.1
 QUIET_MAX_S = 1.0
 """...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
 QUIET_STEP_S = 0.01
-STALL_S = 0.005
-"""A quiet-wait step that overran by more than this found the loop busy: not quiet."""
+STALL_S = 0.012
+"""A quiet-wait step that overran by more than this found the loop busy: not quiet (more
+than the GIL's 5 ms switch interval, which a busy thread of the gateway's costs each step)."""
 HELD_ANSWER_S = 0.5
 """With no call in flight, grpc's stop waits this long (not the rest of the grace) for the
 held refusals to be written, then cancels what is left: streams that never end by
@@ -310,8 +311,7 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
         # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
-        # HTTP calls are, until their answers are written (the proxy is done with them
-        # before they are converted to JSON).
+        # HTTP answers are, until converted (the proxy is done with them before that).
         while self._in_flight() and time.monotonic() < end:
             await asyncio.sleep(0.01)
         if self._in_flight():
@@ -377,8 +377,9 @@ class Gateway:
         await stopping
 
     def _in_flight(self) -> int:
-        """Calls a drain waits for: admitted gRPC calls, and HTTP calls until answered."""
-        return max(self.proxy.admitted, self.http.running.busy() if self.http else 0)
+        """Calls a drain waits for: admitted calls (gRPC and HTTP), and HTTP answers the
+        proxy gave that are still being converted."""
+        return max(self.proxy.admitted, self.http.running.converting() if self.http else 0)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.app import Gateway
 from gateway.ingress.http import oip_rest
 from gateway.pb import text_model_pb2
 from tests.conftest import TEXT_APP, md, text_stub
@@ -157,3 +159,146 @@ async def test_a_stream_cut_while_its_end_is_written_gets_nothing_after_it(
         assert data.count(b'{"result"') == 3, data
         assert b'"error"' not in data, data
         assert http_rows(gw, STREAM) == {"200": 1}
+
+
+# -- what the drain must not wait for (breaker 43) ---------------------------------------
+
+
+async def _timed_stop(gw: Gateway, grace: float) -> float:
+    t0 = time.monotonic()
+    await gw.stop(grace=grace)
+    return time.monotonic() - t0
+
+
+async def test_a_request_still_sending_its_body_does_not_hold_the_drain(
+    start_gateway: Any,
+) -> None:
+    """It has not reached the proxy (and would be refused there): the drain does not wait
+    the whole grace for it; it is answered 503 at the stop."""
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        assert gw.http is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+                     % PREDICT.encode())
+        await writer.drain()
+        for _ in range(250):  # bounded: until its handler reads the body
+            if gw.http.running.calls:
+                break
+            await asyncio.sleep(0.02)
+        took = await _timed_stop(gw, 4)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert took < 2.5, took  # it was the whole 4 s
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+
+
+async def test_a_client_not_reading_its_answer_does_not_hold_the_drain(
+    start_gateway: Any,
+) -> None:
+    """The answer is handed to the connection (as a gRPC answer to grpc): a client that never
+    reads it gets the stop's second for ready answers, not the whole grace."""
+    async with start_gateway([iris(None)], http=HTTP) as gw:
+        assert gw.http is not None and gw.http.server is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", gw.http.port))
+        for _ in range(250):  # bounded: until the gateway has the connection
+            if gw.http.server.connections:
+                break
+            await asyncio.sleep(0.02)
+        (conn,) = gw.http.server.connections
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        body = json.dumps(infer_body([(5.1, 3.5, 1.4, 0.2)] * 40_000)).encode()
+        await loop.sock_sendall(sock, b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"
+                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(500):  # bounded: until the answer is stuck in the writing
+            if conn.transport is not None and conn.transport.get_write_buffer_size() > 0:
+                break
+            await asyncio.sleep(0.02)
+        took = await _timed_stop(gw, 6)
+        sock.close()
+        assert took < 4, took  # it was the whole 6 s
+
+
+async def test_every_answer_while_draining_closes_its_connection(start_gateway: Any) -> None:
+    """Errors too (a 404 here) and streams that end during the drain."""
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        held = asyncio.ensure_future(call("POST", url(gw, PREDICT),
+                                          json={"text": "x", "sleepS": 10}))
+        await wait_admitted(gw, 1)
+        stream = json.dumps({"text": "a", "repeat": 2, "sleepS": 0.5}).encode()
+        s_reader, s_writer = await send(gw, b"POST %s HTTP/1.1\r\n" % STREAM.encode(), stream)
+        first = await asyncio.wait_for(s_reader.readuntil(b"}}\n"), 10)  # under way
+        stopping = asyncio.ensure_future(gw.stop(grace=2))
+        while not gw.proxy.draining:
+            await asyncio.sleep(0.005)
+        reader, writer = await send(gw, b"GET /nowhere HTTP/1.1\r\n", b"")
+        answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: closed after it
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 404 ") and b"\r\nConnection: close\r\n" in answer
+        # The stream began before the drain and ends within it: its connection is closed.
+        streamed = first + await asyncio.wait_for(s_reader.read(), 10)
+        s_writer.close()
+        assert streamed.startswith(b"HTTP/1.1 200 ") and streamed.endswith(b"0\r\n\r\n")
+        assert streamed.count(b'{"result"') == 2, streamed
+        await stopping
+        await held
+
+
+async def test_a_connection_accepted_just_before_the_stop_is_answered(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its request comes as the listener closes: answered (503), not closed unread."""
+    async with start_gateway([text(None)], http=HTTP) as gw:
+        assert gw.http is not None and gw.http._runner is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http.port)
+        real, closed = web.TCPSite.stop, asyncio.Event()
+
+        async def stop(site: web.TCPSite) -> None:
+            await real(site)
+            closed.set()
+
+        monkeypatch.setattr(web.TCPSite, "stop", stop)
+        stopping = asyncio.ensure_future(gw.stop(grace=0.3))
+        await asyncio.wait_for(closed.wait(), 10)
+        body = json.dumps({"text": "a"}).encode()
+        writer.write(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (PREDICT.encode(), len(body), body))
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await stopping
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+
+
+async def test_a_busy_thread_in_the_gateway_does_not_stretch_the_quiet_wait(
+    start_gateway: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each quiet step then waits for the GIL (its 5 ms switch interval): not a loop stall,
+    so the listener shuts after the 0.1 s quiet wait, not the 1 s maximum."""
+    async with start_gateway([TEXT_APP]) as gw:
+        real, took = gw._shut_listener, []
+        done = threading.Event()
+
+        def spin() -> None:
+            n = 0
+            while not done.is_set():
+                n += 1
+
+        async def shut(server: grpc.aio.Server) -> None:
+            t0 = time.monotonic()
+            await real(server)
+            took.append(time.monotonic() - t0)
+
+        monkeypatch.setattr(gw, "_shut_listener", shut)
+        spinner = threading.Thread(target=spin)
+        spinner.start()
+        try:
+            await gw.stop(grace=1)
+        finally:
+            done.set()
+            spinner.join(5)
+        assert took and took[0] < 0.8, took  # a bound, not a benchmark: it was 1.05 s

@@ -16,17 +16,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.ingress.http import call
 from gateway.ingress.http.errors import error_body
 
 log = logging.getLogger("gateway.http")
 
 _WARN_EVERY_S = 10.0
+OTHER_ROUTE = "other"
+"""The route label of requests that match no route."""
 SHUTTING_DOWN = "the gateway is shutting down"
 """The answer of an HTTP call still running when the listener stops."""
 ANSWER_S = 1.0
@@ -34,6 +37,8 @@ ANSWER_S = 1.0
 long to finish before they are cut."""
 CUT_WRITE_S = 0.5
 """...and the calls cut this long to write their 503."""
+FRESH_S = 0.05
+"""At stop, what a connection accepted just before the listener closed gets for its request."""
 SHUTDOWN_S = 0.1
 """What aiohttp's own shutdown then gives each connection (the rest of an unread body being
 drained after its answer): everything worth waiting for has been waited for."""
@@ -83,11 +88,27 @@ class CappedServer(web.Server):
             transport.close()
 
 
-class Call(Protocol):
-    answered: bool
-    """Its answer is ready: being converted or written."""
-    ctx: Any
-    """Its call context in the proxy (`HttpCallContext`), once it has one."""
+class Req:
+    """What one HTTP request was, for its metric row and log lines, and how far it got
+    (what a drain and the stop wait for)."""
+
+    __slots__ = ("answered", "app", "ctx", "deployment", "handed", "reached", "route", "status")
+
+    def __init__(self) -> None:
+        self.reached = False
+        """The call went into the proxy (so a failure may be the deployment's)."""
+        self.answered = False
+        """...and is back with an answer (or the handler returned): being converted or
+        written, which the stop waits for (Running.stop)."""
+        self.handed = False
+        """...and handed to aiohttp to write (a stream: its upstream call is over); before
+        that, the drain waits for it within the grace (Gateway._in_flight)."""
+        self.ctx: call.HttpCallContext | None = None
+        self.status: int | None = None
+        """Set when the answer could not be (fully) sent: 499, the client went away."""
+        self.route = OTHER_ROUTE
+        self.app = ""
+        self.deployment = ""
 
 
 class Running:
@@ -97,14 +118,17 @@ class Running:
     __slots__ = ("_cut", "calls")
 
     def __init__(self) -> None:
-        self.calls: dict[asyncio.Task[Any], Call] = {}
+        self.calls: dict[asyncio.Task[Any], Req] = {}
         self._cut: set[asyncio.Task[Any]] = set()
 
-    def busy(self) -> int:
-        """Calls not answered yet, or whose answer is still being written."""
-        return len(self.calls)
+    def converting(self) -> int:
+        """Calls the proxy has answered whose answer is not yet handed to aiohttp: a drain
+        waits for them within its grace, as for calls in the proxy. Not for calls still
+        reading their body (refused when they reach the proxy), refused calls, or answers
+        being written (a client that does not read them would hold every drain)."""
+        return sum(1 for c in self.calls.values() if c.answered and not c.handed)
 
-    def enter(self, call: Call) -> None:
+    def enter(self, call: Req) -> None:
         """Count the current task's call until the task ends (its answer written)."""
         task = asyncio.current_task()
         assert task is not None
@@ -126,6 +150,10 @@ class Running:
         """Close the listener and every connection, answering the calls still running."""
         for site in list(runner.sites):
             await site.stop()  # no new connections
+        if server.connections:
+            # One accepted just now may not have sent its request yet: answered (503,
+            # Connection: close) rather than closed unread as idle.
+            await asyncio.sleep(FRESH_S)
         server.pre_shutdown()  # no new requests; idle keep-alive connections close
         answered = [t for t, c in self.calls.items() if c.answered]
         if answered:

@@ -33,6 +33,7 @@ from gateway.dataplane.proxy import Proxy, valid_request_id
 from gateway.ingress.http import call, listener, oip_rest, transcode
 from gateway.ingress.http.body import read_body
 from gateway.ingress.http.errors import RestError, error_body, http_status
+from gateway.ingress.http.listener import Req
 from gateway.ingress.http.offload import Offload
 from gateway.logs.core import call_context
 from gateway.metrics.http import HttpMetrics
@@ -55,27 +56,6 @@ _UNREAD_BODY = frozenset({408, 413, 415})
 LINGER_S = 2.0
 """After an answer given before the body was read, its rest is drained this long (so the
 client reads the answer rather than a reset), not aiohttp's 10 s."""
-OTHER_ROUTE = "other"
-"""The route label of requests that match no route."""
-
-
-class _Req:
-    """What one HTTP request was, for its metric row and log lines."""
-
-    __slots__ = ("answered", "app", "ctx", "deployment", "reached", "route", "status")
-
-    def __init__(self) -> None:
-        self.reached = False
-        """The call went into the proxy (so a failure may be the deployment's)."""
-        self.answered = False
-        """...and is back (or the handler returned): its answer is being converted or
-        written, which the stop waits for (Running.stop)."""
-        self.ctx: call.HttpCallContext | None = None
-        self.status: int | None = None
-        """Set when the answer could not be (fully) sent: 499, the client went away."""
-        self.route = OTHER_ROUTE
-        self.app = ""
-        self.deployment = ""
 
 
 def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> web.Response:
@@ -172,13 +152,14 @@ class HttpIngress:
         m = self.metrics
         if m is not None:
             m.ongoing += 1
-        info = _Req()
+        info = Req()
         status = 500
         # Made here when missing, so even a request refused before the proxy has one; a bad
         # one is passed on for the proxy to refuse (400, as over gRPC).
         rid = request.headers.get("x-request-id") or str(uuid.uuid4())
         shown = rid if valid_request_id(rid) else str(uuid.uuid4())
         self.running.enter(info)
+        resp: web.StreamResponse | None = None
         try:
             with call_context(shown, info.route):
                 try:
@@ -194,7 +175,8 @@ class HttpIngress:
                 except ConnectionResetError:
                     # The client went away while its body was read: nobody to answer.
                     status = 499
-                    return web.Response(status=499)
+                    resp = web.Response(status=499)
+                    return resp
                 except asyncio.CancelledError:
                     # aiohttp cancels the handler when its client leaves (the upstream call
                     # is cancelled with it: CANCELLED in the proxy's record); the stop cuts
@@ -215,22 +197,23 @@ class HttpIngress:
                         info.deployment = ""
                     log.exception("HTTP %s %s failed in the gateway", request.method,
                                   info.route)
-                    return _error(500, "internal error in the gateway (logged with request "
+                    resp = _error(500, "internal error in the gateway (logged with request "
                                        f"id {shown})", {"x-request-id": shown})
+                    return resp
             status = info.status or resp.status
             if not resp.prepared:
                 resp.headers.setdefault("x-request-id", shown)
-                if self.proxy.draining:  # not reused: the stop closes idle connections,
-                    resp.force_close()  # and a request sent on one as it closes is lost
             return resp
         finally:
-            info.answered = True  # being written (Running.stop waits for it)
+            info.answered = info.handed = True  # being written (Running.stop waits for it)
+            if resp is not None and self.proxy.draining:  # not reused: the stop closes idle
+                resp.force_close()  # connections, and a request sent on one as it closes is lost
             if m is not None:
                 m.ongoing -= 1
                 m.observe(info.route, request.method, info.app, info.deployment, status,
                           time.perf_counter() - t0)
 
-    def _route_app(self, request: web.BaseRequest, info: _Req) -> tuple[str | None, str, str]:
+    def _route_app(self, request: web.BaseRequest, info: Req) -> tuple[str | None, str, str]:
         """(application named by header or prefix, the matched prefix, the path inside it)."""
         path = request.path
         name = request.headers.get("application")
@@ -247,7 +230,7 @@ class HttpIngress:
             info.app, info.deployment = route.name, route.deployment
         return name, prefix.rstrip("/"), inner
 
-    async def _dispatch(self, request: web.BaseRequest, info: _Req, rid: str) -> web.StreamResponse:
+    async def _dispatch(self, request: web.BaseRequest, info: Req, rid: str) -> web.StreamResponse:
         # The route label (`info.route`) stays "other" until a route template matches.
         name, base, inner = self._route_app(request, info)
         md: list[tuple[str, str]] = []
@@ -321,7 +304,7 @@ class HttpIngress:
         if verb != want:
             raise RestError(405, f"method {verb} not allowed here; use {want}")
 
-    async def _model(self, request: web.BaseRequest, info: _Req, base: str, mm: re.Match[str],
+    async def _model(self, request: web.BaseRequest, info: Req, base: str, mm: re.Match[str],
                      md: list[tuple[str, str]], name: str | None) -> web.StreamResponse:
         model, version, op = mm["model"], mm["version"] or "", mm["op"] or ""
         info.route = (base + "/v2/models/{model}" + ("/versions/{version}" if version else "")
@@ -354,7 +337,7 @@ class HttpIngress:
             return self._failed(ctx)
         return _json(200, oip_rest.metadata_json(data), self._out(ctx))
 
-    async def _transcoded(self, request: web.BaseRequest, info: _Req, path: str,
+    async def _transcoded(self, request: web.BaseRequest, info: Req, path: str,
                           md: list[tuple[str, str]], rid: str) -> web.StreamResponse:
         desc = self.methods.descriptor(path)
         if desc.client_streaming:
@@ -394,7 +377,7 @@ class HttpIngress:
                                                         desc, msg)
                     await resp.write(transcode.ndjson_line({"result": doc}))
                     msg = await anext(stream, None)
-                info.answered = True  # the upstream call is over: only its end is written
+                info.answered = info.handed = True  # upstream is over: its end is written
                 if ctx.code is not grpc.StatusCode.OK:
                     await resp.write(transcode.ndjson_line({"error": {
                         "code": ctx.code.value[0], "status": ctx.code.name,
@@ -425,14 +408,15 @@ class HttpIngress:
         return await read_body(request, self.max_body, self.body_timeout_s)
 
     async def _unary(self, path: str, body: bytes, md: list[tuple[str, str]],
-                     info: _Req) -> tuple[bytes | None, call.HttpCallContext]:
+                     info: Req) -> tuple[bytes | None, call.HttpCallContext]:
         ctx = info.ctx = call.HttpCallContext(md)
         info.reached = True
         self.in_proxy += 1
         try:
-            return await call.unary(self.proxy, path, body, ctx), ctx
+            data = await call.unary(self.proxy, path, body, ctx)
+            info.answered = data is not None  # to convert (a refusal is answered at once)
+            return data, ctx
         finally:
-            info.answered = True
             self.in_proxy -= 1
 
     @staticmethod
