@@ -41,10 +41,11 @@ QUIET_S = 0.1
 """At the end of a drain, refused calls are held until none has come for this long..."""
 QUIET_MAX_S = 1.0
 """...or for this long at most, before the listener shuts (Gateway._shut_listener)."""
-QUIET_STEP_S = 0.01
-STALL_S = 0.012
-"""A quiet-wait step that overran by more than this found the loop busy: not quiet (more
-than the GIL's 5 ms switch interval, which a busy thread of the gateway's costs each step)."""
+QUIET_STEP_S = 0.001
+STALL_S = 0.008
+"""A quiet-wait step that overran by more than this found the loop busy: not quiet. More
+than the GIL's 5 ms switch interval (what a busy thread of the gateway's costs a step); the
+steps are short, so a stall longer than this is seen whenever it falls."""
 HELD_ANSWER_S = 0.5
 """With no call in flight, grpc's stop waits this long (not the rest of the grace) for the
 held refusals to be written, then cancels what is left: streams that never end by
@@ -311,7 +312,7 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         end = time.monotonic() + grace
         # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
-        # HTTP answers are, until converted (the proxy is done with them before that).
+        # HTTP answers are, until converted and written (the proxy is done before that).
         while self._in_flight() and time.monotonic() < end:
             await asyncio.sleep(0.01)
         if self._in_flight():
@@ -377,9 +378,9 @@ class Gateway:
         await stopping
 
     def _in_flight(self) -> int:
-        """Calls a drain waits for: admitted calls (gRPC and HTTP), and HTTP answers the
-        proxy gave that are still being converted."""
-        return max(self.proxy.admitted, self.http.running.converting() if self.http else 0)
+        """Calls a drain waits for: admitted calls (gRPC and HTTP), and HTTP answers still
+        being converted, or written to a client that reads them."""
+        return max(self.proxy.admitted, self.http.running.pending() if self.http else 0)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

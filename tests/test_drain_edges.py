@@ -224,6 +224,51 @@ async def test_a_client_not_reading_its_answer_does_not_hold_the_drain(
         assert took < 4, took  # it was the whole 6 s
 
 
+async def test_an_answer_a_client_reads_slowly_within_the_grace_is_not_cut(
+    start_gateway: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A big answer handed to the connection, read slowly but steadily: the drain waits for
+    it within the grace (a `gateway run` would exit with the rest of it unsent)."""
+    async with start_gateway([iris(None)], http=HTTP) as gw:
+        assert gw.http is not None and gw.http.server is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", gw.http.port))
+        for _ in range(250):  # bounded: until the gateway has the connection
+            if gw.http.server.connections:
+                break
+            await asyncio.sleep(0.02)
+        (conn,) = gw.http.server.connections
+        assert conn.transport is not None
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        rows = [(5.1, 3.5, 1.4, 0.2)] * 40_000  # a ~0.75 MB answer
+        body = json.dumps(infer_body(rows)).encode()
+        await loop.sock_sendall(sock, b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"
+                                      b"Connection: close\r\n"
+                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(500):  # bounded: until the answer waits in the gateway
+            if conn.transport is not None and conn.transport.get_write_buffer_size() > 0:
+                break
+            await asyncio.sleep(0.02)
+        stopping = asyncio.ensure_future(gw.stop(grace=10))
+        data = b""
+        for _ in range(2000):  # bounded: ~8 KB each 20 ms, ~2 s in all
+            await asyncio.sleep(0.02)
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 8192), 10)
+            if not chunk:
+                break
+            data += chunk
+        sock.close()
+        await stopping
+        head, _, answer = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert json.loads(answer)["outputs"][0]["shape"] == [len(rows)]
+        assert "cut" not in caplog.text, caplog.text[-500:]
+
+
 async def test_every_answer_while_draining_closes_its_connection(start_gateway: Any) -> None:
     """Errors too (a 404 here) and streams that end during the drain."""
     async with start_gateway([text(None)], http=HTTP) as gw:
