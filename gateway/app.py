@@ -47,9 +47,27 @@ STALL_S = 0.008
 than the GIL's 5 ms switch interval (what a busy thread of the gateway's costs a step); the
 steps are short, so a stall longer than this is seen whenever it falls."""
 HELD_ANSWER_S = 0.5
-"""With no call in flight, grpc's stop waits this long (not the rest of the grace) for the
-held refusals to be written, then cancels what is left: streams that never end by
-themselves, such as health Watch streams."""
+"""grpc's stop waits the rest of the grace (answers being sent to slow readers), and at least
+this long, for the held refusals to be written, before it cancels what is left."""
+
+
+class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpc's health service, whose Watch streams end once the drain shuts the listener (after
+    they said NOT_SERVING): they never end by themselves, and grpc's stop would wait the rest
+    of the grace for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ending = asyncio.Event()
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        ending = asyncio.ensure_future(self.ending.wait())
+        try:
+            await asyncio.wait({watch, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            ending.cancel()
 
 
 class RayServeAPI(ray_serve_pb2_grpc.RayServeAPIServiceServicer):
@@ -83,6 +101,8 @@ class Gateway:
         self.logs_dir = logs_dir
         self.state = ProxyState.STARTING
         self.started_at = time.time()
+        self._drain_end = 0.0
+        """When the drain's grace ends (monotonic clock)."""
         self.methods = MethodTable([*BUILTIN_PROTO_MODULES, *config.proto_modules])
         self.proxy = Proxy(
             self.methods,
@@ -123,7 +143,7 @@ class Gateway:
         """The HTTP ingress (OIP REST, JSON transcoding), when `http.enabled`."""
         self.metrics_port: int | None = None
         """Bound port of the Prometheus endpoint (None when it is off)."""
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = _Health()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._stopped = asyncio.Event()
@@ -310,7 +330,7 @@ class Gateway:
         self.proxy.draining = True
         log.info("draining: %d call(s) in flight get up to %gs", self.proxy.ongoing, grace)
         await self.health.enter_graceful_shutdown()
-        end = time.monotonic() + grace
+        end = self._drain_end = time.monotonic() + grace
         # Refusals are not waited for: clients retrying at once would keep `ongoing` above 0.
         # HTTP answers are, until converted and written (the proxy is done before that).
         while self._in_flight() and time.monotonic() < end:
@@ -370,8 +390,9 @@ class Gateway:
         # Calls still in flight now are past the grace: grpc cancels them at the end of this
         # stop, and their clients hear UNAVAILABLE (a client leaving before now is CANCELLED).
         self.proxy.cut_at_stop = self.proxy.admitted > 0
-        # A moment at least, for the held answers to be written before core cancels them.
-        stopping = asyncio.ensure_future(server.stop(HELD_ANSWER_S))
+        self.health.ending.set()  # Watch streams end, having said NOT_SERVING
+        stopping = asyncio.ensure_future(server.stop(
+            max(HELD_ANSWER_S, self._drain_end - time.monotonic())))
         # grpc sends the GOAWAY before its stop first waits; written before the held answers.
         await asyncio.sleep(0.01)
         gate.set()

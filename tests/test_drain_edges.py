@@ -39,9 +39,12 @@ async def test_an_open_health_watch_does_not_hold_the_drain(start_gateway: Any) 
         took = time.monotonic() - t0
         assert took < 2.5, took  # a bound, not a benchmark: it was the whole 5 s
         seen = []
-        with pytest.raises(grpc.aio.AioRpcError):  # the stream ends (it never would alone)
-            for _ in range(10):
-                seen.append((await asyncio.wait_for(watch.read(), 5)).status)
+        for _ in range(10):  # the stream ends (it never would by itself)
+            msg = await asyncio.wait_for(watch.read(), 5)
+            if msg is grpc.aio.EOF:
+                break
+            seen.append(msg.status)
+        assert msg is grpc.aio.EOF and await watch.code() is grpc.StatusCode.OK
         assert health_pb2.HealthCheckResponse.NOT_SERVING in seen, seen
 
 
@@ -192,11 +195,12 @@ async def test_a_request_still_sending_its_body_does_not_hold_the_drain(
         assert answer.startswith(b"HTTP/1.1 503 "), answer
 
 
-async def test_a_client_not_reading_its_answer_does_not_hold_the_drain(
+async def test_a_client_not_reading_its_answer_holds_the_drain_no_longer_than_the_grace(
     start_gateway: Any,
 ) -> None:
-    """The answer is handed to the connection (as a gRPC answer to grpc): a client that never
-    reads it gets the stop's second for ready answers, not the whole grace."""
+    """An answer being written gets the grace, as a gRPC answer grpc is still sending does; a
+    client that never reads it does not hold the drain past the grace (and the stop's own
+    bounded waits)."""
     async with start_gateway([iris(None)], http=HTTP) as gw:
         assert gw.http is not None and gw.http.server is not None
         loop = asyncio.get_running_loop()
@@ -219,9 +223,9 @@ async def test_a_client_not_reading_its_answer_does_not_hold_the_drain(
             if conn.transport is not None and conn.transport.get_write_buffer_size() > 0:
                 break
             await asyncio.sleep(0.02)
-        took = await _timed_stop(gw, 6)
+        took = await _timed_stop(gw, 2)
         sock.close()
-        assert took < 4, took  # it was the whole 6 s
+        assert 2 <= took < 4.5, took
 
 
 async def test_an_answer_a_client_reads_slowly_within_the_grace_is_not_cut(

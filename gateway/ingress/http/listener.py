@@ -39,9 +39,6 @@ CUT_WRITE_S = 0.5
 """...and the calls cut this long to write their 503."""
 FRESH_S = 0.05
 """At stop, what a connection accepted just before the listener closed gets for its request."""
-STALLED_S = 1.0
-"""Within the grace a drain waits for an answer being written while its client reads it: some
-of it left the gateway in the last STALLED_S (one that is not read does not hold every drain)."""
 SHUTDOWN_S = 0.1
 """What aiohttp's own shutdown then gives each connection (the rest of an unread body being
 drained after its answer): everything worth waiting for has been waited for."""
@@ -95,8 +92,7 @@ class Req:
     """What one HTTP request was, for its metric row and log lines, and how far it got
     (what a drain and the stop wait for)."""
 
-    __slots__ = ("answered", "app", "ctx", "deployment", "handed", "moved_at", "reached",
-                 "route", "status", "transport", "unsent")
+    __slots__ = ("answered", "app", "ctx", "deployment", "reached", "route", "status")
 
     def __init__(self) -> None:
         self.reached = False
@@ -104,24 +100,12 @@ class Req:
         self.answered = False
         """...and is back with an answer (or the handler returned): being converted or
         written, which the stop waits for (Running.stop)."""
-        self.handed = False
-        """...and handed to aiohttp to write (a stream: its upstream call is over); before
-        that, the drain waits for it within the grace (Gateway._in_flight)."""
         self.ctx: call.HttpCallContext | None = None
-        self.transport: asyncio.BaseTransport | None = None
-        self.unsent = -1
-        """Bytes of its answer waiting in the gateway when last looked at (Running.pending)."""
-        self.moved_at = 0.0
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
         self.route = OTHER_ROUTE
         self.app = ""
         self.deployment = ""
-
-    def hand(self, transport: asyncio.BaseTransport | None) -> None:
-        """Its answer is with aiohttp now, to be written on `transport`."""
-        self.answered = self.handed = True
-        self.transport, self.moved_at = transport, time.monotonic()
 
 
 class Running:
@@ -136,22 +120,9 @@ class Running:
 
     def pending(self) -> int:
         """HTTP calls a drain waits for within its grace (beside the proxy's): answers being
-        converted, or written to a client that is reading them. Not requests still sending
-        their body (refused when they reach the proxy), refused calls, or answers a client
-        does not read (for STALLED_S)."""
-        now, n = time.monotonic(), 0
-        for c in self.calls.values():
-            if not c.handed:
-                n += c.answered
-                continue
-            t = c.transport
-            if not isinstance(t, asyncio.WriteTransport) or t.is_closing():
-                continue
-            unsent = t.get_write_buffer_size()
-            if unsent != c.unsent:
-                c.unsent, c.moved_at = unsent, now
-            n += now - c.moved_at < STALLED_S
-        return n
+        converted or written, as a gRPC answer is until grpc has sent it. Not requests still
+        sending their body, or refused calls (answered at once)."""
+        return sum(1 for c in self.calls.values() if c.answered)
 
     def enter(self, call: Req) -> None:
         """Count the current task's call until the task ends (its answer written)."""

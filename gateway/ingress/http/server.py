@@ -205,7 +205,7 @@ class HttpIngress:
                 resp.headers.setdefault("x-request-id", shown)
             return resp
         finally:
-            info.hand(request.transport)  # being written (the drain may wait for it)
+            info.answered = True  # being written (the drain waits for it)
             if resp is not None and self.proxy.draining:  # not reused: the stop closes idle
                 resp.force_close()  # connections, and a request sent on one as it closes is lost
             if m is not None:
@@ -377,7 +377,7 @@ class HttpIngress:
                                                         desc, msg)
                     await resp.write(transcode.ndjson_line({"result": doc}))
                     msg = await anext(stream, None)
-                info.hand(request.transport)  # upstream is over: its end is written
+                info.answered = True  # upstream is over: its end is written
                 if ctx.code is not grpc.StatusCode.OK:
                     await resp.write(transcode.ndjson_line({"error": {
                         "code": ctx.code.value[0], "status": ctx.code.name,
