@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from gateway.ingress.http import oip_rest
 from gateway.pb import text_model_pb2
 from tests.conftest import TEXT_APP, md, text_stub
 from tests.http_support import HTTP, PREDICT, call, infer_body, iris, text, url
-from tests.test_http_drain import STREAM, http_rows, send, wait_admitted
+from tests.test_http_drain import STREAM, http_rows, narrow_connection, send, wait_admitted
 
 
 async def test_an_open_health_watch_does_not_hold_the_drain(start_gateway: Any) -> None:
@@ -202,20 +201,8 @@ async def test_a_client_not_reading_its_answer_holds_the_drain_no_longer_than_th
     client that never reads it does not hold the drain past the grace (and the stop's own
     bounded waits)."""
     async with start_gateway([iris(None)], http=HTTP) as gw:
-        assert gw.http is not None and gw.http.server is not None
         loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", gw.http.port))
-        for _ in range(250):  # bounded: until the gateway has the connection
-            if gw.http.server.connections:
-                break
-            await asyncio.sleep(0.02)
-        (conn,) = gw.http.server.connections
-        assert conn.transport is not None
-        conn.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        sock, conn = await narrow_connection(gw)
         body = json.dumps(infer_body([(5.1, 3.5, 1.4, 0.2)] * 40_000)).encode()
         await loop.sock_sendall(sock, b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"
                                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -234,20 +221,8 @@ async def test_an_answer_a_client_reads_slowly_within_the_grace_is_not_cut(
     """A big answer handed to the connection, read slowly but steadily: the drain waits for
     it within the grace (a `gateway run` would exit with the rest of it unsent)."""
     async with start_gateway([iris(None)], http=HTTP) as gw:
-        assert gw.http is not None and gw.http.server is not None
         loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", gw.http.port))
-        for _ in range(250):  # bounded: until the gateway has the connection
-            if gw.http.server.connections:
-                break
-            await asyncio.sleep(0.02)
-        (conn,) = gw.http.server.connections
-        assert conn.transport is not None
-        conn.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        sock, conn = await narrow_connection(gw)
         rows = [(5.1, 3.5, 1.4, 0.2)] * 40_000  # a ~0.75 MB answer
         body = json.dumps(infer_body(rows)).encode()
         await loop.sock_sendall(sock, b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"

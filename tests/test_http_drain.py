@@ -53,6 +53,26 @@ async def send(gw: Gateway, head: bytes, body: bytes) -> tuple[asyncio.StreamRea
     return reader, writer
 
 
+async def narrow_connection(gw: Gateway) -> tuple[socket.socket, Any]:
+    """A non-blocking client socket with a small window, and the gateway's side of it (aiohttp's
+    handler) with small kernel buffers (loopback's grow to megabytes), so an answer waits in
+    the gateway while the client does not read."""
+    assert gw.http is not None and gw.http.server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.http.port))
+    for _ in range(250):  # bounded: until the gateway has the connection
+        if gw.http.server.connections:
+            break
+        await asyncio.sleep(0.02)
+    (conn,) = gw.http.server.connections
+    assert conn.transport is not None
+    conn.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    return sock, conn
+
+
 def http_rows(gw: Gateway, route: str) -> dict[str, float]:
     """status_code -> count of the HTTP requests row for `route` (read in the process)."""
     assert gw.http is not None and gw.http.metrics is not None
@@ -188,21 +208,8 @@ async def test_an_answer_being_written_at_stop_is_written_in_full(
         monkeypatch.setattr(gw.http, "stop", stop)
         rows = [(5.1, 3.5, 1.4, 0.2)] * 40_000  # a ~0.75 MB answer
         body = json.dumps(infer_body(rows)).encode()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a slow reader's window
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gw.http.port))
+        sock, conn = await narrow_connection(gw)
         reader, writer = await asyncio.open_connection(sock=sock)
-        for _ in range(250):  # bounded: until the gateway has the connection
-            if gw.http.server.connections:
-                break
-            await asyncio.sleep(0.02)
-        (conn,) = gw.http.server.connections
-        assert conn.transport is not None
-        # Small kernel buffers on the gateway's side too (loopback's grow to megabytes), so
-        # the answer waits in the gateway while the client does not read.
-        conn.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
         writer.write(b"POST /v2/models/iris/infer HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
