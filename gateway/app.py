@@ -382,8 +382,8 @@ class Gateway:
             now = time.monotonic()
             if self.proxy.drain_refusals != seen or now - before > QUIET_STEP_S + STALL_S:
                 # A refusal, or the loop itself was busy (calls may have come into grpc
-                # meanwhile, not yet handed to us): not quiet. Checked after each step, so
-                # the listener never shuts right after a stall, however short.
+                # meanwhile, not yet handed to us): not quiet. The steps are short, so a
+                # stall over STALL_S is seen wherever it falls.
                 seen, quiet_since = self.proxy.drain_refusals, now
             elif now - quiet_since >= QUIET_S:
                 break
@@ -400,7 +400,7 @@ class Gateway:
 
     def _in_flight(self) -> int:
         """Calls a drain waits for: admitted calls (gRPC and HTTP), and HTTP answers still
-        being converted, or written to a client that reads them."""
+        being converted or written."""
         return max(self.proxy.admitted, self.http.running.pending() if self.http else 0)
 
     async def wait_stopped(self) -> None:
