@@ -99,7 +99,8 @@ class Req:
         """The call went into the proxy (so a failure may be the deployment's)."""
         self.answered = False
         """...and is back with an answer (or the handler returned): being converted or
-        written, which the stop waits for (Running.stop)."""
+        written, which the drain waits for within its grace (Running.pending), and the stop
+        for ANSWER_S more (Running.stop)."""
         self.ctx: call.HttpCallContext | None = None
         self.status: int | None = None
         """Set when the answer could not be (fully) sent: 499, the client went away."""
