@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Callable
 
 import grpc
 
@@ -75,8 +76,16 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--target", required=True)
+    p.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                   help="the event loop (asyncio: the floor the targets compare against)")
     a = p.parse_args()
-    asyncio.run(serve(a.host, a.port, a.target))
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    if a.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(a.host, a.port, a.target))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from bench.cells import access_log_lines, find_cell, fmt, ratio, records_written, scrape_statuses
@@ -158,12 +159,19 @@ def gateway_features(gw: GatewayProc) -> dict[str, Any]:
         "access_log": "off (disabled)" if cfg.logging_config.disable_access_log else
         f"{access_log_lines(gw.logs_dir)} lines for {sent} calls",
         "local_transport": getattr(cfg.proxy, "local_transport", "grpc"),
+        "event_loop": _event_loop(gw),
     }
     if gw.records_path is not None:
         n = records_written(gw.records_path)
         f["prediction_records"] = (f"{n} records for {sent} calls" if n
                                    else "configured but none written (feature not active)")
     return f
+
+
+def _event_loop(gw: GatewayProc) -> str:
+    """The loop the gateway's start-up lines name (what ran, not what was configured)."""
+    m = re.search(r"gateway: event loop (\w+)", gw.child.out.read_text(errors="replace"))
+    return m.group(1) if m else "not reported"
 
 
 def _scrape_ok(port: int) -> bool:

@@ -56,6 +56,7 @@ from bench.paired import Pair, Side, run_paired
 from bench.procs import (
     GATEWAY_VARIANTS,
     KINDS,
+    LOOP_VARIANT,
     MUX_KIND,
     ROOT,
     Child,
@@ -166,8 +167,9 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         # A fresh default gateway that serves only the memory run, so its first figure is
         # taken at 50k calls and not after whatever the cells sent.
         mem_gw = start_gateway("gateway", tmp, ext_addr, env, subdir="gateway-memory")
-        children.extend([*(g.child for g in gws.values()), mem_gw.child])
-        for g in [*gws.values(), mem_gw]:
+        loop_gw = start_gateway(LOOP_VARIANT, tmp, ext_addr, env)
+        children.extend([*(g.child for g in gws.values()), mem_gw.child, loop_gw.child])
+        for g in [*gws.values(), mem_gw, loop_gw]:
             wait_gateway(g)
         default = gws["gateway"]
         upstreams = {"local": default.local_replica_address, "external": ext_addr}
@@ -178,8 +180,14 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                       tmp / f"minimal-{kind}.log", env=env)
             children.append(c)
             minimal[kind] = c
+        # The same floor on uvloop (the gateway's default loop): paired with the gateway.
+        min_uv = Child("minimal proxy (external, uvloop)",
+                       [sys.executable, "-m", "bench.minimal_proxy", "--target", ext_addr,
+                        "--loop", "uvloop"], tmp / "minimal-external-uvloop.log", env=env)
+        children.append(min_uv)
         minimal_addr = {k: "127.0.0.1:" + c.wait_for(r"listening (\d+)").group(1)
                         for k, c in minimal.items()}
+        min_uv_addr = "127.0.0.1:" + min_uv.wait_for(r"listening (\d+)").group(1)
         nginx_bin = nginx_binary()
         nginx: Child | None = None
         nginx_addr: dict[str, str] = {}
@@ -232,9 +240,20 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
                           file=sys.stderr, flush=True)
         time.sleep(0.3)  # the access logs write their last lines
         # Taken before the paired slices, which send calls the cells did not count.
-        features = {v: gateway_features(g) for v, g in gws.items()}
-        paired = run_paired(*paired_pairs(targets), h2load, cpu_seconds, frame, work,
-                            smoke=s.smoke)
+        features = {v: gateway_features(g) for v, g in [*gws.items(), (LOOP_VARIANT, loop_gw)]}
+        pairs, equal = paired_pairs(targets)
+        gw_side = next((p.a for p in pairs if p.name == "external, default vs minimal proxy"),
+                       None)
+        if gw_side is not None:
+            pairs += [
+                Pair("external, event loop uvloop vs asyncio", gw_side,
+                     Side("external gateway (asyncio loop)", loop_gw.address, "external",
+                          pids_of(loop_gw.child.pid, False), ext.pid), "information"),
+                Pair("external, default vs minimal proxy on uvloop", gw_side,
+                     Side("external minimal-proxy (uvloop)", min_uv_addr, "external",
+                          pids_of(min_uv.pid, False), ext.pid), "information"),
+            ]
+        paired = run_paired(pairs, equal, h2load, cpu_seconds, frame, work, smoke=s.smoke)
         memory = measure_memory(mem_gw, s, frame, message, work)
         http_cells = run_http_cells(s, tmp, env)
         clients.close()

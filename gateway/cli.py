@@ -17,9 +17,14 @@ from typing import Any
 # grpc is first imported: so before any gateway module that imports it, and only when the
 # user did not choose a verbosity.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+from gateway.event_loop import disarm_fork_handlers
 
-from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.config_source import hide_values
+# grpc's fork handlers off (also read when grpc is first imported): uvloop's spawn of a replica
+# with them armed crashes it now and then (gateway/event_loop.py).
+disarm_fork_handlers()
+
+from gateway.config import ConfigError, GatewayConfig, load_config  # noqa: E402
+from gateway.config_source import hide_values  # noqa: E402
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -34,11 +39,14 @@ def _logs_dir(config: GatewayConfig) -> Path:
     return Path(config.logging_config.logs_dir or "logs")
 
 
-async def _run(config: GatewayConfig) -> int:
+async def _run(config: GatewayConfig, loop_line: str = "") -> int:
     from gateway.app import Gateway
     from gateway.dataplane.method_sources import MethodSourceError
+    from gateway.event_loop import running_loop_name
 
     gw = Gateway(config, logs_dir=_logs_dir(config), console_logs=True)
+    if running_loop_name() != config.proxy.event_loop:
+        logging.getLogger("gateway").warning("%s", loop_line)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     # The one place signals are handled: SIGINT (Ctrl-C) and SIGTERM both drain and stop.
@@ -69,6 +77,7 @@ async def _run(config: GatewayConfig) -> int:
     from gateway.tls import label
 
     print(f"gateway: serving gRPC on {gw.address}{label(gw.tls)}", flush=True)
+    print(f"gateway: event loop {running_loop_name()}", flush=True)
     if gw.http is not None:
         print(f"gateway: serving HTTP on {gw.http.address}{label(gw.http.tls)}", flush=True)
     print(f"gateway: admin service on {config.admin.host}:{gw.admin_port}"
@@ -109,12 +118,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = config.model_copy(
             update={"proxy": config.proxy.model_copy(update={"port": args.port})}
         )
-    from gateway.logs.profiling import memory_profiler
-
     # GATEWAY_ENABLE_MEMORY_PROFILING=1: a memray tracker for this process (replicas run
     # their own); read here, at start-up.
-    with memory_profiler(_logs_dir(config), "gateway", os.environ):
-        return asyncio.run(_run(config))
+    from gateway.event_loop import loop_factory
+    from gateway.logs.profiling import memory_profiler
+
+    factory, loop_line = loop_factory(config.proxy.event_loop)
+    with memory_profiler(_logs_dir(config), "gateway", os.environ), \
+            asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(_run(config, loop_line))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,18 @@ IRIS_APP = {
     "name": "classifier",
     "deployments": [{"name": "Iris", "import_path": "examples.models:Iris", "num_replicas": 1}],
 }
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The in-process tests run on the loop `gateway run` uses by default (proxy.event_loop):
+    uvloop. GATEWAY_TEST_LOOP=asyncio runs them on asyncio's own loop instead."""
+    if os.environ.get("GATEWAY_TEST_LOOP", "uvloop") == "asyncio":
+        return {"asyncio": asyncio.new_event_loop}
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def gateway_config(apps: list[dict[str, Any]], tmp: Path, **top: Any) -> GatewayConfig:

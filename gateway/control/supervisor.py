@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway import event_loop
 from gateway.control import process as replica_process
 from gateway.control.auth import ENV_CONTROL_SECRET, new_secret
 from gateway.control.health import HealthChecks
@@ -148,6 +149,8 @@ class Supervisor(HealthChecks):
         env.pop(ENV_CONTROL_SECRET, None)  # handed over on stdin: /proc/<pid>/environ shows env
         for var in GATEWAY_ONLY_ENV:  # the gateway's exporter keys: a model has no use for them
             env.pop(var, None)
+        if event_loop.fork_env_set_here:  # for the gateway's own loop; a model forks as it likes
+            env.pop(event_loop.FORK_ENV, None)
         if self.replica_env is not None:
             env.update(self.replica_env(dep, slot))
         cwd = os.getcwd()
