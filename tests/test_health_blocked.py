@@ -75,10 +75,12 @@ async def test_a_check_answered_while_the_loop_stalls_counts_as_answered(
 
     async def stalled(self: Any, d: DeploymentState, slot: ReplicaSlot) -> tuple[bool, str]:
         if armed and len(verdicts) < 3:
-            # Once the check is sent, the loop is busy elsewhere for longer than the bound
-            # (a timer runs after the callbacks already due, the send among them), while
-            # grpc's threads take the answer.
-            asyncio.get_running_loop().call_later(0, time.sleep, 1.0)
+            # Once the check is sent, the loop is busy elsewhere for longer than the bound,
+                # while grpc's threads take the answer. Two loop turns from now: the check's call is
+                # sent in the next one (not a timer: uvloop runs due timers before the callbacks,
+                # and the check would then not even be sent in time).
+                loop = asyncio.get_running_loop()
+                loop.call_soon(loop.call_soon, time.sleep, 1.0)
         verdict = await real(self, d, slot)
         verdicts.append(verdict)
         return verdict
