@@ -53,9 +53,15 @@ def disarm_fork_handlers() -> None:
         fork_env_set_here = True
 
 
+_GRPC_FALSE = frozenset({"0", "f", "false", "n", "no"})
+"""What grpc reads as false. It reads anything it cannot parse ("", "on", "2") as its default,
+which arms the handlers."""
+
+
 def fork_support_on(env: Mapping[str, str]) -> bool:
     """grpc's fork handlers are armed (gateway/cli.py turns them off unless the user set it)."""
-    return env.get(FORK_ENV, "true").strip().lower() in ("1", "true", "yes")
+    value = env.get(FORK_ENV)
+    return value is None or value.strip().lower() not in _GRPC_FALSE
 
 
 def running_loop_name() -> str:

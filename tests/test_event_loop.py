@@ -137,3 +137,18 @@ def test_replicas_keep_the_users_fork_setting(tmp_path: Path) -> None:
     with GatewayProcess(write_config(tmp_path / "b", run_config()), env=chosen) as gp:
         assert b"GRPC_ENABLE_FORK_SUPPORT=0" in _replica_environ(gp)
         assert _served_and_drained(gp) == "uvloop"
+
+
+@pytest.mark.parametrize("value", [None, "", "on", "2", "y", "T", "yes", "1", "true", "enabled"])
+def test_fork_support_counts_as_on_unless_grpc_reads_false(value: str | None) -> None:
+    """grpc reads what it cannot parse as its default (armed): only its false values are off."""
+    from gateway.event_loop import FORK_ENV, fork_support_on
+
+    assert fork_support_on({} if value is None else {FORK_ENV: value})
+
+
+@pytest.mark.parametrize("value", ["0", "f", "false", " False ", "n", "NO"])
+def test_fork_support_off_for_grpcs_false_values(value: str) -> None:
+    from gateway.event_loop import FORK_ENV, fork_support_on
+
+    assert not fork_support_on({FORK_ENV: value})

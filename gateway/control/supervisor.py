@@ -85,11 +85,20 @@ class Supervisor(HealthChecks):
         while not slot.stopping and not self._closing:
             slot.state = ReplicaState.STARTING if slot.starts == 0 else ReplicaState.RECOVERING
             slot.running_since = 0.0
+            before = slot.process
             try:
                 ok = await self._spawn(dep, slot)
             except asyncio.CancelledError:
                 await self._kill(slot)
                 raise
+            except Exception as e:  # out of fds or processes: a failed start, tried again
+                if slot.process is not before:  # (the one before was ended already)
+                    await self._kill(slot)
+                ok = False
+                slot.set_state(ReplicaState.UNHEALTHY,
+                               f"replica could not be started: {type(e).__name__}: {e}")
+                log.error("replica %s: %s", slot.replica_id, slot.message)
+                self._emit("unhealthy", slot)
             if ok:
                 proc = slot.process
                 assert proc is not None
@@ -175,12 +184,18 @@ class Supervisor(HealthChecks):
                 # (replica_process.kill_group); the gateway's group signals no longer reach it.
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(r)
+            raise
         finally:
             os.close(w)
         # The secret, one line; the pipe then stays open as the replica's lifeline: closing
         # it (or this process dying) is what stops the replica (replica_process.terminate).
         assert proc.stdin is not None
-        proc.stdin.write(secret.encode() + b"\n")
+        try:
+            proc.stdin.write(secret.encode() + b"\n")
+        except (RuntimeError, OSError):
+            pass  # it is gone already (uvloop has closed its pipe): it sends no report below
         slot.process = proc
         slot.starts += 1
         assert proc.stdout is not None

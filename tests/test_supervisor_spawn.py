@@ -1,0 +1,79 @@
+"""A replica start that fails in the gateway itself (the child gone before its secret was
+written, no file descriptors left) is a failed start: retried with backoff, never the end of
+the replica slot's supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.pb import text_model_pb2
+from tests.conftest import TEXT_APP, gateway_config, md, running_gateway, text_stub
+
+Spawn = Callable[..., Any]
+
+
+def _replica_spawns(monkeypatch: pytest.MonkeyPatch, spoil: Callable[[int, Spawn, tuple[Any, ...],
+                    dict[str, Any]], Any]) -> list[int]:
+    """Route replica spawns through `spoil(n, real, args, kwargs)`; returns the spawn count."""
+    real = asyncio.create_subprocess_exec
+    count = [0]
+
+    async def spawn(*args: Any, **kwargs: Any) -> Any:
+        if "gateway.runtime.replica" not in args:
+            return await real(*args, **kwargs)
+        count[0] += 1
+        return await spoil(count[0], real, args, kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn)
+    return count
+
+
+async def _serves(tmp_path: Path) -> str:
+    async with running_gateway(gateway_config([TEXT_APP], tmp_path), tmp_path) as gw:
+        from grpc import aio
+
+        slots = gw.controller.apps["text"].ingress.slots
+        for _ in range(200):  # failed starts are retried after 0.2 s, then 0.4 s
+            if all(s.state == "RUNNING" for s in slots):
+                break
+            await asyncio.sleep(0.1)
+
+        async with aio.insecure_channel(gw.address) as ch:
+            r = await text_stub(ch).Predict(text_model_pb2.PredictRequest(text="good"),
+                                            metadata=md("text"), timeout=20)
+        return f"{r.label} {[str(s.state) for s in slots]}"
+
+
+async def test_a_child_gone_before_its_secret_is_restarted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def gone_at_once(n: int, real: Spawn, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
+        proc = await real(*args, **kwargs)
+        if n <= 2:  # dies (OOM killer, a crash at start) before the gateway writes to it
+            proc.kill()
+            await proc.wait()
+            await asyncio.sleep(0.02)
+        return proc
+
+    count = _replica_spawns(monkeypatch, gone_at_once)
+    assert await _serves(tmp_path) == "positive ['RUNNING']"
+    assert count[0] >= 3
+
+
+async def test_out_of_file_descriptors_at_spawn_is_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def no_fds(n: int, real: Spawn, args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+        if n <= 2:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real(*args, **kwargs)
+
+    count = _replica_spawns(monkeypatch, no_fds)
+    assert await _serves(tmp_path) == "positive ['RUNNING']"
+    assert count[0] == 3
