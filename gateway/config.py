@@ -6,6 +6,7 @@ deeper in the code reads the environment for settings.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -100,6 +101,17 @@ class DeploymentConfig(_Model):
     """Calls waiting for a replica before RESOURCE_EXHAUSTED."""
     user_config: dict[str, Any] | None = None
     """Passed to the servicer's `reconfigure(user_config)` on start and on change."""
+
+    @field_validator("user_config")
+    @classmethod
+    def _json_user_config(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # It travels to the replica as JSON: a YAML date or a set would be accepted here and
+        # then fail every start and reconfigure of the deployment.
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"user_config must be plain JSON data ({e})") from None
+        return v
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=2.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=5.0, ge=0)

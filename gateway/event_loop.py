@@ -61,7 +61,8 @@ which arms the handlers."""
 def fork_support_on(env: Mapping[str, str]) -> bool:
     """grpc's fork handlers are armed (gateway/cli.py turns them off unless the user set it)."""
     value = env.get(FORK_ENV)
-    return value is None or value.strip().lower() not in _GRPC_FALSE
+    # ASCII whitespace only, as grpc strips it: a no-break space keeps grpc from reading it.
+    return value is None or value.strip(" \t\n\v\f\r").lower() not in _GRPC_FALSE
 
 
 def running_loop_name() -> str:

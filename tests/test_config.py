@@ -282,3 +282,19 @@ def test_loopback_is_an_address_not_a_prefix_and_ports_collide_per_host(
     msg = error_of(tmp_path, 'proxy: {host: "[::1]", port: 9300}\n'
                              'admin: {host: "::1", port: 9300}\n')
     assert "admin.port 9300 is also proxy.port" in msg
+
+
+def test_user_config_must_be_plain_json() -> None:
+    """It reaches replicas as JSON: a YAML date was accepted, then failed every start and
+    reconfigure of the deployment."""
+    import datetime
+
+    dep = {"name": "M", "import_path": "examples.models:TextModel"}
+    for bad in ({"since": datetime.date(2026, 1, 2)}, {"tags": {1, 2}}):
+        with pytest.raises(ConfigError, match="user_config must be plain JSON data"):
+            parse_config({"applications": [{"name": "a", "deployments": [
+                {**dep, "user_config": bad}]}]})
+    ok = parse_config({"applications": [{"name": "a", "deployments": [
+        {**dep, "user_config": {"n": 1, "xs": [1.5, "a", None, True]}}]}]})
+    assert ok.applications[0].deployments[0].user_config == {"n": 1,
+                                                             "xs": [1.5, "a", None, True]}

@@ -152,3 +152,11 @@ def test_fork_support_off_for_grpcs_false_values(value: str) -> None:
     from gateway.event_loop import FORK_ENV, fork_support_on
 
     assert not fork_support_on({FORK_ENV: value})
+
+
+@pytest.mark.parametrize("value", ["\xa0false", "\x1cfalse", "0\x85", "false\u3000"])
+def test_fork_support_on_when_only_non_ascii_space_surrounds_false(value: str) -> None:
+    """grpc strips ASCII whitespace only: around any other space it cannot read the value."""
+    from gateway.event_loop import FORK_ENV, fork_support_on
+
+    assert fork_support_on({FORK_ENV: value})

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,3 +80,61 @@ async def test_out_of_file_descriptors_at_spawn_is_retried(
     count = _replica_spawns(monkeypatch, no_fds)
     assert await _serves(tmp_path) == "positive ['RUNNING']"
     assert count[0] == 3
+
+
+def _pipes() -> int:
+    fd_dir = Path("/proc/self/fd")
+    n = 0
+    for fd in fd_dir.iterdir():
+        try:
+            n += os.readlink(fd).startswith("pipe:")
+        except OSError:
+            pass
+    return n
+
+
+async def test_failed_starts_leave_no_pipe_open(tmp_path: Path) -> None:
+    """A start that fails before its process is spawned (here the replica's environment
+    cannot be made) closes the report pipe: retried for as long as the gateway runs, each
+    attempt had left two descriptors open."""
+    async with running_gateway(gateway_config([TEXT_APP], tmp_path), tmp_path) as gw:
+        slot = gw.controller.apps["text"].ingress.slots[0]
+        proc = slot.process
+        assert proc is not None and slot.state == "RUNNING"
+        attempts = [0]
+
+        def broken_env(*_: Any) -> dict[str, str]:
+            attempts[0] += 1
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+        gw.controller.replica_env = broken_env
+        before = _pipes()
+        proc.kill()
+        for _ in range(100):  # failed starts after 0.2, 0.4, 0.8 s...
+            if attempts[0] >= 4:
+                break
+            await asyncio.sleep(0.1)
+        assert attempts[0] >= 4
+        assert slot.state == "UNHEALTHY" and "could not be started" in slot.message
+        assert _pipes() <= before, "report pipes left open by failed starts"
+
+
+def test_a_spawn_without_descriptors_to_spare_fails_before_uvloop_starts_it() -> None:
+    """uvloop's spawn, out of descriptors part-way, left its socketpairs open for good (and
+    said `Errno -1`): the start is refused first, with a message an operator can act on."""
+    script = (
+        "import os, resource\n"
+        "from gateway.control.process import check_fd_headroom\n"
+        "used = len(os.listdir('/proc/self/fd'))\n"
+        "check_fd_headroom()\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (used + 8, hard))\n"
+        "try:\n"
+        "    check_fd_headroom()\n"
+        "except OSError as e:\n"
+        "    print(e.errno, e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{errno.EMFILE} ") and "too few file descriptors" in out.stdout

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -105,6 +107,24 @@ async def terminate(proc: asyncio.subprocess.Process | None, grace: float = 5.0)
         proc.kill()
     await wait_exit(proc, KILL_WAIT_S)
     kill_group(proc)
+
+
+SPAWN_FDS = 16
+"""Free file descriptors a replica start needs at least (pipes, uvloop's socketpairs)."""
+
+
+def check_fd_headroom(fd_dir: str = "/proc/self/fd") -> None:
+    """OSError(EMFILE) when fewer than SPAWN_FDS descriptors are left: uvloop's spawn, out of
+    them part-way, leaves its socketpairs open for good and says `Errno -1`. (Linux only: a
+    system without /proc/self/fd is not checked.)"""
+    try:
+        used = len(os.listdir(fd_dir))
+    except OSError:
+        return
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit != resource.RLIM_INFINITY and limit - used < SPAWN_FDS:
+        raise OSError(errno.EMFILE, f"too few file descriptors left to start a replica "
+                                    f"({used} open, limit {limit})")
 
 
 def kill_group(proc: asyncio.subprocess.Process) -> None:

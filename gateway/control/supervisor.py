@@ -146,7 +146,6 @@ class Supervisor(HealthChecks):
         cfg = dep.config
         import_path = slot.import_path or cfg.import_path
         assert import_path is not None
-        r, w = os.pipe()
         env = dict(os.environ)
         secret = new_secret()  # per process: the replica's control service wants it
         env.update(
@@ -167,7 +166,6 @@ class Supervisor(HealthChecks):
         args = [
             sys.executable, "-m", "gateway.runtime.replica",
             "--import-path", import_path,
-            "--report-fd", str(w),
             "--max-message-bytes", str(dep.max_message_bytes),
             "--grace", str(cfg.graceful_shutdown_timeout_s),
             "--parent-pid", str(os.getpid()),
@@ -176,6 +174,9 @@ class Supervisor(HealthChecks):
         if cfg.user_config is not None:
             args += ["--user-config", json.dumps(cfg.user_config)]
         slot.user_config = cfg.user_config
+        replica_process.check_fd_headroom()
+        r, w = os.pipe()  # opened last: nothing above may leave it open
+        args += ["--report-fd", str(w)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *args, pass_fds=(w,), env=env, stdin=asyncio.subprocess.PIPE,
