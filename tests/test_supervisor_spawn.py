@@ -54,7 +54,7 @@ async def _serves(tmp_path: Path) -> str:
 
 
 async def test_a_child_gone_before_its_secret_is_restarted(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     async def gone_at_once(n: int, real: Spawn, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> Any:
         proc = await real(*args, **kwargs)
@@ -67,6 +67,8 @@ async def test_a_child_gone_before_its_secret_is_restarted(
     count = _replica_spawns(monkeypatch, gone_at_once)
     assert await _serves(tmp_path) == "positive ['RUNNING']"
     assert count[0] >= 3
+    # How it ended is said (here SIGKILL): a crash at start is told from a failed import.
+    assert "exited before it reported (signal 9)" in caplog.text
 
 
 async def test_out_of_file_descriptors_at_spawn_is_retried(

@@ -134,6 +134,9 @@ def kill_group(proc: asyncio.subprocess.Process) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+NO_REPORT = "replica process exited before it reported"
+
+
 def read_report(fd: int) -> dict[str, Any]:
     """The JSON a starting replica writes on its report pipe (blocking; run off the loop)."""
     chunks = []
@@ -143,7 +146,7 @@ def read_report(fd: int) -> dict[str, Any]:
             break
         chunks.append(b)
     if not chunks:
-        return {"error": "replica process exited before it reported"}
+        return {"error": NO_REPORT}
     try:
         data = json.loads(b"".join(chunks))
     except ValueError:

@@ -219,8 +219,11 @@ class Supervisor(HealthChecks):
             return False
         if "port" not in report:
             await self._kill(slot)
-            slot.set_state(ReplicaState.UNHEALTHY,
-                           f"replica failed to start: {report.get('error', 'no report')}")
+            why = report.get("error", "no report")
+            if why == replica_process.NO_REPORT and proc.returncode:  # how it ended, by itself
+                code = proc.returncode
+                why += f" (signal {-code})" if code < 0 else f" (exit code {code})"
+            slot.set_state(ReplicaState.UNHEALTHY, f"replica failed to start: {why}")
             log.error("replica %s: %s", slot.replica_id, slot.message)
             self._emit("unhealthy", slot)
             return False
