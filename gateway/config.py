@@ -6,7 +6,6 @@ deeper in the code reads the environment for settings.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from gateway.config_observers import RecordsConfig as RecordsConfig
 from gateway.config_observers import StrictModel as _Model
 from gateway.config_source import ConfigError as ConfigError
 from gateway.config_source import expand_env as expand_env
-from gateway.config_source import hide_values
+from gateway.config_source import hide_values, plain_json
 from gateway.config_source import read_yaml as read_yaml
 from gateway.config_source import unexpanded as unexpanded
 from gateway.dataplane.listen_address import bare_host, collide, is_loopback
@@ -107,10 +106,7 @@ class DeploymentConfig(_Model):
     def _json_user_config(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         # It travels to the replica as JSON: a YAML date or a set would be accepted here and
         # then fail every start and reconfigure of the deployment.
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"user_config must be plain JSON data ({e})") from None
+        plain_json(v, "user_config")
         return v
     health_check_period_s: float = Field(default=2.0, gt=0)
     health_check_timeout_s: float = Field(default=2.0, gt=0)
@@ -416,10 +412,12 @@ def parse_config(
         raise ConfigError(f"{source}: the top level must be a mapping, not {type(data).__name__}")
     env = os.environ if env is None else env
     used: dict[str, str] = {}
-    if expand:
-        data, used = expand_env(data, source, env)
     try:
+        if expand:
+            data, used = expand_env(data, source, env)
         return _arize_keys_from_env(GatewayConfig.model_validate(data), env)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
     except ValidationError as e:
         lines = []
         for err in e.errors():

@@ -134,3 +134,27 @@ def unexpanded(data: Any, path: str = "") -> str | None:
         if found:
             return found
     return None
+
+
+def _string_keys(v: Any, depth: int = 0) -> None:
+    """JSON turns a key 0 or true into "0" or "true": the model would look up keys it was
+    not given (and {1: a, "1": b} would lose one), so such keys are refused at any depth."""
+    if depth > 100:
+        raise ValueError("nested more than 100 levels deep")
+    if isinstance(v, dict):
+        for k, item in v.items():
+            if not isinstance(k, str):
+                raise TypeError(f"key {k!r} is not a string (quote it in YAML)")
+            _string_keys(item, depth + 1)
+    elif isinstance(v, list | tuple):
+        for item in v:
+            _string_keys(item, depth + 1)
+
+
+def plain_json(v: Any, name: str) -> None:
+    """ValueError unless `v` is what JSON carries unchanged (string keys, no dates or sets)."""
+    try:
+        _string_keys(v)
+        json.dumps(v)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{name} must be plain JSON data ({e})") from None

@@ -298,3 +298,23 @@ def test_user_config_must_be_plain_json() -> None:
         {**dep, "user_config": {"n": 1, "xs": [1.5, "a", None, True]}}]}]})
     assert ok.applications[0].deployments[0].user_config == {"n": 1,
                                                              "xs": [1.5, "a", None, True]}
+
+
+def test_user_config_keys_must_be_strings_at_any_depth() -> None:
+    """JSON turns 0 into "0": a model looking up labels[0] would not find it."""
+    dep = {"name": "M", "import_path": "examples.models:TextModel"}
+    for bad in ({"labels": {0: "cat", 1: "dog"}}, {"flags": [{True: "on"}]},
+                {"a": {"b": {"c": {2.5: "x"}}}}):
+        with pytest.raises(ConfigError, match="is not a string"):
+            parse_config({"applications": [{"name": "a", "deployments": [
+                {**dep, "user_config": bad}]}]})
+    # Too deep: a clear error, not a RecursionError traceback from `gateway check`.
+    for depth, says in ((150, "plain JSON data"), (2000, "nested too deeply")):
+        deep: dict[str, object] = {}
+        node = deep
+        for _ in range(depth):
+            node["k"] = {}
+            node = node["k"]  # type: ignore[assignment]
+        with pytest.raises(ConfigError, match=says):
+            parse_config({"applications": [{"name": "a", "deployments": [
+                {**dep, "user_config": deep}]}]})

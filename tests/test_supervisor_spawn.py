@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from gateway.pb import text_model_pb2
@@ -140,3 +141,43 @@ def test_a_spawn_without_descriptors_to_spare_fails_before_uvloop_starts_it() ->
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{errno.EMFILE} ") and "too few file descriptors" in out.stdout
+
+
+async def test_a_replica_ending_with_code_0_before_it_reports_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    async def exits_0(n: int, real: Spawn, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+        if n == 1:  # a model that calls sys.exit() at import
+            return await real(sys.executable, "-c", "import sys; sys.exit(0)", **kwargs)
+        return await real(*args, **kwargs)
+
+    _replica_spawns(monkeypatch, exits_0)
+    assert await _serves(tmp_path) == "positive ['RUNNING']"
+    assert "exited before it reported (exit code 0)" in caplog.text
+
+
+async def test_a_large_user_config_reaches_the_replica_off_its_command_line(
+        tmp_path: Path) -> None:
+    """user_config travels on the replica's stdin: one argument is at most 128 KiB on Linux
+    (a larger user_config never started), and argv is public (`ps`), keys included."""
+    key = "sk-test-" + "7" * 24
+    user_config = {"prefix": "v9-", "api_key": key, "table": "\u6f22" * 40_000}
+    app = {"name": "text", "deployments": [{**TEXT_APP["deployments"][0],  # type: ignore[index]
+                                            "user_config": user_config}]}
+    async with running_gateway(gateway_config([app], tmp_path), tmp_path) as gw:
+        from grpc import aio
+
+        slot = gw.controller.apps["text"].ingress.slots[0]
+        for _ in range(200):
+            if slot.state == "RUNNING":
+                break
+            await asyncio.sleep(0.1)
+        assert slot.state == "RUNNING", slot.message
+        async with aio.insecure_channel(gw.address) as ch:
+            r = await text_stub(ch).Predict(text_model_pb2.PredictRequest(text="good"),
+                                            metadata=md("text"), timeout=20)
+        assert r.label == "v9-positive"
+        assert slot.process is not None
+        cmdline = psutil.Process(slot.process.pid).cmdline()
+        assert "--user-config-stdin" in cmdline
+        assert not any(key in arg or "prefix" in arg for arg in cmdline)

@@ -44,6 +44,20 @@ def read_secret(fd: int) -> str:
     return line.decode("ascii", "replace").strip()
 
 
+def read_line(fd: int) -> str:
+    """The next line on `fd`, whole (the controller writes nothing after it but the pipe's
+    end); "" at EOF."""
+    chunks: list[bytes] = []
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+        if b.endswith(b"\n"):
+            break
+    return b"".join(chunks).decode("utf-8", "replace").rstrip("\n")
+
+
 class ControlAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """In the replica: refuses control calls without the secret; other services pass."""
 

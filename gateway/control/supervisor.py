@@ -171,8 +171,10 @@ class Supervisor(HealthChecks):
             "--parent-pid", str(os.getpid()),
             "--stdin-control",
         ]
-        if cfg.user_config is not None:
-            args += ["--user-config", json.dumps(cfg.user_config)]
+        control = secret.encode() + b"\n"
+        if cfg.user_config is not None:  # on stdin after the secret: argv is public and short
+            args.append("--user-config-stdin")
+            control += json.dumps(cfg.user_config).encode() + b"\n"
         slot.user_config = cfg.user_config
         replica_process.check_fd_headroom()
         r, w = os.pipe()  # opened last: nothing above may leave it open
@@ -190,11 +192,12 @@ class Supervisor(HealthChecks):
             raise
         finally:
             os.close(w)
-        # The secret, one line; the pipe then stays open as the replica's lifeline: closing
-        # it (or this process dying) is what stops the replica (replica_process.terminate).
+        # The secret (and user_config), a line each; the pipe then stays open as the
+        # replica's lifeline: closing it (or this process dying) is what stops the replica
+        # (replica_process.terminate).
         assert proc.stdin is not None
         try:
-            proc.stdin.write(secret.encode() + b"\n")
+            proc.stdin.write(control)
         except (RuntimeError, OSError):
             pass  # it is gone already (uvloop has closed its pipe): it sends no report below
         slot.process = proc
@@ -220,7 +223,7 @@ class Supervisor(HealthChecks):
         if "port" not in report:
             await self._kill(slot)
             why = report.get("error", "no report")
-            if why == replica_process.NO_REPORT and proc.returncode:  # how it ended, by itself
+            if why == replica_process.NO_REPORT and proc.returncode is not None:  # by itself
                 code = proc.returncode
                 why += f" (signal {-code})" if code < 0 else f" (exit code {code})"
             slot.set_state(ReplicaState.UNHEALTHY, f"replica failed to start: {why}")

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.control.auth import ControlAuthInterceptor, read_secret
+from gateway.control.auth import ControlAuthInterceptor, read_line, read_secret
 from gateway.dataplane.mux import MuxServer, capture_unary_handlers
 from gateway.dataplane.replicas import channel_options
 from gateway.logs.profiling import memory_profiler
@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=0)
     p.add_argument("--stdin-control", action="store_true",
                    help="stdin carries the control secret (first line); its EOF means stop")
+    p.add_argument("--user-config-stdin", action="store_true",
+                   help="with --stdin-control: the user_config JSON is stdin's second line")
     args = p.parse_args(argv)
     from gateway.logs import grpc_noise
 
@@ -237,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     secret, lifeline = "", -1
     if args.stdin_control:
         secret = read_secret(0)
+        if args.user_config_stdin:
+            # Not on the command line: argv is public (`ps`) and one argument is at most
+            # 128 KiB on Linux, while a user_config may be larger or hold keys.
+            args.user_config = read_line(0)
         # Keep the pipe for ourselves (not inherited by the model's subprocesses, which get
         # /dev/null as stdin instead).
         lifeline = os.dup(0)
