@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NGINX_TEMPLATE = Path(__file__).resolve().parent / "nginx.conf"
 KINDS = ("local", "external")
 GATEWAY_VARIANTS = ("gateway", "gateway+records", "gateway-telemetry-off")
-LOOP_VARIANT = "gateway-asyncio-loop"
-"""The default gateway on asyncio's own loop (`proxy.event_loop`): paired only."""
+LOOP_VARIANT = "gateway-uvloop"
+"""The default gateway on uvloop (`proxy.event_loop`): paired only."""
 MUX_KIND = "multiplexed"
 """Application (and cell kind) with model multiplexing on, in the default gateway only."""
 MUX_MODEL = "bench-model"
@@ -150,7 +150,7 @@ def gateway_config_data(variant: str, tmp: Path, external: str,
             }
         data["records"] = {"jsonl_path": str(tmp / "records.jsonl")}
     elif variant == LOOP_VARIANT:
-        data["proxy"]["event_loop"] = "asyncio"
+        data["proxy"]["event_loop"] = "uvloop"
     elif variant == "gateway-telemetry-off":
         data["metrics"]["enabled"] = False
         data["logging_config"]["disable_access_log"] = True

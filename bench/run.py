@@ -244,12 +244,12 @@ def run(s: Settings, out_dir: Path, keep: bool = False) -> dict[str, Any]:
         pairs, equal = paired_pairs(targets)
         gw_side = next((p.a for p in pairs if p.name == "external, default vs minimal proxy"),
                        None)
+        uv_side = Side("external gateway (uvloop)", loop_gw.address, "external",
+                       pids_of(loop_gw.child.pid, False), ext.pid)
         if gw_side is not None:
             pairs += [
-                Pair("external, event loop uvloop vs asyncio", gw_side,
-                     Side("external gateway (asyncio loop)", loop_gw.address, "external",
-                          pids_of(loop_gw.child.pid, False), ext.pid), "information"),
-                Pair("external, default vs minimal proxy on uvloop", gw_side,
+                Pair("external, event loop uvloop vs asyncio", uv_side, gw_side, "information"),
+                Pair("external, uvloop gateway vs minimal proxy on uvloop", uv_side,
                      Side("external minimal-proxy (uvloop)", min_uv_addr, "external",
                           pids_of(min_uv.pid, False), ext.pid), "information"),
             ]

@@ -33,8 +33,8 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """The in-process tests run on the loop `gateway run` uses by default (proxy.event_loop):
-    uvloop. GATEWAY_TEST_LOOP=asyncio runs them on asyncio's own loop instead."""
-    if os.environ.get("GATEWAY_TEST_LOOP", "uvloop") == "asyncio":
+    asyncio's. GATEWAY_TEST_LOOP=uvloop runs them on uvloop instead."""
+    if os.environ.get("GATEWAY_TEST_LOOP", "asyncio") != "uvloop":
         return {"asyncio": asyncio.new_event_loop}
     import uvloop
 

@@ -108,10 +108,11 @@ def test_smoke_run_measures_every_cell(tmp_path: Path) -> None:
         "external, default vs minimal proxy", "external, telemetry on vs off",
         "local, telemetry on vs off", "local, default vs direct", "local, records 100% vs direct",
         "external, unknown vs known method", "external, equal load",
-        "external, event loop uvloop vs asyncio", "external, default vs minimal proxy on uvloop"}
+        "external, event loop uvloop vs asyncio",
+        "external, uvloop gateway vs minimal proxy on uvloop"}
     # The gateways ran on the loop their config names (proxy.event_loop).
-    assert features["gateway"]["event_loop"] == "uvloop"
-    assert features["gateway-asyncio-loop"]["event_loop"] == "asyncio"
+    assert features["gateway"]["event_loop"] == "asyncio"
+    assert features["gateway-uvloop"]["event_loop"] == "uvloop"
     for name, r in paired.items():
         assert r["ok"] and r["calls_per_s_ratio"] > 0, (name, r)
         assert r["a_replica_cpu_us"] > 0 and r["b_replica_cpu_us"] > 0, name

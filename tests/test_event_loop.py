@@ -1,4 +1,4 @@
-"""`proxy.event_loop`: `gateway run` serves on uvloop by default, on asyncio's loop when asked,
+"""`proxy.event_loop`: `gateway run` serves on asyncio's loop by default, on uvloop when asked,
 and on asyncio's loop with a warning naming the fix when uvloop cannot be imported."""
 
 from __future__ import annotations
@@ -31,8 +31,17 @@ def _served_and_drained(gp: GatewayProcess) -> str:
     return loop
 
 
-def test_default_is_uvloop(tmp_path: Path) -> None:
+UV = run_config(proxy=", event_loop: uvloop")
+
+
+def test_default_is_asyncio(tmp_path: Path) -> None:
     with GatewayProcess(write_config(tmp_path, run_config())) as gp:
+        assert _served_and_drained(gp) == "asyncio"
+        assert "cannot be imported" not in gp.console()
+
+
+def test_uvloop_when_asked(tmp_path: Path) -> None:
+    with GatewayProcess(write_config(tmp_path, UV)) as gp:
         assert _served_and_drained(gp) == "uvloop"
         assert "cannot be imported" not in gp.console()
 
@@ -46,7 +55,7 @@ def test_asyncio_when_asked(tmp_path: Path) -> None:
 
 def test_uvloop_missing_warns_and_runs_on_asyncio(tmp_path: Path) -> None:
     command = [sys.executable, "-c", NO_UVLOOP]
-    with GatewayProcess(write_config(tmp_path, run_config()), command=command) as gp:
+    with GatewayProcess(write_config(tmp_path, UV), command=command) as gp:
         assert _served_and_drained(gp) == "asyncio"
         out = gp.console()
         assert "WARNING" in out and "proxy.event_loop is uvloop, which cannot be imported" in out
@@ -111,7 +120,7 @@ def test_fork_support_forced_on_runs_on_asyncio_with_a_warning(tmp_path: Path) -
     import os
 
     env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "true"}
-    with GatewayProcess(write_config(tmp_path, run_config()), env=env) as gp:
+    with GatewayProcess(write_config(tmp_path, UV), env=env) as gp:
         assert _served_and_drained(gp) == "asyncio"
         assert "GRPC_ENABLE_FORK_SUPPORT is on" in gp.console()
 
@@ -128,13 +137,13 @@ def test_replicas_keep_the_users_fork_setting(tmp_path: Path) -> None:
     import os
 
     bare = {k: v for k, v in os.environ.items() if k != "GRPC_ENABLE_FORK_SUPPORT"}
-    with GatewayProcess(write_config(tmp_path, run_config()), env=bare) as gp:
+    with GatewayProcess(write_config(tmp_path, UV), env=bare) as gp:
         names = {v.split(b"=", 1)[0] for v in _replica_environ(gp)}
         assert b"GRPC_ENABLE_FORK_SUPPORT" not in names
         assert _served_and_drained(gp) == "uvloop"
     (tmp_path / "b").mkdir()
     chosen = {**bare, "GRPC_ENABLE_FORK_SUPPORT": "0"}
-    with GatewayProcess(write_config(tmp_path / "b", run_config()), env=chosen) as gp:
+    with GatewayProcess(write_config(tmp_path / "b", UV), env=chosen) as gp:
         assert b"GRPC_ENABLE_FORK_SUPPORT=0" in _replica_environ(gp)
         assert _served_and_drained(gp) == "uvloop"
 
